@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.llmsrec-setup
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# the de-quantized safetensors copy of the bundled LLM is kept here (git-ignored)
+export LLMSREC_CACHE_DIR ?= $(CURDIR)/.cache
 
 .PHONY: setup test demo bench clean
 
