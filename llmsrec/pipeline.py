@@ -1,0 +1,335 @@
+"""``llmsrec run``: prepare -> SASRec -> precompute -> train -> evaluate in one run folder.
+
+Layout of a run folder ``OUT``::
+
+    OUT/data/            prepared dataset           (stage "prepare")
+    OUT/sasrec/          SASRec checkpoint + results (stage "sasrec")
+    OUT/cache/cache.h5   frozen-LLM states           (stage "precompute")
+    OUT/heads/           LLM-SRec heads + results    (stage "train")
+    OUT/results.json     SASRec vs LLM-SRec          (stage "evaluate")
+    OUT/results.md       the same as a Table 6-style markdown table
+
+Every stage folder holds a ``stage.json``: ``{"stage", "status": "running"|"done",
+"options", "inputs": {name: digest}, "output_digest", "seconds", "finished"}``. A stage is
+reused when its recorded status is ``done``, its options and input digests equal the
+current ones and its output still has the recorded digest; so a rerun after changing only a
+head option reuses data, SASRec and cache and retrains the heads (seconds). A stage whose
+record says ``running`` with the same options was killed: precompute then resumes its
+chunks; changed options rebuild it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from llmsrec.atomic import atomic_file, write_json
+from llmsrec.errors import InputError
+
+STAGES = ("prepare", "sasrec", "precompute", "train", "evaluate")
+STAGE_DIRS = {"prepare": "data", "sasrec": "sasrec", "precompute": "cache", "train": "heads"}
+METRIC_KEYS = ("NDCG@10", "NDCG@20", "HR@10", "HR@20")
+
+#: SASRec options of ``llmsrec run`` (the ``sasrec train`` defaults).
+SASREC_DEFAULTS = dict(epochs=200, patience=5, eval_every=5, batch_size=128, lr=1e-3, hidden=64, blocks=2,
+                       heads=1, dropout=0.1, maxlen=128)
+#: precompute options of ``llmsrec run``.
+PRECOMPUTE_DEFAULTS = dict(views=("train", "valid", "test"), history_window=10, verb=None, batch_tokens=4096,
+                           chunk_prompts=64, device="cpu", dtype=None, ridge_alpha=1e-3,
+                           trust_remote_code=False, threads=None)
+
+
+def _jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+_DIGESTS: dict = {}
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 hex of a file's bytes (memoised per path, size and mtime within a process)."""
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def input_fingerprint(path: str | Path) -> str:
+    """Cheap identity of a raw input file: sha256 when under 64 MiB, else name+size+mtime.
+
+    Large raw files (Amazon reviews) are not hashed on every run; a changed size or
+    modification time still invalidates the prepare stage.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such file")
+    st = p.stat()
+    if st.st_size < 64 << 20:
+        return "sha256:" + file_digest(p)
+    return f"stat:{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+class Stage:
+    """Bookkeeping of one stage folder (``stage.json``)."""
+
+    def __init__(self, run_dir: Path, name: str, options: dict, inputs: dict):
+        self.name = name
+        self.dir = run_dir / STAGE_DIRS[name]
+        self.record_path = self.dir / "stage.json"
+        self.options = _jsonable(options)
+        self.inputs = _jsonable(inputs)
+
+    def record(self) -> dict | None:
+        try:
+            return json.loads(self.record_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def same_request(self, rec: dict | None) -> bool:
+        return bool(rec) and rec.get("options") == self.options and rec.get("inputs") == self.inputs
+
+    def reusable(self, output_digest: Callable[[], str | None]) -> bool:
+        rec = self.record()
+        if not (self.same_request(rec) and rec.get("status") == "done"):
+            return False
+        try:
+            return output_digest() == rec.get("output_digest")
+        except (OSError, InputError):
+            return False
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.record_path, {"stage": self.name, "status": "running", "options": self.options,
+                                      "inputs": self.inputs})
+
+    def done(self, output_digest: str, seconds: float) -> None:
+        write_json(self.record_path, {
+            "stage": self.name, "status": "done", "options": self.options, "inputs": self.inputs,
+            "output_digest": output_digest, "seconds": round(seconds, 3),
+            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        })
+
+
+def _data_inputs(dataset: str, files: dict) -> dict:
+    if dataset == "ml-100k":
+        from llmsrec.data import bundled_ml100k_dir
+
+        d = bundled_ml100k_dir()
+        files = {"inter": d / "ml-100k.inter", "item": d / "ml-100k.item"}
+    return {k: input_fingerprint(v) for k, v in files.items() if v is not None}
+
+
+def _prepare(dataset: str, out: Path, files: dict, opts: dict):
+    from llmsrec import data
+
+    kw = dict(opts, force=True)
+    if dataset == "ml-100k":
+        return data.prepare_ml100k(out, **kw)
+    if dataset == "atomic":
+        if not files.get("inter") or not files.get("item"):
+            raise InputError("--dataset atomic needs --inter and --item")
+        return data.prepare_atomic(files["inter"], files["item"], out, title_field=files.get("title_field"), **kw)
+    if dataset == "amazon2023":
+        if not files.get("reviews") or not files.get("meta"):
+            raise InputError("--dataset amazon2023 needs --reviews and --meta")
+        return data.prepare_amazon2023(files["reviews"], files["meta"], out, **kw)
+    raise InputError(f"--dataset: unknown dataset {dataset!r}")
+
+
+def format_results_md(results: dict) -> str:
+    """Table 6-style markdown: one row per metric, SASRec and LLM-SRec columns, per split."""
+    models = results["models"]
+    names = list(models)
+    lines = [f"# {results['dataset']}: SASRec vs LLM-SRec", "",
+             f"Protocol: {results['protocol']['split']}, 1 target + {results['protocol']['negatives']} "
+             f"stored negatives per user, seed {results['protocol']['seed']}.", ""]
+    for split in ("test", "valid"):
+        lines += [f"**{split}**", "", "| Dataset | Metric | " + " | ".join(names) + " | LLM-SRec vs SASRec |",
+                  "|---|---|" + "---:|" * (len(names) + 1)]
+        for k in METRIC_KEYS:
+            vals = [models[n].get(split, {}).get(k) for n in names]
+            base, ours = models.get("SASRec", {}).get(split, {}).get(k), models.get("LLM-SRec", {}).get(split, {}).get(k)
+            rel = f"{(ours / base - 1) * 100:+.1f}%" if base and ours is not None else ""
+            cells = [f"{v:.4f}" if v is not None else "" for v in vals]
+            lines.append(f"| {results['dataset']} | {k} | " + " | ".join(cells) + f" | {rel} |")
+        lines.append("")
+    t = results.get("timings", {})
+    if t:
+        lines += ["Wall time of this run per stage (s): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), ""]
+    return "\n".join(lines)
+
+
+def run_pipeline(
+    out: str | Path,
+    *,
+    dataset: str = "ml-100k",
+    files: dict | None = None,
+    data_opts: dict | None = None,
+    llm: str = "smollm2-135m",
+    sasrec_opts: dict | None = None,
+    precompute_opts: dict | None = None,
+    head_opts: dict | None = None,
+    seed: int = 0,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run (or reuse) every stage and write ``OUT/results.json`` and ``OUT/results.md``.
+
+    Args:
+        out: run folder.
+        dataset: ``ml-100k`` | ``atomic`` | ``amazon2023``.
+        files: raw inputs of ``atomic`` (``inter``, ``item``, ``title_field``) or
+            ``amazon2023`` (``reviews``, ``meta``).
+        data_opts: ``kcore``, ``num_negatives``, ``max_users``, ``skip_bad_lines`` of prepare.
+        llm: ``smollm2-135m`` or a local Hugging Face folder.
+        sasrec_opts: overrides of :data:`SASREC_DEFAULTS`.
+        precompute_opts: overrides of :data:`PRECOMPUTE_DEFAULTS`.
+        head_opts: :class:`llmsrec.heads.train.TrainConfig` fields (``None`` = default).
+        seed: one seed for every stage (user sample, negatives, SASRec, shuffles, heads).
+        force: rebuild every stage.
+    Returns:
+        The ``results.json`` dict: ``{"dataset", "protocol": {"split", "negatives", "seed"},
+        "models": {"SASRec": {"valid", "test"}, "LLM-SRec": {"valid", "test"}},
+        "timings": {stage: seconds spent in this invocation}}``.
+    Raises:
+        InputError: from any stage (bad inputs, options, or a mismatched cache).
+    """
+    from dataclasses import asdict
+
+    from llmsrec.data import load_prepared
+    from llmsrec.heads.train import TrainConfig
+
+    run_dir = Path(out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    files = {k: (str(v) if v is not None and k != "title_field" else v) for k, v in (files or {}).items()}
+    data_opts = {k: v for k, v in (data_opts or {}).items() if v is not None}
+    s_opts = {**SASREC_DEFAULTS, **{k: v for k, v in (sasrec_opts or {}).items() if v is not None}}
+    p_opts = {**PRECOMPUTE_DEFAULTS, **{k: v for k, v in (precompute_opts or {}).items() if v is not None}}
+    p_opts["views"] = list(p_opts["views"])
+    h_opts = {k: v for k, v in (head_opts or {}).items() if v is not None}
+    h_opts.setdefault("seed", seed)
+    cfg = TrainConfig.from_options(**h_opts)  # bad head options fail before any stage runs
+    timings: dict[str, float] = {}
+
+    def stage_header(name: str, reused: bool, detail: str = "") -> None:
+        log(f"[{name}] {'reused' if reused else 'running'}{(': ' + detail) if detail else ''}")
+
+    # 1. prepare -----------------------------------------------------------------------------
+    t = time.perf_counter()
+    st = Stage(run_dir, "prepare", {"dataset": dataset, "seed": seed, **data_opts,
+                                    "title_field": files.get("title_field")},
+               _data_inputs(dataset, {k: v for k, v in files.items() if k != "title_field"}))
+    data_dir = st.dir
+
+    def data_digest():
+        from llmsrec.data import dataset_digest
+
+        return dataset_digest(data_dir)
+
+    if not force and st.reusable(data_digest):
+        stage_header("prepare", True, str(data_dir))
+        ds = load_prepared(data_dir)
+    else:
+        stage_header("prepare", False, str(data_dir))
+        st.start()
+        _prepare(dataset, data_dir, files, dict(data_opts, seed=seed))
+        ds = load_prepared(data_dir)
+        # prepare replaced the folder atomically (and the "running" record with it)
+        st.done(ds.digest, time.perf_counter() - t)
+    timings["prepare"] = round(time.perf_counter() - t, 3)
+    log(f"  {ds.n_users:,} users, {ds.n_items:,} items, "
+        f"{sum(len(s) for s in ds.seqs):,} interactions")
+
+    # 2. SASRec ------------------------------------------------------------------------------
+    from llmsrec.cfsrec import evaluate_sasrec, train_sasrec
+
+    t = time.perf_counter()
+    st = Stage(run_dir, "sasrec", {**s_opts, "seed": seed}, {"data": ds.digest})
+    sas_dir = st.dir
+    sas_weights = sas_dir / "model.safetensors"
+    if not force and st.reusable(lambda: file_digest(sas_weights)):
+        stage_header("sasrec", True, str(sas_dir))
+    else:
+        stage_header("sasrec", False, f"up to {s_opts['epochs']} epochs")
+        train_sasrec(ds, sas_dir, seed=seed, force=True, progress=progress, **s_opts)
+        st.done(file_digest(sas_weights), time.perf_counter() - t)
+    timings["sasrec"] = round(time.perf_counter() - t, 3)
+
+    # 3. precompute --------------------------------------------------------------------------
+    from llmsrec.precompute import precompute
+
+    t = time.perf_counter()
+    cache_opts = {"llm": llm, "seed": seed, **{k: v for k, v in p_opts.items() if k != "threads"}}
+    st = Stage(run_dir, "precompute", cache_opts, {"data": ds.digest, "sasrec": file_digest(sas_weights)})
+    cache = st.dir / "cache.h5"
+    if not force and st.reusable(lambda: file_digest(cache)):
+        stage_header("precompute", True, str(cache))
+    else:
+        prev = st.record()
+        # a killed run with the same request resumes; only the views changed -> extend;
+        # anything else changed -> rebuild
+        same_but_views = bool(prev) and prev.get("inputs") == st.inputs and \
+            {k: v for k, v in prev.get("options", {}).items() if k != "views"} == \
+            {k: v for k, v in st.options.items() if k != "views"}
+        rebuild = force or (prev is not None and not same_but_views)
+        stage_header("precompute", False, f"{llm}, views {','.join(p_opts['views'])}"
+                     + (" (rebuild)" if rebuild else ""))
+        st.start()
+        precompute(ds, sas_dir, cache, llm=llm, views=p_opts["views"], history_window=p_opts["history_window"],
+                   verb=p_opts["verb"], batch_tokens=p_opts["batch_tokens"], chunk_prompts=p_opts["chunk_prompts"],
+                   device=p_opts["device"], dtype=p_opts["dtype"], seed=seed, force=rebuild,
+                   ridge_alpha=p_opts["ridge_alpha"], trust_remote_code=p_opts["trust_remote_code"],
+                   num_threads=p_opts["threads"], progress=progress, log=log)
+        st.done(file_digest(cache), time.perf_counter() - t)
+    timings["precompute"] = round(time.perf_counter() - t, 3)
+
+    # 4. heads -------------------------------------------------------------------------------
+    from llmsrec.heads.train import evaluate_heads, train_heads
+
+    t = time.perf_counter()
+    st = Stage(run_dir, "train", asdict(cfg), {"data": ds.digest, "cache": file_digest(cache)})
+    heads_dir = st.dir
+    if not force and st.reusable(lambda: file_digest(heads_dir / "heads.safetensors")):
+        stage_header("train", True, str(heads_dir))
+    else:
+        stage_header("train", False, f"train negatives {cfg.train_negatives}, lr {cfg.lr}, "
+                                     f"up to {cfg.epochs} epochs")
+        train_heads(ds, cache, heads_dir, force=True, progress=progress, **asdict(cfg))
+        st.done(file_digest(heads_dir / "heads.safetensors"), time.perf_counter() - t)
+    timings["train"] = round(time.perf_counter() - t, 3)
+
+    # 5. evaluate (cheap: always recomputed from the saved checkpoints) ----------------------
+    t = time.perf_counter()
+    stage_header("evaluate", False)
+    sas_res = evaluate_sasrec(ds, sas_dir)
+    ll_res = evaluate_heads(ds, cache, heads_dir)
+    timings["evaluate"] = round(time.perf_counter() - t, 3)
+    n_neg = int(ds.test_negatives.shape[1])
+    results = {
+        "dataset": ds.stats.get("dataset", dataset),
+        "protocol": {"split": "leave-last-out", "negatives": n_neg, "seed": seed},
+        "models": {
+            "SASRec": {"valid": _metrics(sas_res["valid"]), "test": _metrics(sas_res["test"])},
+            "LLM-SRec": {"valid": _metrics(ll_res["valid"]), "test": _metrics(ll_res["test"])},
+        },
+        "timings": timings,
+    }
+    write_json(run_dir / "results.json", results)
+    with atomic_file(run_dir / "results.md") as f:
+        f.write(format_results_md(results))
+    return results
+
+
+def _metrics(m: dict) -> dict:
+    return {k: float(m[k]) for k in METRIC_KEYS}
