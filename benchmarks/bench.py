@@ -114,7 +114,23 @@ def bench_sasrec_epoch(timed_epochs: int = 2) -> None:
         print(f"validation (943 users x 100 candidates): {t_eval:.2f} s")
 
 
-BENCHES = [bench_ranking_metrics, bench_sasrec_epoch]
+def bench_precompute() -> None:
+    """Precompute throughput (real tokens/s): batched vs one prompt at a time vs roofline."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_precompute as b
+
+    b.bench()
+
+
+def bench_heads() -> None:
+    """One LLM-SRec epoch on the cache vs the same epoch with the LLM in the loop."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_heads as b
+
+    b.bench()
+
+
+BENCHES = [bench_ranking_metrics, bench_sasrec_epoch, bench_precompute, bench_heads]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,7 +39,7 @@ SASREC_DEFAULTS = dict(epochs=200, patience=5, eval_every=5, batch_size=128, lr=
                        heads=1, dropout=0.1, maxlen=128)
 #: precompute options of ``llmsrec run``.
 PRECOMPUTE_DEFAULTS = dict(views=("train", "valid", "test"), history_window=10, verb=None, batch_tokens=4096,
-                           chunk_prompts=64, device="cpu", dtype=None, ridge_alpha=1e-3,
+                           chunk_prompts=64, device="cpu", dtype=None, fi="moment", ridge_alpha=1e-3,
                            trust_remote_code=False, threads=None)
 
 
@@ -289,7 +289,7 @@ def run_pipeline(
         precompute(ds, sas_dir, cache, llm=llm, views=p_opts["views"], history_window=p_opts["history_window"],
                    verb=p_opts["verb"], batch_tokens=p_opts["batch_tokens"], chunk_prompts=p_opts["chunk_prompts"],
                    device=p_opts["device"], dtype=p_opts["dtype"], seed=seed, force=rebuild,
-                   ridge_alpha=p_opts["ridge_alpha"], trust_remote_code=p_opts["trust_remote_code"],
+                   fi=p_opts["fi"], ridge_alpha=p_opts["ridge_alpha"], trust_remote_code=p_opts["trust_remote_code"],
                    num_threads=p_opts["threads"], progress=progress, log=log)
         st.done(file_digest(cache), time.perf_counter() - t)
     timings["precompute"] = round(time.perf_counter() - t, 3)
