@@ -337,8 +337,11 @@ def _negatives_type(value):
 
 
 _HEAD_OPTIONS = [
-    click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1),
-                 help="Maximum epochs of the heads (one sample per user per epoch)."),
+    click.option("--paper-settings", is_flag=True,
+                 help="The paper's head schedule: 3 sampled negatives, 10 epochs, patience 10 "
+                      "(overrides --train-negatives, --epochs, --patience)."),
+    click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1),
+                 help="Maximum epochs of the heads (one sample per user per epoch; paper: 10)."),
     click.option("--batch-size", default=20, show_default=True, type=click.IntRange(min=1),
                  help="Users per step (paper: 20)."),
     click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True),
@@ -351,13 +354,14 @@ _HEAD_OPTIONS = [
                  help="Adam L2 weight decay."),
     click.option("--lr-decay", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
                  help="Multiply the lr by this after every validation (authors' code: 0.95)."),
-    click.option("--train-negatives", default="3", show_default=True,
-                 help="Sampled negatives per user in Eq. 1 (authors' code: 3; never history or "
-                      "target), or 'all' for a softmax over the whole catalogue."),
+    click.option("--train-negatives", default="all", show_default=True,
+                 help="Negatives per user in Eq. 1: 'all' = softmax over the whole catalogue "
+                      "minus the history (chosen on ml-100k validation), or a count of sampled "
+                      "ones (authors' code and paper setting: 3; never history or target)."),
     click.option("--evals-per-epoch", default=10, show_default=True, type=click.IntRange(min=1),
                  help="Validations per epoch (paper: every tenth of an epoch)."),
-    click.option("--patience", default=10, show_default=True, type=click.IntRange(min=1),
-                 help="Early stop after this many validations without improvement."),
+    click.option("--patience", default=20, show_default=True, type=click.IntRange(min=1),
+                 help="Early stop after this many validations without improvement (paper: 10)."),
     click.option("--select-metric", default="NDCG@10", show_default=True,
                  type=click.Choice(["NDCG@10", "HR@10", "NDCG@20", "HR@20"]),
                  help="Validation metric that selects the heads."),
@@ -395,6 +399,8 @@ def _head_kwargs(kw: dict) -> dict:
     distill, no_distill, no_uniform = kw.pop("distill"), kw.pop("no_distill"), kw.pop("no_uniform")
     out["distill"] = "none" if no_distill else distill
     out["uniform"] = not no_uniform
+    if kw.pop("paper_settings"):
+        out.update(train_negatives=3, epochs=10, patience=10)
     return out
 
 

@@ -212,16 +212,20 @@ class TrainConfig:
 
     Attributes:
         seed: seeds weight init (torch) and user order + negatives (numpy).
-        epochs: maximum epochs (paper: 10).
+        epochs: maximum epochs (paper: 10; default 30 because ml-100k has 943 users, i.e.
+            47 steps per epoch against ~600 on the paper's data).
         batch_size: users per step (paper: 20).
         lr: Adam learning rate (paper: 1e-4); beta1, beta2: Adam betas (authors' code:
             0.9, 0.98); weight_decay: Adam L2 (0).
         lr_decay: lr multiplied by this after every validation (authors' code: 0.95;
             1.0 = constant, the paper's description).
         train_negatives: sampled negatives per user for Eq. 1 (authors' code: 3), or
-            "all" for a softmax over the whole catalogue minus the user's history.
+            "all" (default) for a softmax over the whole catalogue minus the user's
+            history: with item states cached it costs little, and on ml-100k it gave
+            validation NDCG@10 0.2905 vs 0.2761 for 3 negatives (mean of seeds 0-2).
         evals_per_epoch: validations per epoch (paper: 10, every tenth of an epoch).
-        patience: early stop after this many validations without improvement (paper: 10).
+        patience: early stop after this many validations without improvement (paper: 10;
+            default 20, with the longer epoch budget).
         select_metric: validation metric for selection and early stopping.
         hidden, d_out, cf_hidden: head widths (paper: 2048, 128, 128).
         distill, uniform, retrieval_weight, distill_weight, uniform_weight,
@@ -229,16 +233,16 @@ class TrainConfig:
     """
 
     seed: int = 0
-    epochs: int = 10
+    epochs: int = 30
     batch_size: int = 20
     lr: float = 1e-4
     beta1: float = 0.9
     beta2: float = 0.98
     weight_decay: float = 0.0
     lr_decay: float = 1.0
-    train_negatives: int | str = 3
+    train_negatives: int | str = "all"
     evals_per_epoch: int = 10
-    patience: int = 10
+    patience: int = 20
     select_metric: str = "NDCG@10"
     hidden: int = 2048
     d_out: int = 128
