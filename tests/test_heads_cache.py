@@ -64,7 +64,8 @@ def write_cache(path, ds, *, views=("train", "valid", "test"), provenance=None, 
     return path
 
 
-OPTS = ["--hidden", "32", "--d-out", "16", "--cf-hidden", "8", "--lr", "1e-2", "--epochs", "8"]
+OPTS = ["--hidden", "32", "--d-out", "16", "--cf-hidden", "8", "--lr", "1e-2", "--epochs", "8",
+        "--train-negatives", "3"]
 
 
 def test_train_and_evaluate_cli_on_cache(ds, tmp_path):
