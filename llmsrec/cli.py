@@ -11,6 +11,7 @@ import sys
 import click
 
 from llmsrec import __version__
+from llmsrec.devices import resolve_device
 from llmsrec.errors import InputError
 
 
@@ -30,12 +31,13 @@ def main() -> None:
 
     \b
     Pipeline (each stage reuses the previous one's output folder/file):
-      llmsrec prepare     raw interactions -> leave-last-out split + 99 stored negatives
-      llmsrec sasrec      train the CF-SRec teacher (SASRec)
-      llmsrec precompute  run the frozen LLM once over every prompt -> HDF5 cache
-      llmsrec train       train the LLM-SRec heads on the cache (Eq. 1-4)
-      llmsrec evaluate    NDCG@10/20, HR@10/20 on validation and test
-      llmsrec run         all of the above, reusing unchanged stages
+      llmsrec prepare       raw interactions -> leave-last-out split + 99 stored negatives
+      llmsrec sasrec train  train the CF-SRec teacher (SASRec)
+      llmsrec prompts       print exactly what the LLM reads for a user or an item
+      llmsrec precompute    run the frozen LLM once over every prompt -> HDF5 cache
+      llmsrec train         train the LLM-SRec heads on the cache (Eq. 1-4)
+      llmsrec evaluate      NDCG@10/20, HR@10/20 on validation and test
+      llmsrec run           all of the above, reusing unchanged stages
     """
 
 
@@ -59,7 +61,7 @@ def main() -> None:
               help="amazon2023: metadata .jsonl or .jsonl.gz (parent_asin, title, description).")
 @click.option("--kcore", default=5, show_default=True, type=int,
               help="Iterative k-core: items need K interactions, users max(K, 3).")
-@click.option("--seed", default=0, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the user sample and of the negatives.")
 @click.option("--num-negatives", default=99, show_default=True, type=int,
               help="Stored negatives per user for validation and for test.")
@@ -129,7 +131,7 @@ def sasrec() -> None:
               help="Stop after this many validations without a better validation NDCG@10.")
 @click.option("--eval-every", default=5, show_default=True, type=click.IntRange(min=1),
               help="Validate every this many epochs.")
-@click.option("--seed", default=0, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seeds initialisation, dropout, user order and sampled negatives.")
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1),
               help="Users per step.")
@@ -161,6 +163,7 @@ def sasrec_train(data_dir, out, epochs, patience, eval_every, seed, batch_size, 
     from llmsrec.evaluate.report import format_table
 
     ds = load_prepared(data_dir)
+    resolve_device(device)  # fail on a bad --device before any work
     try:
         res = train_sasrec(ds, out, epochs=epochs, patience=patience, eval_every=eval_every,
                            seed=seed, batch_size=batch_size, lr=lr, device=device, hidden=hidden,
@@ -208,6 +211,7 @@ def evaluate(data_dir, model_name, checkpoint, out_json, device, cache) -> None:
     module, func = _EVALUATORS[model_name].split(":")
     evaluator = getattr(importlib.import_module(module), func)
     ds = load_prepared(data_dir)
+    resolve_device(device)  # fail on a bad --device before any work
     if cache and model_name != "llmsrec":
         raise click.UsageError("--cache applies to --model llmsrec only")
     res = evaluator(ds, checkpoint, device=device, **({"cache": cache} if cache else {}))
@@ -246,7 +250,7 @@ _VIEW_NAMES = ("train", "valid", "test", "train-shuffled", "valid-shuffled", "te
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda[:N] or hpu.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Compute dtype [default: fp32 on CPU, bf16 on GPU/HPU].")
-@click.option("--seed", default=0, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the shuffled views' permutations.")
 @click.option("--max-users", default=None, type=click.IntRange(min=1),
               help="Only users 1..N get user prompts (quick runs); recorded in the cache.")
@@ -292,7 +296,7 @@ def precompute(data_dir, sasrec_dir, llm, out_h5, views, history_window, verb, b
 @click.option("--history-window", default=10, show_default=True, type=click.IntRange(min=1),
               help="Last W history items shown.")
 @click.option("--verb", default=None, help="Noun phrase [default: by dataset].")
-@click.option("--seed", default=0, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the shuffled views' permutations.")
 def prompts(data_dir, uid, iid, view, history_window, verb, seed) -> None:
     """Print the exact prompt text the LLM reads for a user (or an item).
@@ -423,7 +427,7 @@ def _print_heads_result(res: dict) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder to create: heads.safetensors, heads_config.json, history.jsonl, "
                    "training_curve.png, results.json.")
-@click.option("--seed", default=0, show_default=True, type=int,
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seeds head initialisation, user order and training negatives.")
 @_head_options
 @click.option("--no-progress", is_flag=True, help="Hide the per-epoch progress bar.")
@@ -461,7 +465,7 @@ def train(data_dir, cache, out, seed, no_progress, force, **kw) -> None:
 @click.option("--max-users", default=None, type=click.IntRange(min=1),
               help="Seeded sample of N users before the k-core filter (quick runs) [default: all].")
 @click.option("--skip-bad-lines", is_flag=True, help="Count malformed lines instead of failing.")
-@click.option("--seed", default=0, show_default=True, type=int, help="One seed for every stage.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="One seed for every stage.")
 @click.option("--llm", default="smollm2-135m", show_default=True,
               help="Frozen LLM: 'smollm2-135m' (bundled) or a local Hugging Face folder.")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
@@ -500,6 +504,7 @@ def run(dataset, inter, item, title_field, reviews, meta, kcore, num_negatives, 
     and OUT/results.md and prints SASRec next to LLM-SRec.
     """
     from llmsrec.pipeline import format_results_md, run_pipeline
+    resolve_device(device)  # fail on a bad --device before any work
 
     head = _head_kwargs(kw)
     view_list = [v.strip() for v in views.split(",") if v.strip()]

@@ -123,3 +123,23 @@ def test_cache_with_max_users_restricts_users(ds, tmp_path):
     data = load_cached_tensors(ds, cache)
     assert data.train_hidden.shape[0] == 11 and data.candidates["test"].shape[0] == 10
     assert data.train_users.max() <= 10 and data.provenance["users"] == 10
+
+
+def test_diverged_training_is_a_one_line_error(ds, tmp_path):
+    cache = write_cache(tmp_path / "cache.h5", ds)
+    out = tmp_path / "heads"
+    r = CliRunner().invoke(main, ["train", "--data", str(ds.root), "--cache", str(cache), "--out", str(out),
+                                  "--no-progress", "--hidden", "32", "--d-out", "16", "--cf-hidden", "8",
+                                  "--lr", "1e12", "--epochs", "2", "--train-negatives", "3"])
+    assert r.exit_code == 2, r.output
+    assert "diverged" in r.output and "lower --lr" in r.output
+    assert "Traceback" not in r.output and not out.exists()
+
+
+def test_bad_device_and_seed_are_refused_before_work(ds, tmp_path):
+    r = CliRunner().invoke(main, ["evaluate", "--data", str(ds.root), "--model", "sasrec",
+                                  "--checkpoint", str(tmp_path), "--device", "banana"])
+    assert r.exit_code == 2 and "--device banana" in r.output
+    r = CliRunner().invoke(main, ["train", "--data", str(ds.root), "--cache", str(tmp_path / "c.h5"),
+                                  "--out", str(tmp_path / "h"), "--seed", "-1"])
+    assert r.exit_code == 2 and "--seed" in r.output

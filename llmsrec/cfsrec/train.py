@@ -378,7 +378,10 @@ def train_sasrec(
         loss = train_epoch(model, opt, data, rng, batch_size)
         record = {"epoch": epoch, "loss": loss, "seconds": round(time.perf_counter() - t_ep, 3)}
         if epoch % eval_every == 0 or epoch == epochs:
-            valid = evaluate_split(model, ds, "valid")
+            try:
+                valid = evaluate_split(model, ds, "valid")
+            except ValueError as e:  # NaN/inf scores: the weights diverged
+                raise InputError(f"SASRec training diverged at epoch {epoch}: {e}; lower --lr") from None
             record["valid"] = valid
             if valid[SELECT_ON] > best["score"]:
                 best = {

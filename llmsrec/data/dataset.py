@@ -361,9 +361,6 @@ def prepare_from_interactions(
     stats.update(dict(stats_extra or {}))
 
     with atomic_dir(out, force=force) as tmp:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
         _write_folder(tmp, flat_iids, flat_ts, offsets, raw_users, raw_items, title_list,
                       desc_list, valid_neg, test_neg, stats)
     return load_prepared(out)

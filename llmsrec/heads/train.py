@@ -476,7 +476,10 @@ def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: 
                 bar.set_postfix({k: f"{ep[k] / (bi + 1):.4f}" for k in LOSS_TERMS})
             if bi + 1 in points:
                 s = score_candidates(heads, valid_h, item_h, valid_c)
-                m = {k: float(v) for k, v in ranking_metrics(s).items()}
+                try:
+                    m = {k: float(v) for k, v in ranking_metrics(s).items()}
+                except ValueError as e:  # NaN/inf scores: the heads diverged
+                    raise InputError(f"training diverged at step {step}: {e}; lower --lr") from None
                 rec = {
                     "validation": len(history) + 1,
                     "step": step,

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmsrec.devices import resolve_device  # noqa: F401  (re-exported)
 from llmsrec.errors import InputError
 
 HISTORY_EMB = "[HistoryEmb]"
@@ -162,25 +163,6 @@ def resolve_dtype(dtype: str | None, device: str):
     if dtype not in table:
         raise InputError(f"--dtype {dtype}: expected one of fp32, bf16, fp16")
     return table[dtype]
-
-
-def resolve_device(device: str):
-    """``cpu|cuda|cuda:N|hpu`` -> torch.device, with a clear error when unavailable."""
-    import torch
-
-    if device == "cpu":
-        return torch.device("cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InputError(f"--device {device}: CUDA is not available in this torch build")
-        return torch.device(device)
-    if device == "hpu":
-        try:
-            import habana_frameworks.torch.core  # noqa: F401
-        except ImportError as e:
-            raise InputError("--device hpu: habana_frameworks is not installed") from e
-        return torch.device("hpu")
-    raise InputError(f"--device {device}: expected cpu, cuda or hpu")
 
 
 def load_llm(
