@@ -5,7 +5,6 @@ import json
 import h5py
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from llmsrec.cli import main
@@ -16,13 +15,7 @@ from llmsrec.heads.train import evaluate_heads, load_cached_tensors, train_heads
 D_LLM, D_CF = 12, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny heads: one intra-op thread avoids spin-waiting on a busy 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

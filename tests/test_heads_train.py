@@ -20,13 +20,7 @@ from llmsrec.heads.train import (
 SMALL = dict(hidden=32, d_out=16, cf_hidden=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny heads: one intra-op thread avoids spin-waiting on a busy 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def synthetic(n_users=100, n_items=80, d=16, d_cf=6, m=30, noise=0.3, signal=True, seed=0):
