@@ -226,40 +226,53 @@ def evaluate(data_dir, model_name, checkpoint, out_json, device, cache) -> None:
 _VIEW_NAMES = ("train", "valid", "test", "train-shuffled", "valid-shuffled", "test-shuffled")
 
 
+# Options of the frozen-LLM forward, shared by `precompute` and `run`.
+_LLM_OPTIONS = [
+    click.option("--llm", default="smollm2-135m", show_default=True,
+                 help="Frozen LLM: 'smollm2-135m' (bundled GGUF), a local Hugging Face folder, or "
+                      "a model id already in the local HF cache (never downloaded)."),
+    click.option("--history-window", default=10, show_default=True, type=click.IntRange(min=1),
+                 help="Last W history items shown in a user prompt."),
+    click.option("--batch-tokens", default=4096, show_default=True, type=click.IntRange(min=1),
+                 help="Token budget of one padded batch (batch size x longest prompt)."),
+    click.option("--device", default="cpu", show_default=True,
+                 help="Device of the LLM forward: cpu, cuda[:N] or hpu."),
+    click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+                 help="Compute dtype of the LLM [default: fp32 on CPU, bf16 on GPU/HPU]."),
+    click.option("--threads", default=None, type=click.IntRange(min=1),
+                 help="torch CPU threads of the LLM forward [default: torch's choice]."),
+    click.option("--fi", default="moment", show_default=True, type=click.Choice(["moment", "ridge"]),
+                 help="Fixed f_I of cache mode. moment: PCA-whitened SASRec E laid on the top "
+                      "principal axes of the token embeddings (keeps all of E); ridge: ridge fit "
+                      "to each title's mean token embedding (loses most of E, see README)."),
+]
+
+
+def _llm_options(f):
+    for opt in reversed(_LLM_OPTIONS):
+        f = opt(f)
+    return f
+
+
 @main.command()
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
               help="Prepared dataset folder (from `llmsrec prepare`).")
 @click.option("--sasrec", "sasrec_dir", required=True, type=click.Path(file_okay=False),
               help="SASRec checkpoint folder (model.safetensors + config.json).")
-@click.option("--llm", default="smollm2-135m", show_default=True,
-              help="Frozen LLM: 'smollm2-135m' (bundled GGUF), a local Hugging Face folder, or "
-                   "a model id already in the local HF cache (never downloaded).")
 @click.option("--out", "out_h5", required=True, type=click.Path(dir_okay=False),
               help="Cache file to create or extend (built as OUT.tmp, renamed when complete).")
 @click.option("--views", default="train,valid,test,test-shuffled", show_default=True,
               help=f"Comma-separated user views to compute; any of {', '.join(_VIEW_NAMES)}.")
-@click.option("--history-window", default=10, show_default=True, type=click.IntRange(min=1),
-              help="Last W history items shown in a user prompt.")
 @click.option("--verb", default=None,
               help="Noun phrase of the prompt, e.g. 'purchases' or 'watched movies' "
                    "[default: by dataset].")
-@click.option("--batch-tokens", default=4096, show_default=True, type=click.IntRange(min=1),
-              help="Token budget of one padded batch (batch size x longest prompt).")
 @click.option("--chunk-prompts", default=64, show_default=True, type=click.IntRange(min=1),
               help="Prompts per resumable chunk (a killed run redoes at most one chunk).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda[:N] or hpu.")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
-              help="Compute dtype [default: fp32 on CPU, bf16 on GPU/HPU].")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the shuffled views' permutations.")
 @click.option("--max-users", default=None, type=click.IntRange(min=1),
               help="Only users 1..N get user prompts (quick runs); recorded in the cache.")
-@click.option("--threads", default=None, type=click.IntRange(min=1),
-              help="torch CPU threads [default: torch's choice].")
-@click.option("--fi", default="moment", show_default=True, type=click.Choice(["moment", "ridge"]),
-              help="Fixed f_I of cache mode. moment: PCA-whitened SASRec E laid on the top "
-                   "principal axes of the token embeddings (keeps all of E); ridge: ridge fit "
-                   "to each title's mean token embedding (loses most of E, see README).")
+@_llm_options
 @click.option("--trust-remote-code", is_flag=True,
               help="Allow a local model folder's own Python code (off by default).")
 @click.option("--force", is_flag=True,
@@ -466,8 +479,6 @@ def train(data_dir, cache, out, seed, no_progress, force, **kw) -> None:
               help="Seeded sample of N users before the k-core filter (quick runs) [default: all].")
 @click.option("--skip-bad-lines", is_flag=True, help="Count malformed lines instead of failing.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="One seed for every stage.")
-@click.option("--llm", default="smollm2-135m", show_default=True,
-              help="Frozen LLM: 'smollm2-135m' (bundled) or a local Hugging Face folder.")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Run folder [default: runs/DATASET].")
 @click.option("--sasrec-epochs", default=200, show_default=True, type=click.IntRange(min=1),
@@ -479,16 +490,7 @@ def train(data_dir, cache, out, seed, no_progress, force, **kw) -> None:
 @click.option("--views", default="train,valid,test", show_default=True,
               help="User views to precompute (add test-shuffled for the shuffled-inference "
                    "analysis; it is then reported too).")
-@click.option("--history-window", default=10, show_default=True, type=click.IntRange(min=1),
-              help="Last W history items in a user prompt.")
-@click.option("--batch-tokens", default=4096, show_default=True, type=click.IntRange(min=1),
-              help="Precompute: token budget of one padded batch.")
-@click.option("--device", default="cpu", show_default=True, help="Precompute device: cpu, cuda[:N] or hpu.")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
-              help="Precompute dtype [default: fp32 on CPU, bf16 on GPU/HPU].")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads for precompute.")
-@click.option("--fi", default="moment", show_default=True, type=click.Choice(["moment", "ridge"]),
-              help="Fixed f_I of cache mode (see `llmsrec precompute --help`).")
+@_llm_options
 @_head_options
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--force", is_flag=True, help="Rebuild every stage.")
