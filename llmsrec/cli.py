@@ -13,6 +13,7 @@ import click
 from llmsrec import __version__
 from llmsrec.devices import resolve_device
 from llmsrec.errors import InputError
+from llmsrec.precompute.prompts import ALL_VIEWS
 
 
 class _Group(click.Group):
@@ -223,7 +224,16 @@ def evaluate(data_dir, model_name, checkpoint, out_json, device, cache) -> None:
 
 
 # --- precompute (issue 4) ---------------------------------------------------------------
-_VIEW_NAMES = ("train", "valid", "test", "train-shuffled", "valid-shuffled", "test-shuffled")
+_VIEW_NAMES = ALL_VIEWS
+
+
+def _parse_views(views: str) -> list[str]:
+    """``--views`` "a,b,c" -> ["a", "b", "c"], each a known view (InputError otherwise)."""
+    view_list = [v.strip() for v in views.split(",") if v.strip()]
+    for v in view_list:
+        if v not in _VIEW_NAMES:
+            raise InputError(f"--views: unknown view {v!r} (expected {', '.join(_VIEW_NAMES)})")
+    return view_list
 
 
 # Options of the frozen-LLM forward, shared by `precompute` and `run`.
@@ -288,10 +298,7 @@ def precompute(data_dir, sasrec_dir, llm, out_h5, views, history_window, verb, b
     """
     from llmsrec.precompute import precompute as run_precompute
 
-    view_list = [v.strip() for v in views.split(",") if v.strip()]
-    for v in view_list:
-        if v not in _VIEW_NAMES:
-            raise InputError(f"--views: unknown view {v!r} (expected {', '.join(_VIEW_NAMES)})")
+    view_list = _parse_views(views)
     run_precompute(data_dir, sasrec_dir, out_h5, llm=llm, views=view_list,
                    history_window=history_window, verb=verb, batch_tokens=batch_tokens,
                    chunk_prompts=chunk_prompts, device=device, dtype=dtype, seed=seed,
@@ -509,10 +516,7 @@ def run(dataset, inter, item, title_field, reviews, meta, kcore, num_negatives, 
     resolve_device(device)  # fail on a bad --device before any work
 
     head = _head_kwargs(kw)
-    view_list = [v.strip() for v in views.split(",") if v.strip()]
-    for v in view_list:
-        if v not in _VIEW_NAMES:
-            raise InputError(f"--views: unknown view {v!r} (expected {', '.join(_VIEW_NAMES)})")
+    view_list = _parse_views(views)
     for v in ("train", "valid", "test"):
         if v not in view_list:
             raise InputError(f"--views: {v} is required by `run`")

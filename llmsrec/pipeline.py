@@ -21,7 +21,6 @@ chunks; changed options rebuild it.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Callable
 
 from llmsrec.atomic import atomic_file, write_json
 from llmsrec.errors import InputError
+from llmsrec.precompute.llm import sha256_file
 
 STAGES = ("prepare", "sasrec", "precompute", "train", "evaluate")
 STAGE_DIRS = {"prepare": "data", "sasrec": "sasrec", "precompute": "cache", "train": "heads"}
@@ -55,11 +55,7 @@ def file_digest(path: str | Path) -> str:
     st = Path(path).stat()
     key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _DIGESTS[key] = h.hexdigest()
+        _DIGESTS[key] = sha256_file(path)
     return _DIGESTS[key]
 
 

@@ -39,8 +39,9 @@ import h5py
 import numpy as np
 
 from llmsrec.errors import InputError
+from llmsrec.precompute.prompts import ALL_VIEWS
 
-VIEW_ORDER = ("train", "valid", "test", "train-shuffled", "valid-shuffled", "test-shuffled")
+VIEW_ORDER = ALL_VIEWS  # the order reader.views lists views in
 
 
 def tmp_path(out: str | os.PathLike) -> Path:
