@@ -39,6 +39,7 @@ def main() -> None:
       llmsrec train         train the LLM-SRec heads on the cache (Eq. 1-4)
       llmsrec evaluate      NDCG@10/20, HR@10/20 on validation and test
       llmsrec run           all of the above, reusing unchanged stages
+      llmsrec analyze       the paper's sequence-understanding analyses -> report.md
     """
 
 
@@ -540,6 +541,48 @@ def run(dataset, inter, item, title_field, reviews, meta, kcore, num_negatives, 
     click.echo(format_results_md(res))
     click.echo(f"wrote {out or f'runs/{dataset}'}/results.json and results.md")
 
+
+
+# --- analyses (issue 6) -----------------------------------------------------------------
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A run folder written by `llmsrec run` (data/, sasrec/, cache/, heads/).")
+@click.option("--only", default=None,
+              help="Comma-separated subset of: shuffled-inference, shuffled-training, similarity, "
+                   "ablations, transition, warm-cold, over-smoothing, distillation, case-studies "
+                   "[default: all nine].")
+@click.option("--seeds", default=None,
+              help="Model seeds, e.g. 0,1,2: numbers become mean ± std over them [default: the run's seed].")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Report folder [default: RUN/report].")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def analyze(run_dir, only, seeds, out, no_progress) -> None:
+    """Sequence-understanding analyses of the paper on a run, gathered in report.md.
+
+    \b
+    Writes OUT/report.md, one <analysis>.json + .md each, and fig_*.png:
+      shuffled-inference  test metrics on original vs shuffled test sequences (Fig. 1b)
+      shuffled-training   models trained on shuffled sequences, tested on original (Table 3)
+      similarity          cosine(original, shuffled) user representations (Table 5)
+      ablations           w/o L_Distill+L_Uniform, w/o L_Uniform, full (Table 7)
+      transition          transition vs non-transition users by t-score (Fig. 3)
+      warm-cold           users with a warm vs cold test target (Fig. 4)
+      over-smoothing      mean pairwise distance of user representations (Table 13)
+      distillation        MSE vs contrastive distillation (Table 12)
+      case-studies        users where SASRec and LLM-SRec disagree (Fig. 6)
+
+    The frozen LLM runs only to add a missing cached view (train-shuffled) to the run's
+    cache; head variants train on cached states in seconds; extra SASRec models (other
+    seeds, shuffled training) train once and are kept under OUT/models for reruns.
+    """
+    from llmsrec.evaluate.analyze import analyze_run
+
+    out = out or f"{run_dir}/report"
+    docs = analyze_run(run_dir, out, only=only, seeds=seeds, progress=not no_progress,
+                       log=lambda m: click.echo(m, err=True))
+    for d in docs.values():
+        click.echo(f"- {d['title']}: {d['interpretation']}")
+    click.echo(f"wrote {out}/report.md")
 
 if __name__ == "__main__":
     main()

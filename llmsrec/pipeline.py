@@ -269,6 +269,10 @@ def run_pipeline(
     cache_opts = {"llm": llm, "seed": seed, **{k: v for k, v in p_opts.items() if k != "threads"}}
     st = Stage(run_dir, "precompute", cache_opts, {"data": ds.digest, "sasrec": file_digest(sas_weights)})
     cache = st.dir / "cache.h5"
+    prev = st.record()
+    if prev and prev.get("status") == "done" and set(p_opts["views"]) <= set(prev["options"].get("views", [])):
+        # a cache that already holds more views (added by `llmsrec analyze`) serves this request
+        st.options["views"] = prev["options"]["views"]
     if not force and st.reusable(lambda: file_digest(cache)):
         stage_header("precompute", True, str(cache))
     else:
@@ -329,3 +333,65 @@ def run_pipeline(
 
 def _metrics(m: dict) -> dict:
     return {k: float(m[k]) for k in METRIC_KEYS}
+
+
+def extend_run_cache(run_dir: str | Path, views, *, progress: bool = True,
+                     log: Callable[[str], None] = print) -> Path:
+    """Add user views to the cache of a run folder (``llmsrec analyze`` needs shuffled ones).
+
+    The views missing from ``RUN/cache/cache.h5`` are computed by precompute with the
+    options recorded in ``RUN/cache/stage.json``, so they match the views already there.
+    Existing datasets are not touched, so the stages that read the cache stay valid: the
+    ``stage.json`` records of ``cache`` (views, output digest) and ``heads`` (input digest)
+    are updated, and a later ``llmsrec run`` reuses them instead of retraining.
+
+    Args:
+        run_dir: a folder written by :func:`run_pipeline`.
+        views: view names (``llmsrec.precompute.prompts.ALL_VIEWS``) that must be present.
+    Returns:
+        The cache path.
+    Raises:
+        InputError: the run folder lacks a finished precompute stage, or see ``precompute``.
+    """
+    from llmsrec.cache import open_cache
+    from llmsrec.data import load_prepared
+    from llmsrec.precompute import precompute
+
+    run_dir = Path(run_dir)
+    cache = run_dir / STAGE_DIRS["precompute"] / "cache.h5"
+    rec_path = run_dir / STAGE_DIRS["precompute"] / "stage.json"
+    if not cache.is_file():
+        raise InputError(f"{cache}: no cache in this run folder (run `llmsrec run` first)")
+    with open_cache(cache) as c:
+        have = list(c.views)
+    missing = [v for v in views if v not in have]
+    if not missing:
+        return cache
+    try:
+        rec = json.loads(rec_path.read_text())
+        opts = rec["options"]
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{rec_path}: cannot read the precompute options to extend the cache ({e})") from None
+    old_digest = file_digest(cache)
+    log(f"[precompute] adding view(s) {', '.join(missing)} to {cache}")
+    ds = load_prepared(run_dir / STAGE_DIRS["prepare"])
+    t = time.perf_counter()
+    precompute(ds, run_dir / STAGE_DIRS["sasrec"], cache, llm=opts["llm"], views=have + missing,
+               history_window=opts["history_window"], verb=opts["verb"], batch_tokens=opts["batch_tokens"],
+               chunk_prompts=opts["chunk_prompts"], device=opts["device"], dtype=opts["dtype"],
+               seed=opts["seed"], fi=opts["fi"], ridge_alpha=opts["ridge_alpha"],
+               trust_remote_code=opts.get("trust_remote_code", False), progress=progress, log=log)
+    new_digest = file_digest(cache)
+    rec["options"]["views"] = have + missing
+    rec["output_digest"] = new_digest
+    rec["seconds"] = round(float(rec.get("seconds", 0.0)) + time.perf_counter() - t, 3)
+    write_json(rec_path, rec)
+    heads_rec = run_dir / STAGE_DIRS["train"] / "stage.json"
+    try:
+        h = json.loads(heads_rec.read_text())
+    except (OSError, ValueError):
+        h = None
+    if h and h.get("inputs", {}).get("cache") == old_digest:
+        h["inputs"]["cache"] = new_digest
+        write_json(heads_rec, h)
+    return cache
