@@ -1,0 +1,167 @@
+"""``llmsrec recommend``: the top-k unseen items for a known user or for a typed history.
+
+A known user's representation comes from the cache (the ``test`` view: the whole
+history but the held-out test item). A typed history (a new user) is turned into a prompt
+with the run's template and window, the frozen LLM runs once on it (the run's f_I and
+``[UserOut]`` embedding from the cache), and the cached item states are scored. Items in
+the history are never recommended.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as _dt
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmsrec.errors import InputError
+
+__all__ = ["parse_history", "recommend", "format_recommendations"]
+
+
+def parse_history(text: str, ds, default_ts: int) -> tuple[np.ndarray, np.ndarray]:
+    """``"RAW,RAW@2024-05-01,..."`` -> (iids int64 (k,), Unix-second timestamps int64 (k,)).
+
+    An entry without ``@YYYY-MM-DD`` (or ``YYYY/MM/DD``) gets ``default_ts``.
+
+    Raises:
+        InputError: empty history, an unknown raw item id (named), or a bad date.
+    """
+    index = {raw: i for i, raw in enumerate(ds.raw_items) if i > 0}
+    iids, ts = [], []
+    for pos, entry in enumerate(x.strip() for x in text.split(",")):
+        if not entry:
+            continue
+        raw, _, date = entry.partition("@")
+        raw = raw.strip()
+        if raw not in index:
+            raise InputError(f"--history entry {pos + 1}: unknown item id {raw!r} (raw ids as in the "
+                             f"dataset's items.jsonl)")
+        iids.append(index[raw])
+        if date:
+            try:
+                d = _dt.datetime.strptime(date.strip().replace("/", "-"), "%Y-%m-%d")
+            except ValueError:
+                raise InputError(f"--history entry {pos + 1}: date {date!r} is not YYYY-MM-DD") from None
+            ts.append(calendar.timegm(d.timetuple()))
+        else:
+            ts.append(int(default_ts))
+    if not iids:
+        raise InputError("--history: no item ids given")
+    return np.asarray(iids, dtype=np.int64), np.asarray(ts, dtype=np.int64)
+
+
+def _user_state_from_llm(run: Path, ds, cache, iids, ts, device: str = "cpu") -> tuple[torch.Tensor, str]:
+    from llmsrec.precompute.engine import forward_batch, tokenize_prompts
+    from llmsrec.precompute.llm import USER_OUT, load_llm
+    from llmsrec.precompute.prompts import user_prompt
+
+    prov = cache.provenance
+    opts = {}
+    try:
+        opts = json.loads((run / "cache" / "stage.json").read_text())["options"]
+    except (OSError, ValueError, KeyError):
+        pass
+    llm = load_llm(opts.get("llm", prov.get("model")), device=device, dtype=opts.get("dtype"),
+                   trust_remote_code=bool(opts.get("trust_remote_code", False)))
+    if prov.get("model_weights_sha256") not in (None, llm.weights_digest):
+        raise InputError(f"{run}: the cache was built from other LLM weights than {llm.name!r} "
+                         f"(provenance field 'model_weights_sha256')")
+    w = int(prov.get("history_window", 10))
+    prompt = user_prompt(ds.titles, iids[-w:], ts[-w:], verb=prov.get("verb") or "purchases")
+    p = cache.params()
+    e = np.asarray(cache.item_cf(), dtype=np.float32)
+    soft = torch.from_numpy(e @ p["f_I/weight"].T + p["f_I/bias"]).to(llm.device, llm.dtype)
+    out_vec = torch.from_numpy(np.asarray(p["tokens/user_out"], np.float32)).to(llm.device, llm.dtype)
+    toks = tokenize_prompts(llm, [prompt], USER_OUT)
+    return forward_batch(llm, toks, soft, out_vec)[0], prompt.text
+
+
+def recommend(run, *, user: str | None = None, history: str | None = None, k: int = 10, device: str = "cpu",
+              show_last: int = 10) -> dict:
+    """Top-k unseen items of a run's LLM-SRec for a known user or a typed history.
+
+    Args:
+        run: a run folder (``data/``, ``cache/cache.h5``, ``heads/``).
+        user: a raw user id of the dataset (scored from the cached ``test`` view).
+        history: comma-separated raw item ids, oldest first, each optionally ``@YYYY-MM-DD``
+            (default date: the dataset's last interaction day); the LLM runs once.
+        k: number of items; show_last: history entries listed in the output.
+    Returns:
+        ``{"source", "user", "history": [{"item", "title"}], "recommendations": [{"rank",
+        "item", "title", "score"}], "held_out": {...} (known users: the test item and its
+        rank among all unseen items)}``; items are raw ids, scores f_user . f_item (float).
+    Raises:
+        InputError: not exactly one of ``user``/``history``, an unknown user or item id,
+            a user without a cached prompt, k < 1.
+    """
+    from llmsrec.cache import open_cache
+    from llmsrec.data import load_prepared
+    from llmsrec.heads.model import load_heads
+
+    if (user is None) == (history is None):
+        raise InputError("give exactly one of --user or --history")
+    if k < 1:
+        raise InputError("--k must be >= 1")
+    run = Path(run)
+    for sub in ("data", "cache/cache.h5", "heads/heads.safetensors"):
+        if not (run / sub).exists():
+            raise InputError(f"{run / sub}: missing; --run must be a folder written by `llmsrec run`")
+    ds = load_prepared(run / "data")
+    heads = load_heads(run / "heads")
+    held = None
+    with open_cache(run / "cache" / "cache.h5") as cache:
+        items_h = torch.from_numpy(np.asarray(cache.item_hidden(), dtype=np.float32))
+        if user is not None:
+            try:
+                uid = ds.raw_users.index(str(user), 1)
+            except ValueError:
+                raise InputError(f"--user {user!r}: not a user of {ds.root} (raw ids as in sequences.jsonl)") from None
+            h = np.asarray(cache.user_hidden("test")[uid], dtype=np.float32)
+            if not np.any(h):
+                raise InputError(f"--user {user!r}: no cached test prompt (cache built with --max-users?)")
+            h_u = torch.from_numpy(h)
+            inputs, targets = ds.view("test")
+            iids = np.asarray(inputs[uid], dtype=np.int64)
+            held = int(targets[uid])
+            source, prompt_text = "cache (test view)", None
+        else:
+            last_ts = max(int(t[-1]) for t in ds.timestamps[1:])
+            iids, ts = parse_history(history, ds, last_ts)
+            h_u, prompt_text = _user_state_from_llm(run, ds, cache, iids, ts, device=device)
+            source = "LLM forward of the typed history"
+    with torch.no_grad():
+        scores = heads.item(items_h) @ heads.user(h_u[None])[0]
+    scores[0] = -torch.inf
+    scores[torch.from_numpy(np.array(iids, dtype=np.int64))] = -torch.inf
+    k = min(k, int(torch.isfinite(scores).sum()))
+    top = torch.topk(scores, k)
+    out = {
+        "source": source,
+        "user": user,
+        "history": [{"item": ds.raw_items[i], "title": ds.titles[i]} for i in iids[-show_last:]],
+        "recommendations": [{"rank": r + 1, "item": ds.raw_items[int(i)], "title": ds.titles[int(i)],
+                             "score": float(s)} for r, (s, i) in enumerate(zip(top.values, top.indices))],
+    }
+    if held is not None:
+        out["held_out"] = {"item": ds.raw_items[held], "title": ds.titles[held],
+                           "rank": int((scores > scores[held]).sum()) + 1}
+    if prompt_text is not None:
+        out["prompt"] = prompt_text
+    return out
+
+
+def format_recommendations(rec: dict) -> str:
+    """Plain-text rendering of :func:`recommend`'s result."""
+    who = f"user {rec['user']}" if rec["user"] is not None else "typed history"
+    lines = [f"{who} ({rec['source']}); last {len(rec['history'])} history items, oldest first:"]
+    lines += [f"  {h['item']:>8}  {h['title']}" for h in rec["history"]]
+    if "held_out" in rec:
+        ho = rec["held_out"]
+        lines.append(f"held-out test item: {ho['item']} {ho['title']} (rank {ho['rank']} among unseen items)")
+    lines.append(f"top {len(rec['recommendations'])} unseen items:")
+    lines += [f"  {r['rank']:>3}. {r['item']:>8}  {r['score']:8.3f}  {r['title']}" for r in rec["recommendations"]]
+    return "\n".join(lines)

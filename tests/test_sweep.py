@@ -1,0 +1,92 @@
+"""`llmsrec sweep` on a synthetic cache: grid parsing, resumption, the best variant, --jobs."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from llmsrec.cli import main
+from llmsrec.errors import InputError
+from llmsrec.heads.sweep import expand_grid, load_grid, sweep
+from test_heads_cache import ds, write_cache  # noqa: F401  (module fixture + cache builder)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+GRID = """
+[grid]
+lr = [1e-2, 1e-3]
+uniform = [true, false]
+
+[fixed]
+hidden = 32
+d-out = 16
+cf_hidden = 8
+epochs = 2
+train_negatives = 3
+evals_per_epoch = 2
+"""
+
+
+def test_grid_parsing_and_errors(tmp_path):
+    p = tmp_path / "g.toml"
+    p.write_text(GRID)
+    grid, fixed = load_grid(p)
+    assert grid == {"lr": [1e-2, 1e-3], "uniform": [True, False]}
+    assert fixed["d_out"] == 16
+    v = expand_grid(grid, fixed, {"seed": 5})
+    assert [x[0] for x in v] == [{"lr": 1e-2, "uniform": True}, {"lr": 1e-2, "uniform": False},
+                                 {"lr": 1e-3, "uniform": True}, {"lr": 1e-3, "uniform": False}]
+    assert v[0][1].seed == 5 and v[0][1].hidden == 32
+    for text, msg in [("[grid]\nlrr = [1]", "lrr: unknown head option"),
+                      ("[grid]\nlr = 1e-3", "expected a non-empty list"),
+                      ("[fixed]\nlr = 1e-3", "non-empty \\[grid\\]"),
+                      ("[grid]\nlr = [1e-3]\n[other]\nx=1", "unknown section \\[other\\]"),
+                      ("[grid]\nlr = [1e-3]\n[fixed]\nlr = 1e-2", "both"),
+                      ("[grid\n", "not a readable TOML")]:
+        p.write_text(text)
+        with pytest.raises(InputError, match=msg):
+            load_grid(p)
+    p.write_text("[grid]\ntrain_negatives = [0]")
+    with pytest.raises(InputError, match="sweep variant"):
+        expand_grid(*load_grid(p))
+
+
+def test_sweep_resumes_and_tests_the_best_once(ds, tmp_path):  # noqa: F811
+    cache = write_cache(tmp_path / "c.h5", ds)
+    g = tmp_path / "g.toml"
+    g.write_text(GRID)
+    out = tmp_path / "sweep"
+    s = sweep(ds, cache, g, out, progress=False, log=lambda m: None)
+    lines = [json.loads(x) for x in (out / "sweep.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and s["trained"] == 4 and s["variants"] == 4
+    best = max(lines, key=lambda r: r["valid"]["NDCG@10"])
+    assert s["best"]["options"] == best["options"]
+    res = json.loads((out / "best" / "results.json").read_text())
+    assert res["valid"] == pytest.approx(best["valid"])  # retrained deterministically
+    assert s["best"]["test"] == res["test"]
+    md = (out / "sweep.md").read_text()
+    vals = [float(row.split("|")[5]) for row in md.splitlines() if row.startswith("| ") and row[2].isdigit()]
+    assert vals == sorted(vals, reverse=True) and len(vals) == 4
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+    # rerun: nothing trained; a grid with one more value trains only the new variants
+    assert sweep(ds, cache, g, out, progress=False, log=lambda m: None)["trained"] == 0
+    g.write_text(GRID.replace("lr = [1e-2, 1e-3]", "lr = [1e-2, 1e-3, 3e-3]"))
+    s3 = sweep(ds, cache, g, out, progress=False, log=lambda m: None)
+    assert s3["trained"] == 2 and len((out / "sweep.jsonl").read_text().splitlines()) == 6
+
+
+def test_jobs_give_the_same_records(ds, tmp_path):  # noqa: F811
+    cache = write_cache(tmp_path / "c.h5", ds)
+    g = tmp_path / "g.toml"
+    g.write_text(GRID.replace("uniform = [true, false]", "uniform = [true]"))
+    a = sweep(ds, cache, g, tmp_path / "a", progress=False, log=lambda m: None)
+    b = sweep(ds, cache, g, tmp_path / "b", jobs=2, progress=False, log=lambda m: None)
+    ra = sorted((json.loads(x) for x in (tmp_path / "a" / "sweep.jsonl").read_text().splitlines()),
+                key=lambda r: r["options"]["lr"])
+    rb = sorted((json.loads(x) for x in (tmp_path / "b" / "sweep.jsonl").read_text().splitlines()),
+                key=lambda r: r["options"]["lr"])
+    for x, y in zip(ra, rb):
+        assert x["valid"] == pytest.approx(y["valid"], abs=1e-6) and x["best_step"] == y["best_step"]
+    assert a["best"]["test"] == pytest.approx(b["best"]["test"])
