@@ -130,7 +130,23 @@ def bench_heads() -> None:
     b.bench()
 
 
-BENCHES = [bench_ranking_metrics, bench_sasrec_epoch, bench_precompute, bench_heads]
+def bench_sweep() -> None:
+    """Head-sweep throughput on the ml-100k cache: variants per minute, 1 vs 2 processes."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_sweep as b
+
+    b.bench()
+
+
+def bench_e2e() -> None:
+    """One e2e epoch (measured steps of the real trainer, scaled) vs one cached-heads epoch."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_e2e as b
+
+    b.bench()
+
+
+BENCHES = [bench_ranking_metrics, bench_sasrec_epoch, bench_precompute, bench_heads, bench_sweep, bench_e2e]
 
 
 def main(argv: list[str] | None = None) -> int:

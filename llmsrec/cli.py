@@ -34,12 +34,18 @@ def main() -> None:
     Pipeline (each stage reuses the previous one's output folder/file):
       llmsrec prepare       raw interactions -> leave-last-out split + 99 stored negatives
       llmsrec sasrec train  train the CF-SRec teacher (SASRec)
+      llmsrec cfsrec train  train any CF-SRec: sasrec, gru4rec, bert4rec, nextitnet
       llmsrec prompts       print exactly what the LLM reads for a user or an item
       llmsrec precompute    run the frozen LLM once over every prompt -> HDF5 cache
-      llmsrec train         train the LLM-SRec heads on the cache (Eq. 1-4)
+      llmsrec train         train the LLM-SRec heads on the cache (Eq. 1-4), or end to
+                            end through the frozen LLM (--mode e2e)
+      llmsrec refine-tokens train [UserOut]/[ItemOut] from cached prefixes, refresh the cache
       llmsrec evaluate      NDCG@10/20, HR@10/20 on validation and test
       llmsrec run           all of the above, reusing unchanged stages
+      llmsrec compare       Table 6: CF-SRec baselines and LLM-SRec, mean ± std over seeds
       llmsrec analyze       the paper's sequence-understanding analyses -> report.md
+      llmsrec sweep         many head variants on one cache, best on validation
+      llmsrec recommend     top-k unseen items for a known user or a typed history
     """
 
 
@@ -178,10 +184,106 @@ def sasrec_train(data_dir, out, epochs, patience, eval_every, seed, batch_size, 
     click.echo(format_table({"sasrec": {"valid": res["valid"], "test": res["test"]}}))
 
 
+# --- CF-SRec baselines (issue 8) ---------------------------------------------------------
+_CF_MODEL_NAMES = ["sasrec", "gru4rec", "bert4rec", "nextitnet"]
+
+
+@main.group()
+def cfsrec() -> None:
+    """CF-SRec models: SASRec, GRU4Rec, BERT4Rec, NextItNet (the paper's Table 6 baselines)."""
+
+
+@cfsrec.command("train")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
+              help="Prepared dataset folder (from `llmsrec prepare`).")
+@click.option("--model", "model_name", required=True, type=click.Choice(_CF_MODEL_NAMES),
+              help="Which CF-SRec to train.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run folder to create: model.safetensors, config.json, history.jsonl, results.json.")
+@click.option("--epochs", default=200, show_default=True, type=click.IntRange(min=1), help="Maximum epochs.")
+@click.option("--patience", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Stop after this many validations without a better validation NDCG@10.")
+@click.option("--eval-every", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Validate every this many epochs.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seeds initialisation, dropout, user order, negatives and cloze masks.")
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1), help="Users per step.")
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Adam learning rate (betas 0.9, 0.98).")
+@click.option("--loss", default=None, type=click.Choice(["bce", "ce"]),
+              help="bce: one sampled negative per position; ce: softmax over all items "
+                   "[default: sasrec bce, the others ce].")
+@click.option("--hidden", default=None, type=click.IntRange(min=1), help="Width d of E and O_u [default: 64].")
+@click.option("--maxlen", default=None, type=click.IntRange(min=1),
+              help="Longest input window [default: 128].")
+@click.option("--dropout", default=None, type=click.FloatRange(min=0, max=1, max_open=True),
+              help="Dropout rate [default: sasrec 0.1, gru4rec 0.3, bert4rec 0.2, nextitnet 0].")
+@click.option("--blocks", default=None, type=click.IntRange(min=1),
+              help="sasrec, bert4rec: transformer blocks [default: 2].")
+@click.option("--heads", default=None, type=click.IntRange(min=1),
+              help="sasrec, bert4rec: attention heads [default: sasrec 1, bert4rec 2].")
+@click.option("--gru-hidden", default=None, type=click.IntRange(min=1),
+              help="gru4rec: GRU state width [default: 128].")
+@click.option("--layers", default=None, type=click.IntRange(min=1), help="gru4rec: GRU layers [default: 1].")
+@click.option("--kernel", default=None, type=click.IntRange(min=1),
+              help="nextitnet: convolution kernel size [default: 3].")
+@click.option("--dilations", default=None,
+              help="nextitnet: comma-separated dilation of each residual block [default: 1,4,1,4].")
+@click.option("--mask-prob", default=None, type=click.FloatRange(min=0, max=1, min_open=True),
+              help="bert4rec: cloze mask probability [default: 0.2].")
+@click.option("--mask-last-prob", default=None, type=click.FloatRange(min=0, max=1),
+              help="bert4rec: share of training rows with only the last item masked [default: 0.1].")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@click.option("--no-progress", is_flag=True, help="Hide the per-epoch progress bar.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def cfsrec_train(data_dir, model_name, out, epochs, patience, eval_every, seed, batch_size, lr, loss, device,
+                 no_progress, force, **model_opts) -> None:
+    """Train one CF-SRec on DATA; keep the best-on-validation checkpoint; test it once.
+
+    \b
+    Same protocol for every model: validation NDCG@10 on the stored candidates every
+    EVAL_EVERY epochs selects the checkpoint and drives early stopping. Model options
+    left unset take the model's defaults; one that does not apply to --model is an error.
+    Any checkpoint written here can be the LLM-SRec teacher (`llmsrec precompute --sasrec DIR`).
+    """
+    from llmsrec.cfsrec import train_cfsrec
+    from llmsrec.data import load_prepared
+    from llmsrec.evaluate.report import format_table
+
+    opts = {k: v for k, v in model_opts.items() if v is not None}
+    if "dilations" in opts:
+        try:
+            opts["dilations"] = [int(r) for r in opts["dilations"].split(",") if r.strip()]
+        except ValueError:
+            raise InputError(f"--dilations: expected comma-separated integers, got {opts['dilations']!r}") from None
+    ds = load_prepared(data_dir)
+    resolve_device(device)  # fail on a bad --device before any work
+    try:
+        res = train_cfsrec(ds, out, model=model_name, epochs=epochs, patience=patience, eval_every=eval_every,
+                           seed=seed, batch_size=batch_size, lr=lr, loss=loss, device=device, force=force,
+                           progress=not no_progress, **opts)
+    except ValueError as e:  # invalid model config (e.g. hidden not divisible by heads)
+        raise click.UsageError(str(e)) from None
+    click.echo(f"wrote {out}")
+    click.echo(f"best epoch {res['best_epoch']} of {res['epochs_run']}"
+               f"{' (early stop)' if res['stopped_early'] else ''}, {res['seconds']:.1f} s")
+    click.echo(format_table({model_name: {"valid": res["valid"], "test": res["test"]}}))
+
+
 # --model name -> "module:function(ds, checkpoint, device) -> {"valid": m, "test": m}"
 _EVALUATORS = {
     "sasrec": "llmsrec.cfsrec:evaluate_sasrec",
+    "gru4rec": "llmsrec.cfsrec:evaluate_cfsrec",
+    "bert4rec": "llmsrec.cfsrec:evaluate_cfsrec",
+    "nextitnet": "llmsrec.cfsrec:evaluate_cfsrec",
     "llmsrec": "llmsrec.heads.train:evaluate_heads_checkpoint",  # + cache=--cache
+    "llmsrec-e2e": "llmsrec.heads.e2e:evaluate_e2e_checkpoint",  # recomputes states with the LLM
+}
+
+# --model name -> "module:function(ds, checkpoint, device) -> {"valid": m, "test": m}" (full catalogue)
+_FULL_EVALUATORS = {
+    "sasrec": "llmsrec.evaluate.full_ranking:full_ranking_cfsrec",
+    "llmsrec": "llmsrec.evaluate.full_ranking:full_ranking_heads",  # + cache=--cache
 }
 
 
@@ -197,11 +299,16 @@ _EVALUATORS = {
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--cache", default=None, type=click.Path(dir_okay=False),
               help="llmsrec: the HDF5 cache to score [default: the one the heads were trained on].")
-def evaluate(data_dir, model_name, checkpoint, out_json, device, cache) -> None:
+@click.option("--full-ranking", is_flag=True,
+              help="Also rank each target against every item outside the user's history "
+                   "(NDCG@10/20, HR@10/20, MRR under \"full\"); sampled and full metrics can order "
+                   "models differently (Krichene & Rendle, 2020).")
+def evaluate(data_dir, model_name, checkpoint, out_json, device, cache, full_ranking) -> None:
     """NDCG@10/20 and HR@10/20 on validation and test (1 target + the stored negatives).
 
     Prints a markdown table and writes it as JSON:
-    {"model", "checkpoint", "data", "data_digest", "valid": {...}, "test": {...}}.
+    {"model", "checkpoint", "data", "data_digest", "valid": {...}, "test": {...}}
+    (+ "full": {"valid": {...}, "test": {...}} with --full-ranking).
     """
     import importlib
     from pathlib import Path
@@ -216,11 +323,20 @@ def evaluate(data_dir, model_name, checkpoint, out_json, device, cache) -> None:
     resolve_device(device)  # fail on a bad --device before any work
     if cache and model_name != "llmsrec":
         raise click.UsageError("--cache applies to --model llmsrec only")
+    if full_ranking and model_name not in _FULL_EVALUATORS:
+        raise click.UsageError(f"--full-ranking is available for {', '.join(_FULL_EVALUATORS)}")
     res = evaluator(ds, checkpoint, device=device, **({"cache": cache} if cache else {}))
+    doc = {"model": model_name, "checkpoint": str(checkpoint), "data": str(data_dir),
+           "data_digest": ds.digest, "valid": res["valid"], "test": res["test"]}
+    rows = {model_name: {"valid": res["valid"], "test": res["test"]}}
+    if full_ranking:
+        module, func = _FULL_EVALUATORS[model_name].split(":")
+        doc["full"] = getattr(importlib.import_module(module), func)(
+            ds, checkpoint, device=device, **({"cache": cache} if cache else {}))
+        rows[f"{model_name} (full ranking)"] = doc["full"]
     out_json = Path(out_json) if out_json else Path(checkpoint) / "evaluation.json"
-    write_json(out_json, {"model": model_name, "checkpoint": str(checkpoint), "data": str(data_dir),
-                          "data_digest": ds.digest, "valid": res["valid"], "test": res["test"]})
-    click.echo(format_table({model_name: {"valid": res["valid"], "test": res["test"]}}))
+    write_json(out_json, doc)
+    click.echo(format_table(rows))
     click.echo(f"wrote {out_json}")
 
 
@@ -284,12 +400,15 @@ def _llm_options(f):
 @click.option("--max-users", default=None, type=click.IntRange(min=1),
               help="Only users 1..N get user prompts (quick runs); recorded in the cache.")
 @_llm_options
+@click.option("--params", "params_file", default=None, type=click.Path(dir_okay=False),
+              help="Params file (safetensors: linear f_I + [UserOut]/[ItemOut], from refine-tokens "
+                   "or train --mode e2e) used instead of --fi and the mean-embedding tokens.")
 @click.option("--trust-remote-code", is_flag=True,
               help="Allow a local model folder's own Python code (off by default).")
 @click.option("--force", is_flag=True,
               help="Rebuild even if OUT exists with a different provenance.")
 def precompute(data_dir, sasrec_dir, llm, out_h5, views, history_window, verb, batch_tokens,
-               chunk_prompts, device, dtype, seed, max_users, threads, fi, trust_remote_code,
+               chunk_prompts, device, dtype, seed, max_users, threads, fi, params_file, trust_remote_code,
                force) -> None:
     """Run every item prompt and user prompt through the frozen LLM once -> HDF5 cache.
 
@@ -304,7 +423,7 @@ def precompute(data_dir, sasrec_dir, llm, out_h5, views, history_window, verb, b
                    history_window=history_window, verb=verb, batch_tokens=batch_tokens,
                    chunk_prompts=chunk_prompts, device=device, dtype=dtype, seed=seed,
                    force=force, max_users=max_users, num_threads=threads, fi=fi,
-                   trust_remote_code=trust_remote_code)
+                   params=params_file, trust_remote_code=trust_remote_code)
 
 
 @main.command()
@@ -440,35 +559,167 @@ def _print_heads_result(res: dict) -> None:
     click.echo(format_table(rows))
 
 
+_E2E_OPTIONS = [
+    click.option("--fi-arch", default="linear", show_default=True, type=click.Choice(["linear", "mlp"]),
+                 help="e2e: trainable f_I. linear: initialised from the --fi fit (e2e starts where "
+                      "cache mode is); mlp: the authors' Linear-LayerNorm-LeakyReLU-Linear."),
+    click.option("--grad-batch-tokens", default=2048, show_default=True, type=click.IntRange(min=1),
+                 help="e2e: padded tokens of one forward that keeps its graph; a step with more runs "
+                      "in two passes with exact gradients (raise it on a large GPU)."),
+    click.option("--grad-checkpointing", is_flag=True,
+                 help="e2e: recompute layer activations in the backward (less memory, more time)."),
+    click.option("--max-steps", default=None, type=click.IntRange(min=1),
+                 help="e2e: stop after N training steps (validated at the last one) [default: none]."),
+    click.option("--eval-users", default=None, type=click.IntRange(min=1),
+                 help="e2e: select on a seeded sample of N validation users (recorded; test uses "
+                      "every user) [default: all]."),
+]
+
+
+def _e2e_options(f):
+    for opt in reversed(_E2E_OPTIONS):
+        f = opt(f)
+    return f
+
+
 @main.command()
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
               help="Prepared dataset folder (from `llmsrec prepare`).")
-@click.option("--cache", required=True, type=click.Path(dir_okay=False),
-              help="HDF5 cache from `llmsrec precompute` for the same dataset.")
+@click.option("--mode", default="cache", show_default=True, type=click.Choice(["cache", "e2e"]),
+              help="cache: heads on cached LLM states (needs --cache). e2e: f_I, both token "
+                   "embeddings and the heads trained through the frozen LLM every step, as the "
+                   "paper (needs --sasrec and the LLM options; --cache then gives the start).")
+@click.option("--cache", default=None, type=click.Path(dir_okay=False),
+              help="HDF5 cache from `llmsrec precompute` for the same dataset (e2e: optional, its "
+                   "f_I and tokens are the starting point).")
+@click.option("--sasrec", "sasrec_dir", default=None, type=click.Path(file_okay=False),
+              help="e2e: SASRec checkpoint folder (E for f_I, O_u for L_Distill).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder to create: heads.safetensors, heads_config.json, history.jsonl, "
-                   "training_curve.png, results.json.")
+                   "training_curve.png, results.json (e2e: also params.safetensors).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seeds head initialisation, user order and training negatives.")
 @_head_options
+@_llm_options
+@_e2e_options
+@click.option("--verb", default=None, help="e2e: noun phrase of the prompt [default: by dataset].")
 @click.option("--no-progress", is_flag=True, help="Hide the per-epoch progress bar.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def train(data_dir, cache, out, seed, no_progress, force, **kw) -> None:
-    """Train the LLM-SRec heads on cached LLM states (Eq. 1-4) and test the best once.
+def train(data_dir, mode, cache, sasrec_dir, out, seed, no_progress, force, **kw) -> None:
+    """Train the LLM-SRec heads (Eq. 1-4) and test the best once.
 
     \b
-    Reads the cache into memory once; Adam, batch of users, validation NDCG@10 on the
-    stored candidates every tenth of an epoch, early stopping, best-on-validation heads
-    kept; test evaluated once on them.
+    --mode cache (default): reads the cache into memory once; only the heads train.
+    --mode e2e: every step runs the frozen LLM on the batch's user prompts and the item
+    prompts of their candidates (target + --train-negatives, default 3 here); f_I, the
+    [UserOut]/[ItemOut] embeddings and the heads train; validation recomputes the item and
+    user states with the current f_I and tokens. LLM options (--llm, --device, --dtype,
+    --history-window, --batch-tokens, --threads, --fi) and --fi-arch, --grad-batch-tokens,
+    --grad-checkpointing, --max-steps, --eval-users apply to e2e only.
+    Both: Adam, batches of users, validation NDCG@10 on the stored candidates every tenth
+    of an epoch, early stopping, best-on-validation checkpoint kept, test once.
     """
     from llmsrec.data import load_prepared
-    from llmsrec.heads.train import train_heads
 
+    e2e_kw = {k: kw.pop(k) for k in ("fi_arch", "grad_batch_tokens", "grad_checkpointing", "max_steps",
+                                     "eval_users", "llm", "history_window", "batch_tokens", "device",
+                                     "dtype", "threads", "fi", "verb")}
+    negatives_default = click.get_current_context().get_parameter_source("train_negatives") == \
+        click.core.ParameterSource.DEFAULT
     opts = _head_kwargs(kw)
-    ds = load_prepared(data_dir)
-    res = train_heads(ds, cache, out, force=force, progress=not no_progress, seed=seed, **opts)
+    if mode == "cache":
+        from llmsrec.heads.train import train_heads
+
+        if cache is None:
+            raise click.UsageError("--mode cache needs --cache")
+        ds = load_prepared(data_dir)
+        res = train_heads(ds, cache, out, force=force, progress=not no_progress, seed=seed, **opts)
+    else:
+        from llmsrec.heads.e2e import E2E_DEFAULT_NEGATIVES, train_e2e
+
+        if sasrec_dir is None:
+            raise click.UsageError("--mode e2e needs --sasrec")
+        resolve_device(e2e_kw["device"])  # fail on a bad --device before any work
+        if negatives_default and opts["train_negatives"] == "all":
+            opts["train_negatives"] = E2E_DEFAULT_NEGATIVES
+        ds = load_prepared(data_dir)
+        res = train_e2e(ds, sasrec_dir, out, cache=cache, force=force, progress=not no_progress, seed=seed,
+                        log=lambda m: click.echo(m, err=True), **opts, **e2e_kw)
     click.echo(f"wrote {out}")
     _print_heads_result(res)
+    if mode == "e2e":
+        t = res["timings"]
+        click.echo(f"e2e wall time: {t['per_epoch']:.1f} s per epoch (training steps {t['train_steps_per_epoch']:.1f} s"
+                   f" + validations), {t['per_step']:.2f} s per step, test {t['test']:.1f} s")
+
+
+@main.command("refine-tokens")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
+              help="Prepared dataset folder.")
+@click.option("--cache", required=True, type=click.Path(dir_okay=False),
+              help="The HDF5 cache the heads were trained on (read only).")
+@click.option("--heads", "heads_dir", required=True, type=click.Path(file_okay=False),
+              help="Cache-mode heads folder (from `llmsrec train`); frozen, they give the losses.")
+@click.option("--sasrec", "sasrec_dir", required=True, type=click.Path(file_okay=False),
+              help="SASRec checkpoint of the cache (for the refresh).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder to create: params.safetensors, refine.json, history.jsonl, cache.h5.")
+@click.option("--llm", default=None, help="Frozen LLM [default: the cache's model].")
+@click.option("--users", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Seeded sample of users whose train prompts are used.")
+@click.option("--items", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Item pool: the sampled users' targets plus random items up to this many.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Adam steps.")
+@click.option("--batch-size", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Sampled users per step.")
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Adam learning rate of the token embeddings.")
+@click.option("--train-fi", is_flag=True,
+              help="Also train the linear f_I (its soft tokens are in the prefix: each step then runs "
+                   "the full prompts forward and backward).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Seeds the sample and the batch order.")
+@click.option("--batch-tokens", default=4096, show_default=True, type=click.IntRange(min=1),
+              help="Token budget of the prefix and refresh forwards.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda[:N] or hpu.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Compute dtype of the LLM [default: fp32 on CPU, bf16 on GPU/HPU].")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads.")
+@click.option("--views", default=None,
+              help="Comma-separated user views of the refreshed cache [default: all of --cache's].")
+@click.option("--no-refresh", is_flag=True, help="Only write the params; skip the cache refresh.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def refine_tokens(data_dir, cache, heads_dir, sasrec_dir, out, llm, users, items, steps, batch_size, lr,
+                  train_fi, seed, batch_tokens, device, dtype, threads, views, no_refresh, no_progress,
+                  force) -> None:
+    """One token-refinement round: train [UserOut]/[ItemOut] on cached prefixes, refresh the cache.
+
+    \b
+    The prefix keys/values of a seeded sample of prompts are computed once; the two token
+    embeddings are then trained against the frozen heads' losses through single-position
+    forwards; the new params are written and precompute reruns with them into OUT/cache.h5.
+    Retrain the heads on it: llmsrec train --cache OUT/cache.h5 ...
+    """
+    from llmsrec.data import load_prepared
+    from llmsrec.heads.refine import refine_tokens as run_refine
+
+    resolve_device(device)
+    ds = load_prepared(data_dir)
+    res = run_refine(ds, cache, heads_dir, sasrec_dir, out, llm=llm, users=users, items=items, steps=steps,
+                     batch_size=batch_size, lr=lr, train_fi=train_fi, seed=seed, batch_tokens=batch_tokens,
+                     device=device, dtype=dtype, threads=threads, refresh=not no_refresh, force=force,
+                     views=_parse_views(views) if views else None,
+                     progress=not no_progress, log=lambda m: click.echo(m, err=True))
+    b, a = res["loss_before"], res["loss_after"]
+    click.echo(f"wrote {out}")
+    click.echo(f"sample loss {b['loss']:.4f} -> {a['loss']:.4f} (retrieval {b['retrieval']:.4f} -> "
+               f"{a['retrieval']:.4f}); token change (L2) user {res['token_change_l2']['tokens/user_out']:.4f}, "
+               f"item {res['token_change_l2']['tokens/item_out']:.4f}")
+    t = res["timings"]
+    click.echo("wall time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    if res["refreshed_cache"]:
+        click.echo(f"next: llmsrec train --data {data_dir} --cache {res['refreshed_cache']} --out ...")
 
 
 @main.command()
@@ -583,6 +834,161 @@ def analyze(run_dir, only, seeds, out, no_progress) -> None:
     for d in docs.values():
         click.echo(f"- {d['title']}: {d['interpretation']}")
     click.echo(f"wrote {out}/report.md")
+
+# --- compare (issue 8) -------------------------------------------------------------------
+@main.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
+              help="Prepared dataset folder (from `llmsrec prepare`).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder: one run folder per model and seed, compare.json, compare.md.")
+@click.option("--models", default="gru4rec,bert4rec,nextitnet,sasrec,llmsrec", show_default=True,
+              help="Comma-separated models (columns in the paper's Table 6 order).")
+@click.option("--seeds", default="0", show_default=True,
+              help="Comma-separated seeds, e.g. 0,1,2; the table shows mean ± std over them.")
+@click.option("--cache", default=None, type=click.Path(dir_okay=False),
+              help="llmsrec: an existing HDF5 cache of DATA (e.g. runs/demo/cache/cache.h5); the "
+                   "heads are trained on it for every seed.")
+@click.option("--teacher", default=None, type=click.Choice(_CF_MODEL_NAMES),
+              help="llmsrec without --cache: the CF-SRec (its first-seed run) whose O_u and E the "
+                   "frozen LLM's cache is built from [default: sasrec].")
+@click.option("--epochs", default=200, show_default=True, type=click.IntRange(min=1),
+              help="CF-SRec maximum epochs.")
+@click.option("--patience", default=5, show_default=True, type=click.IntRange(min=1),
+              help="CF-SRec early-stopping patience (validations).")
+@click.option("--eval-every", default=5, show_default=True, type=click.IntRange(min=1),
+              help="CF-SRec validation interval (epochs).")
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1),
+              help="CF-SRec users per step.")
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="CF-SRec Adam learning rate.")
+@click.option("--maxlen", default=None, type=click.IntRange(min=1),
+              help="Input window of every CF-SRec [default: 128].")
+@_llm_options
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@click.option("--force", is_flag=True, help="Retrain every run even if a matching one exists.")
+def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval_every, batch_size, lr, maxlen,
+            llm, history_window, batch_tokens, device, dtype, threads, fi, no_progress, force) -> None:
+    """Table 6 on DATA: CF-SRec baselines and LLM-SRec on the same stored candidates.
+
+    \b
+    Trains (or reuses: same options and data -> OUT/<model>-seed<k>/ is kept) every
+    model for every seed, evaluates all on the stored validation/test candidates, and
+    writes OUT/compare.json and OUT/compare.md (metrics as rows, models as columns,
+    mean ± sample std over seeds, best in bold). LLM-SRec trains its heads (`llmsrec
+    train` defaults) for every seed on one fixed cache: --cache, or one built here from
+    the --teacher run of the first seed with the LLM options (a full precompute).
+    --device also places the CF-SRec training.
+    """
+    from llmsrec.evaluate.compare import compare as run_compare, format_compare_md, parse_models, parse_seeds
+
+    resolve_device(device)  # fail on a bad --device before any work
+    model_list, seed_list = parse_models(models), parse_seeds(seeds)
+    if "llmsrec" not in model_list and (cache or teacher):
+        raise click.UsageError("--cache and --teacher apply when --models includes llmsrec")
+    res = run_compare(
+        data_dir, out, models=model_list, seeds=seed_list,
+        cf_options=dict(epochs=epochs, patience=patience, eval_every=eval_every, batch_size=batch_size, lr=lr,
+                        device=device),
+        model_options={"*": {"maxlen": maxlen}} if maxlen else None,
+        cache=cache, teacher=teacher, llm=llm,
+        precompute_options=dict(history_window=history_window, batch_tokens=batch_tokens, device=device,
+                                dtype=dtype, num_threads=threads, fi=fi),
+        force=force, progress=not no_progress, log=lambda m: click.echo(m, err=True),
+    )
+    click.echo(format_compare_md(res))
+    click.echo(f"wrote {out}/compare.json and {out}/compare.md")
+
+
+
+# --- using the cache (issue 11) ---------------------------------------------------------
+def _run_parts(run_dir, data_dir, cache):
+    """(data folder, cache file, base head options) from --run or --data/--cache."""
+    import json
+    from pathlib import Path
+
+    if run_dir:
+        run_dir = Path(run_dir)
+        try:
+            base = json.loads((run_dir / "heads" / "heads_config.json").read_text())["train"]
+        except (OSError, ValueError, KeyError):
+            base = {}
+        return run_dir / "data", run_dir / "cache" / "cache.h5", base
+    if not (data_dir and cache):
+        raise click.UsageError("give --run, or both --data and --cache")
+    return Path(data_dir), Path(cache), {}
+
+
+@main.command()
+@click.option("--run", "run_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A run folder (`llmsrec run`): its data, cache and head options are the base.")
+@click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
+              help="Prepared dataset folder (instead of --run).")
+@click.option("--cache", default=None, type=click.Path(dir_okay=False), help="HDF5 cache (instead of --run).")
+@click.option("--grid", "grid_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="TOML file with a [grid] of head options (lists) and optional [fixed] options.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Output folder [default: RUN/sweep]; its sweep.jsonl is resumed.")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Worker processes, each with CPUs/jobs torch threads.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def sweep(run_dir, data_dir, cache, grid_path, out, jobs, no_progress) -> None:
+    """Train every head variant of a TOML grid on one cache (no LLM run) and test the best once.
+
+    \b
+    Example grid (keys are `llmsrec train` options, - or _):
+      [grid]
+      lr = [1e-4, 3e-4]
+      distill = ["mse", "contrastive"]
+      uniform = [true, false]
+      seed = [0, 1, 2]
+      [fixed]
+      train_negatives = 3
+
+    Writes OUT/sweep.jsonl (one line per variant: options, best validation step, valid
+    metrics, seconds), OUT/sweep.md (sorted), OUT/sweep.png (valid NDCG@10 against the most
+    influential option) and OUT/best/ (the best heads, tested once).
+    """
+    from llmsrec.heads.sweep import sweep as run_sweep
+
+    data, cache_path, base = _run_parts(run_dir, data_dir, cache)
+    if out is None:
+        if not run_dir:
+            raise click.UsageError("--out is required with --data/--cache")
+        out = f"{run_dir}/sweep"
+    res = run_sweep(data, cache_path, grid_path, out, base=base, jobs=jobs, progress=not no_progress,
+                    log=lambda m: click.echo(m, err=True))
+    b = res["best"]
+    click.echo(f"best of {res['variants']}: {b['options']} valid {res['select_metric']} "
+               f"{b['valid'][res['select_metric']]:.4f}; test " + ", ".join(f"{k} {v:.4f}" for k, v in b["test"].items()))
+    click.echo(f"wrote {out}/sweep.md")
+
+
+@main.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A run folder written by `llmsrec run`.")
+@click.option("--user", default=None, help="A raw user id of the dataset (scored from the cached test view).")
+@click.option("--history", default=None,
+              help="A new user's history: raw item ids, oldest first, comma-separated, each optionally "
+                   "@YYYY-MM-DD (default: the dataset's last day). Runs the LLM once.")
+@click.option("--k", default=10, show_default=True, type=click.IntRange(min=1), help="Items to recommend.")
+@click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "json"]))
+@click.option("--device", default="cpu", show_default=True, help="torch device of the LLM forward (--history).")
+def recommend(run_dir, user, history, k, fmt, device) -> None:
+    """Top-k unseen items from a run's LLM-SRec, for a known user or a typed history.
+
+    \b
+      llmsrec recommend --run runs/demo --user 196
+      llmsrec recommend --run runs/demo --history "50,172,181@1998-03-01" --format json
+    """
+    import json
+
+    from llmsrec.heads.recommend import format_recommendations
+    from llmsrec.heads.recommend import recommend as do_recommend
+
+    resolve_device(device)
+    rec = do_recommend(run_dir, user=user, history=history, k=k, device=device)
+    click.echo(json.dumps(rec, indent=2, ensure_ascii=False) if fmt == "json" else format_recommendations(rec))
+
 
 if __name__ == "__main__":
     main()

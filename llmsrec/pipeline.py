@@ -158,6 +158,18 @@ def format_results_md(results: dict) -> str:
             cells = [f"{v:.4f}" if v is not None else "" for v in vals]
             lines.append(f"| {results['dataset']} | {k} | " + " | ".join(cells) + f" | {rel} |")
         lines.append("")
+    if all("full" in models[n] for n in names):
+        lines += ["**test, full ranking** (the target against every item outside the user's history; "
+                  "sampled and full metrics can order models differently)", "",
+                  "| Dataset | Metric | " + " | ".join(names) + " | LLM-SRec vs SASRec |",
+                  "|---|---|" + "---:|" * (len(names) + 1)]
+        for k in (*METRIC_KEYS, "MRR"):
+            vals = [models[n]["full"].get("test", {}).get(k) for n in names]
+            base, ours = (models.get(m, {}).get("full", {}).get("test", {}).get(k) for m in ("SASRec", "LLM-SRec"))
+            rel = f"{(ours / base - 1) * 100:+.1f}%" if base and ours is not None else ""
+            cells = [f"{v:.4f}" if v is not None else "" for v in vals]
+            lines.append(f"| {results['dataset']} | {k} | " + " | ".join(cells) + f" | {rel} |")
+        lines.append("")
     t = results.get("timings", {})
     if t:
         lines += ["Wall time of this run per stage (s): "
@@ -196,8 +208,9 @@ def run_pipeline(
         force: rebuild every stage.
     Returns:
         The ``results.json`` dict: ``{"dataset", "protocol": {"split", "negatives", "seed"},
-        "models": {"SASRec": {"valid", "test"}, "LLM-SRec": {"valid", "test"}},
-        "timings": {stage: seconds spent in this invocation}}``.
+        "models": {"SASRec": {"valid", "test", "full"}, "LLM-SRec": {"valid", "test", "full"}},
+        "timings": {stage: seconds spent in this invocation}}``; ``full`` holds
+        ``{"valid", "test"}`` full-catalogue metrics (``NDCG@K``, ``HR@K``, ``MRR``).
     Raises:
         InputError: from any stage (bad inputs, options, or a mismatched cache).
     """
@@ -312,16 +325,20 @@ def run_pipeline(
     # 5. evaluate (cheap: always recomputed from the saved checkpoints) ----------------------
     t = time.perf_counter()
     stage_header("evaluate", False)
+    from llmsrec.evaluate.full_ranking import full_ranking_cfsrec, full_ranking_heads
+
     sas_res = evaluate_sasrec(ds, sas_dir)
     ll_res = evaluate_heads(ds, cache, heads_dir)
+    sas_full = full_ranking_cfsrec(ds, sas_dir)
+    ll_full = full_ranking_heads(ds, heads_dir, cache=cache)
     timings["evaluate"] = round(time.perf_counter() - t, 3)
     n_neg = int(ds.test_negatives.shape[1])
     results = {
         "dataset": ds.stats.get("dataset", dataset),
         "protocol": {"split": "leave-last-out", "negatives": n_neg, "seed": seed},
         "models": {
-            "SASRec": {"valid": _metrics(sas_res["valid"]), "test": _metrics(sas_res["test"])},
-            "LLM-SRec": {"valid": _metrics(ll_res["valid"]), "test": _metrics(ll_res["test"])},
+            "SASRec": {"valid": _metrics(sas_res["valid"]), "test": _metrics(sas_res["test"]), "full": sas_full},
+            "LLM-SRec": {"valid": _metrics(ll_res["valid"]), "test": _metrics(ll_res["test"]), "full": ll_full},
         },
         "timings": timings,
     }

@@ -38,14 +38,17 @@ def test_run_end_to_end_and_reuse(tmp_path, monkeypatch):
     assert res["protocol"] == {"split": "leave-last-out", "negatives": 49, "seed": 0}
     assert set(res["models"]) == {"SASRec", "LLM-SRec"}
     for m in res["models"].values():
-        assert set(m) == {"valid", "test"}
-        for split in m.values():
+        assert set(m) == {"valid", "test", "full"}
+        assert set(m["full"]) == {"valid", "test"} and set(m["full"]["test"]) == METRICS | {"MRR"}
+        # the full catalogue is harder than 1 target + 49 negatives
+        assert m["full"]["test"]["HR@10"] <= m["test"]["HR@10"]
+        for split in (m["valid"], m["test"]):
             assert set(split) == METRICS
             assert all(0.0 <= v <= 1.0 for v in split.values())
             assert split["NDCG@10"] <= split["HR@10"] <= split["HR@20"]
     assert list(res["timings"]) == ["prepare", "sasrec", "precompute", "train", "evaluate"]
     md = (out / "results.md").read_text()
-    assert "| ml-100k | NDCG@10 |" in md and "SASRec | LLM-SRec" in md
+    assert "| ml-100k | NDCG@10 |" in md and "SASRec | LLM-SRec" in md and "**test, full ranking**" in md
     assert "| ml-100k | NDCG@10 |" in r.output
     # the evaluate stage reproduces what the stages stored (test evaluated once there)
     heads_res = json.loads((out / "heads" / "results.json").read_text())
@@ -72,3 +75,40 @@ def test_run_end_to_end_and_reuse(tmp_path, monkeypatch):
     assert os.stat(out / "sasrec" / "model.safetensors").st_mtime_ns == sas_mtime
     res2 = json.loads((out / "results.json").read_text())
     assert res2["models"]["SASRec"] == res["models"]["SASRec"]
+
+    # analyze adds the missing shuffled view to the run's cache with the real LLM; a later
+    # `run` with the same options still reuses every stage (the heads included)
+    r3 = CliRunner().invoke(main, ["analyze", "--run", str(out), "--only", "shuffled-inference,similarity",
+                                   "--no-progress"])
+    assert r3.exit_code == 0, r3.output
+    assert "adding view(s) test-shuffled" in r3.output
+    doc = json.loads((out / "report" / "similarity.json").read_text())
+    assert doc["users"] == 20 and 0.0 < doc["rows"]["LLM-SRec (raw h_u, frozen LLM)"]["mean"] <= 1.0
+    assert "## Shuffled inference" in (out / "report" / "report.md").read_text()
+    r4 = CliRunner().invoke(main, ["run", "--dataset", "ml-100k", "--out", str(out), *QUICK, "--lr", "1e-3"])
+    assert r4.exit_code == 0, r4.output
+    for st in ("prepare", "sasrec", "precompute", "train"):
+        assert f"[{st}] reused" in r4.output
+
+    # recommend: a known user from the cache; the same history typed in (with its dates)
+    # runs the LLM once and reproduces the cached scores
+    from llmsrec.data import load_prepared
+    from llmsrec.precompute.prompts import format_date
+
+    ds = load_prepared(out / "data")
+    raw = ds.raw_users[1]
+    r5 = CliRunner().invoke(main, ["recommend", "--run", str(out), "--user", raw, "--k", "5", "--format", "json"])
+    assert r5.exit_code == 0, r5.output
+    known = json.loads(r5.stdout)
+    assert [x["rank"] for x in known["recommendations"]] == [1, 2, 3, 4, 5]
+    seen = {ds.raw_items[i] for i in ds.seqs[1][:-1]}
+    assert not seen & {x["item"] for x in known["recommendations"]}
+    typed = ",".join(f"{ds.raw_items[i]}@{format_date(t)}" for i, t in zip(ds.seqs[1][:-1], ds.timestamps[1][:-1]))
+    r6 = CliRunner().invoke(main, ["recommend", "--run", str(out), "--history", typed, "--k", "5", "--format", "json"])
+    assert r6.exit_code == 0, r6.output
+    fresh = json.loads(r6.stdout)
+    assert [x["item"] for x in fresh["recommendations"]] == [x["item"] for x in known["recommendations"]]
+    assert [x["score"] for x in fresh["recommendations"]] == pytest.approx(
+        [x["score"] for x in known["recommendations"]], abs=1e-3)
+    r7 = CliRunner().invoke(main, ["recommend", "--run", str(out), "--history", "no-such-item"])
+    assert r7.exit_code == 2 and "unknown item id 'no-such-item'" in r7.output

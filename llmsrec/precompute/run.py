@@ -32,11 +32,15 @@ def _digest_arrays(*arrays) -> str:
 
 
 def _load_sasrec(sasrec):
-    """(model in eval mode, digest) from a checkpoint folder or an SASRec module."""
-    if isinstance(sasrec, (str, os.PathLike)):
-        from llmsrec.cfsrec import load_sasrec
+    """(model in eval mode, digest) from a checkpoint folder or a module.
 
-        model = load_sasrec(sasrec)
+    Any CF-SRec of ``llmsrec.cfsrec.MODELS`` can be the teacher (SASRec in the paper):
+    precompute only needs O_u (``user_representation``) and E (``item_embeddings``).
+    """
+    if isinstance(sasrec, (str, os.PathLike)):
+        from llmsrec.cfsrec import load_cfsrec
+
+        model = load_cfsrec(sasrec)
         return model, sha256_file(Path(sasrec) / "model.safetensors")
     model = sasrec.eval()
     state = model.state_dict()
@@ -44,7 +48,7 @@ def _load_sasrec(sasrec):
 
 
 def _sasrec_users(model, inputs: list, rows: list[int], batch: int = 512) -> np.ndarray:
-    """SASRec O_u (float32 ``(len(rows), d)``) for ``inputs[r]``; empty inputs -> zeros."""
+    """Teacher O_u (float32 ``(len(rows), d)``) for ``inputs[r]``; empty inputs -> zeros."""
     import torch
 
     from llmsrec.cfsrec import pad_left
@@ -79,6 +83,7 @@ def precompute(
     max_users: int | None = None,
     ridge_alpha: float = 1e-3,
     fi: str = "moment",
+    params: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
     num_threads: int | None = None,
     attention_mask: bool = True,
@@ -90,7 +95,8 @@ def precompute(
 
     Args:
         ds: a ``PreparedDataset`` or its folder.
-        sasrec: a SASRec checkpoint folder (or an ``SASRec`` module, for tests).
+        sasrec: the teacher: a CF-SRec checkpoint folder (SASRec in the paper; any model of
+            ``llmsrec.cfsrec.MODELS``), or such a module (for tests).
         out_h5: the cache file (built as ``<out_h5>.tmp``, renamed when complete).
         llm: ``smollm2-135m``, a local HF folder, or a ``LoadedLLM``.
         views: user views to compute (``train valid test`` and their ``-shuffled``);
@@ -108,6 +114,11 @@ def precompute(
             keeps all of E, soft tokens with the token embeddings' mean/covariance) or
             ``ridge`` (DESIGN.md's first choice, ``fit_ridge`` to mean title embeddings).
         ridge_alpha: relative ridge strength of the ``ridge`` f_I fit.
+        params: a params file (``llmsrec.precompute.params``: linear f_I + the two token
+            vectors, e.g. written by ``llmsrec refine-tokens`` or an e2e run) used instead
+            of the fit and the mean-embedding tokens; ``fi``/``ridge_alpha`` are then
+            unused. The provenance gets ``params_sha256`` (the file's digest) and an
+            ``f_I`` text naming it; without ``params`` the provenance keys are unchanged.
         num_threads: ``torch.set_num_threads`` for the forward (None = leave as is).
         attention_mask: pass the padding mask to the model (right padding is exact
             without it under a causal mask).
@@ -139,7 +150,7 @@ def precompute(
 
         ds = load_prepared(ds)
     views = list(dict.fromkeys(check_view(v) for v in views))
-    if fi not in ("moment", "ridge"):
+    if params is None and fi not in ("moment", "ridge"):
         raise InputError(f"--fi {fi!r}: expected 'moment' or 'ridge'")
     if batch_tokens < 1 or chunk_prompts < 1:
         raise InputError("--batch-tokens and chunk size must be >= 1")
@@ -148,11 +159,16 @@ def precompute(
     sas, sas_digest = _load_sasrec(sasrec)
     E = sas.item_embeddings().detach().float().cpu().numpy()
     if E.shape[0] != ds.n_items + 1:
-        raise InputError(f"SASRec has {E.shape[0] - 1} items, the dataset {ds.n_items}: "
+        raise InputError(f"the CF-SRec teacher has {E.shape[0] - 1} items, the dataset {ds.n_items}: "
                          f"the checkpoint was trained on another dataset")
     if not isinstance(llm, LoadedLLM):
         llm = load_llm(llm, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     n_users = ds.n_users if max_users is None else min(int(max_users), ds.n_users)
+    given = None
+    if params is not None:
+        from llmsrec.precompute.params import read_linear_params
+
+        given = read_linear_params(params, llm.d_llm, E.shape[1])
     prov = {
         "llmsrec_version": __version__,
         "model": llm.name,
@@ -173,6 +189,9 @@ def precompute(
                 if fi == "ridge" else
                 "moment-matched: PCA-whitened SASRec E onto the top principal axes of the input embeddings"),
     }
+    if given is not None:
+        prov["f_I"] = "given: linear f_I and token embeddings from a params file"
+        prov["params_sha256"] = sha256_file(params)
     groups = ["items"] + [f"users/{v}" for v in views]
     w = CacheWriter(out_h5, prov, force=force, log=log)
     if not w.needs(groups):
@@ -183,6 +202,9 @@ def precompute(
         if w.has("params/f_I/weight"):
             W, b = w.read("params/f_I/weight"), w.read("params/f_I/bias")
             user_out, item_out = w.read("params/tokens/user_out"), w.read("params/tokens/item_out")
+        elif given is not None:
+            W, b = given["f_I/weight"], given["f_I/bias"]
+            user_out, item_out = given["tokens/user_out"], given["tokens/item_out"]
         else:
             emb = llm.embed.numpy()
             if fi == "ridge":
@@ -191,6 +213,7 @@ def precompute(
             else:
                 W, b = fit_moment_matched(E[1:], emb)
             user_out = item_out = emb.mean(0).astype(np.float32)
+        if not w.has("params/f_I/weight"):
             w.require("params/f_I/weight", W)
             w.require("params/f_I/bias", b)
             w.require("params/tokens/user_out", user_out)
