@@ -154,3 +154,15 @@ def test_format_table():
         "| sasrec | valid | 0.2500 | 0.3000 | 0.5000 | 0.7500 |",
         "| sasrec | test | 0.0625 | 0.1000 | 0.1250 | 0.5000 |",
     ])
+
+
+def test_torch_thread_count_survives_the_numba_kernel():
+    import torch
+
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ranking_metrics(np.random.default_rng(0).random((50, 10)))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)

@@ -19,6 +19,7 @@ The rank kernel is numba-jitted, parallel over users (``prange``), and cached on
 
 from __future__ import annotations
 
+import sys
 from typing import Iterable
 
 import numpy as np
@@ -80,7 +81,13 @@ def positive_ranks(scores) -> np.ndarray:
             (the message names the first offending row).
     """
     arr = _as_scores(scores)
+    # numba's OpenMP layer resets the process-wide OpenMP thread count, which is also
+    # torch's: a caller that asked torch for fewer threads gets them back afterwards
+    torch = sys.modules.get("torch")
+    n_torch = torch.get_num_threads() if torch is not None else None
     ranks = _ranks_kernel(arr)
+    if n_torch is not None and torch.get_num_threads() != n_torch:
+        torch.set_num_threads(n_torch)
     bad = np.flatnonzero(ranks < 0)
     if bad.size:
         raise ValueError(
