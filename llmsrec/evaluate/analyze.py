@@ -433,15 +433,14 @@ class Report:
         ys = [rows[m]["shuffled"]["NDCG@10"]["mean"] for m in models]
         lo, hi = min(xs + ys) * 0.9, max(xs + ys) * 1.05
         ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--", label="y = x")
-        for m, x, y in zip(models, xs, ys):
-            ax.scatter([x], [y], s=40)
-            ax.annotate(m, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        for m, x, y, mk in zip(models, xs, ys, "osD^vP"):
+            ax.scatter([x], [y], s=45, marker=mk, label=m)
         ax.set_xlabel("NDCG@10, original test sequences")
         ax.set_ylabel("NDCG@10, shuffled test sequences")
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
-        ax.legend(fontsize=8, loc="lower right")
-        ax.set_title("Shuffled inference (cf. Fig. 1b)", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+        ax.set_title("Shuffled inference (cf. Fig. 1b); below y = x: order matters", fontsize=9)
         fig.tight_layout()
         _save_fig(fig, self.ra.out / "fig_shuffled_inference.png")
         ch = {m: rows[m]["change"]["NDCG@10"]["mean"] for m in models}
