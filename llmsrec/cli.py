@@ -325,7 +325,10 @@ def evaluate(data_dir, model_name, checkpoint, out_json, device, cache, full_ran
         raise click.UsageError("--cache applies to --model llmsrec only")
     if full_ranking and model_name not in _FULL_EVALUATORS:
         raise click.UsageError(f"--full-ranking is available for {', '.join(_FULL_EVALUATORS)}")
-    res = evaluator(ds, checkpoint, device=device, **({"cache": cache} if cache else {}))
+    extra = {"cache": cache} if cache else {}
+    if _EVALUATORS[model_name].endswith(":evaluate_cfsrec"):
+        extra["expect"] = model_name  # a checkpoint of another model is an error, not a mislabel
+    res = evaluator(ds, checkpoint, device=device, **extra)
     doc = {"model": model_name, "checkpoint": str(checkpoint), "data": str(data_dir),
            "data_digest": ds.digest, "valid": res["valid"], "test": res["test"]}
     rows = {model_name: {"valid": res["valid"], "test": res["test"]}}
@@ -825,6 +828,8 @@ def analyze(run_dir, only, seeds, out, no_progress) -> None:
     The frozen LLM runs only to add a missing cached view (train-shuffled) to the run's
     cache; head variants train on cached states in seconds; extra SASRec models (other
     seeds, shuffled training) train once and are kept under OUT/models for reruns.
+    On ml-100k with 2 CPU cores all nine with --seeds 0,1,2 take about an hour the first
+    time (the SASRec trainings and the train-shuffled view); reruns take seconds.
     """
     from llmsrec.evaluate.analyze import analyze_run
 
@@ -906,6 +911,8 @@ def _run_parts(run_dir, data_dir, cache):
     import json
     from pathlib import Path
 
+    if run_dir and (data_dir or cache):
+        raise click.UsageError("give --run, or --data and --cache, not both")
     if run_dir:
         run_dir = Path(run_dir)
         try:
@@ -971,10 +978,14 @@ def sweep(run_dir, data_dir, cache, grid_path, out, jobs, no_progress) -> None:
               help="A new user's history: raw item ids, oldest first, comma-separated, each optionally "
                    "@YYYY-MM-DD (default: the dataset's last day). Runs the LLM once.")
 @click.option("--k", default=10, show_default=True, type=click.IntRange(min=1), help="Items to recommend.")
-@click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "json"]))
+@click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "json"]),
+              help="text for reading, json for scripts.")
 @click.option("--device", default="cpu", show_default=True, help="torch device of the LLM forward (--history).")
 def recommend(run_dir, user, history, k, fmt, device) -> None:
     """Top-k unseen items from a run's LLM-SRec, for a known user or a typed history.
+
+    Give exactly one of --user (a raw user id, as in sequences.jsonl; `llmsrec prompts
+    --user` takes the internal id instead) or --history.
 
     \b
       llmsrec recommend --run runs/demo --user 196

@@ -80,9 +80,11 @@ def test_option_parsing():
     assert parse_only("similarity,shuffled-inference") == ("shuffled-inference", "similarity")
     with pytest.raises(InputError, match="unknown analysis 'nope'"):
         parse_only("nope")
+    with pytest.raises(InputError, match="--only: empty"):
+        parse_only(" , ")
     assert parse_seeds(None, 3) == [3]
     assert parse_seeds("0,1,2", 0) == [0, 1, 2]
-    for bad in ("a", "1,1", "-1"):
+    for bad in ("a", "1,1", "-1", ""):
         with pytest.raises(InputError):
             parse_seeds(bad, 0)
 

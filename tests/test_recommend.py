@@ -41,7 +41,7 @@ def test_known_user_matches_the_heads_scores(run_dir):  # noqa: F811
 
 def test_cli_text_json_and_errors(run_dir):  # noqa: F811
     r = CliRunner().invoke(main, ["recommend", "--run", str(run_dir), "--user", "u3", "--k", "3"])
-    assert r.exit_code == 0 and "top 3 unseen items:" in r.output and "held-out test item:" in r.output
+    assert r.exit_code == 0 and "top 3 unseen items (rank, item id, score, title):" in r.output and "held-out test item:" in r.output
     r = CliRunner().invoke(main, ["recommend", "--run", str(run_dir), "--user", "u3", "--format", "json"])
     assert len(json.loads(r.stdout)["recommendations"]) == 10
     r = CliRunner().invoke(main, ["recommend", "--run", str(run_dir), "--user", "nobody"])
@@ -52,12 +52,21 @@ def test_cli_text_json_and_errors(run_dir):  # noqa: F811
 
 def test_parse_history(run_dir):  # noqa: F811
     ds = load_prepared(run_dir / "data")
-    iids, ts = parse_history(" i2 , i4@1998-03-01,i6@1998/03/02", ds, 7)
-    assert [ds.raw_items[i] for i in iids] == ["i2", "i4", "i6"]
-    assert ts.tolist() == [7, 888710400, 888796800]
+    iids, ts = parse_history(" i2 , i4@1998-03-01,i6@1998/03/02, i8", ds, 7)
+    assert [ds.raw_items[i] for i in iids] == ["i2", "i4", "i6", "i8"]
+    assert ts.tolist() == [888710400, 888710400, 888796800, 888796800]  # undated: neighbours' dates
+    assert parse_history("i2,i4", ds, 7)[1].tolist() == [7, 7]
+    with pytest.raises(InputError, match="entry 2: date before the previous"):
+        parse_history("i2@1998-03-05,i4@1998-03-01", ds, 0)
+    with pytest.raises(InputError, match="listed twice"):
+        parse_history("i2,i2", ds, 0)
+    with pytest.raises(InputError, match="entry 2: empty"):
+        parse_history("i2,,i4", ds, 0)
     with pytest.raises(InputError, match="entry 2: unknown item id 'zz'"):
         parse_history("i2,zz", ds, 0)
     with pytest.raises(InputError, match="not YYYY-MM-DD"):
         parse_history("i2@03-01-1998", ds, 0)
+    with pytest.raises(InputError, match="not YYYY-MM-DD"):
+        parse_history("i2@", ds, 0)
     with pytest.raises(InputError, match="no item ids"):
         parse_history(" , ", ds, 0)

@@ -47,9 +47,13 @@ def test_grid_parsing_and_errors(tmp_path):
         p.write_text(text)
         with pytest.raises(InputError, match=msg):
             load_grid(p)
-    p.write_text("[grid]\ntrain_negatives = [0]")
-    with pytest.raises(InputError, match="sweep variant"):
-        expand_grid(*load_grid(p))
+    for grid, msg in [("train_negatives = [0]", "positive integer"), ('uniform = ["no"]', "'uniform' expects bool"),
+                      ("epochs = [true]", "'epochs' expects int"), ('lr = ["x"]', "'lr' expects float"),
+                      ("seed = [-1]", "'seed' must be >= 0"), ("beta1 = [1.5]", "'beta1' must be in"),
+                      ("seed = [1.5]", "'seed' expects int")]:
+        p.write_text(f"[grid]\n{grid}")
+        with pytest.raises(InputError, match=f"sweep variant .*{msg}"):
+            expand_grid(*load_grid(p))
 
 
 def test_sweep_resumes_and_tests_the_best_once(ds, tmp_path):  # noqa: F811

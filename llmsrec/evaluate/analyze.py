@@ -84,9 +84,11 @@ _SLUG = {"LLM-SRec": "llmsrec", "w/o L_Uniform": "no-uniform", "w/o L_Distill, L
 
 def parse_only(only: str | None) -> tuple[str, ...]:
     """``--only a,b`` -> analysis names in report order; None/"" = all. Raises InputError."""
-    if not only:
+    if only is None:
         return ANALYSES
     asked = [x.strip() for x in only.split(",") if x.strip()]
+    if not asked:
+        raise InputError("--only: empty; name at least one analysis (or leave the option out for all)")
     bad = [x for x in asked if x not in ANALYSES]
     if bad:
         raise InputError(f"--only: unknown analysis {bad[0]!r}; expected some of {', '.join(ANALYSES)}")
@@ -95,7 +97,7 @@ def parse_only(only: str | None) -> tuple[str, ...]:
 
 def parse_seeds(seeds: str | None, default: int) -> list[int]:
     """``--seeds 0,1,2`` -> [0, 1, 2]; None = [default]. Raises InputError."""
-    if seeds is None or str(seeds).strip() == "":
+    if seeds is None:
         return [default]
     try:
         out = [int(x) for x in str(seeds).split(",") if x.strip()]

@@ -25,32 +25,44 @@ __all__ = ["parse_history", "recommend", "format_recommendations"]
 def parse_history(text: str, ds, default_ts: int) -> tuple[np.ndarray, np.ndarray]:
     """``"RAW,RAW@2024-05-01,..."`` -> (iids int64 (k,), Unix-second timestamps int64 (k,)).
 
-    An entry without ``@YYYY-MM-DD`` (or ``YYYY/MM/DD``) gets ``default_ts``.
+    An entry without ``@YYYY-MM-DD`` (or ``YYYY/MM/DD``) takes the previous entry's date
+    (leading undated entries: the first date given, else ``default_ts``).
 
     Raises:
-        InputError: empty history, an unknown raw item id (named), or a bad date.
+        InputError: an empty history or entry, an unknown or repeated raw item id (named),
+            a bad date, or dates not oldest first.
     """
     index = {raw: i for i, raw in enumerate(ds.raw_items) if i > 0}
     iids, ts = [], []
-    for pos, entry in enumerate(x.strip() for x in text.split(",")):
+    entries = [x.strip() for x in text.split(",")]
+    if not any(entries):
+        raise InputError("--history: no item ids given")
+    for pos, entry in enumerate(entries):
         if not entry:
-            continue
-        raw, _, date = entry.partition("@")
+            raise InputError(f"--history entry {pos + 1}: empty")
+        raw, at, date = entry.partition("@")
         raw = raw.strip()
         if raw not in index:
             raise InputError(f"--history entry {pos + 1}: unknown item id {raw!r} (raw ids as in the "
                              f"dataset's items.jsonl)")
+        if index[raw] in iids:
+            raise InputError(f"--history entry {pos + 1}: item {raw!r} is listed twice")
         iids.append(index[raw])
-        if date:
+        if at:
             try:
                 d = _dt.datetime.strptime(date.strip().replace("/", "-"), "%Y-%m-%d")
             except ValueError:
                 raise InputError(f"--history entry {pos + 1}: date {date!r} is not YYYY-MM-DD") from None
             ts.append(calendar.timegm(d.timetuple()))
         else:
-            ts.append(int(default_ts))
-    if not iids:
-        raise InputError("--history: no item ids given")
+            ts.append(None)
+    # an undated entry takes the previous entry's date; leading ones the first date given
+    first = next((t for t in ts if t is not None), int(default_ts))
+    for j, t in enumerate(ts):
+        ts[j] = t if t is not None else (ts[j - 1] if j else first)
+        if j and ts[j] < ts[j - 1]:
+            raise InputError(f"--history entry {j + 1}: date before the previous entry's "
+                             f"(list the history oldest first)")
     return np.asarray(iids, dtype=np.int64), np.asarray(ts, dtype=np.int64)
 
 
@@ -132,7 +144,7 @@ def recommend(run, *, user: str | None = None, history: str | None = None, k: in
             last_ts = max(int(t[-1]) for t in ds.timestamps[1:])
             iids, ts = parse_history(history, ds, last_ts)
             h_u, prompt_text = _user_state_from_llm(run, ds, cache, iids, ts, device=device)
-            source = "LLM forward of the typed history"
+            source = "LLM forward of this history"
     with torch.no_grad():
         scores = heads.item(items_h) @ heads.user(h_u[None])[0]
     scores[0] = -torch.inf
@@ -157,11 +169,11 @@ def recommend(run, *, user: str | None = None, history: str | None = None, k: in
 def format_recommendations(rec: dict) -> str:
     """Plain-text rendering of :func:`recommend`'s result."""
     who = f"user {rec['user']}" if rec["user"] is not None else "typed history"
-    lines = [f"{who} ({rec['source']}); last {len(rec['history'])} history items, oldest first:"]
+    lines = [f"{who}, from the {rec['source']}; last {len(rec['history'])} history items, oldest first:"]
     lines += [f"  {h['item']:>8}  {h['title']}" for h in rec["history"]]
     if "held_out" in rec:
         ho = rec["held_out"]
         lines.append(f"held-out test item: {ho['item']} {ho['title']} (rank {ho['rank']} among unseen items)")
-    lines.append(f"top {len(rec['recommendations'])} unseen items:")
+    lines.append(f"top {len(rec['recommendations'])} unseen items (rank, item id, score, title):")
     lines += [f"  {r['rank']:>3}. {r['item']:>8}  {r['score']:8.3f}  {r['title']}" for r in rec["recommendations"]]
     return "\n".join(lines)

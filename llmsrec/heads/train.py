@@ -255,6 +255,7 @@ class TrainConfig:
     contrastive_temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        self._check_types()
         tn = self.train_negatives
         if isinstance(tn, str) and tn != "all":
             try:
@@ -272,6 +273,34 @@ class TrainConfig:
         if not (self.lr > 0 and 0 < self.lr_decay <= 1):
             raise InputError("train config: lr must be > 0 and lr_decay in (0, 1]")
         self.loss_config()  # validates the loss fields
+
+    def _check_types(self) -> None:
+        """Reject values of the wrong type or range (options also arrive from sweep TOML files)."""
+        for f in fields(self):
+            v, kind = getattr(self, f.name), str(f.type)
+            if kind == "bool":
+                ok = isinstance(v, bool)
+            elif kind == "int":
+                ok = isinstance(v, int) and not isinstance(v, bool)
+            elif kind == "float":
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            elif kind == "str":
+                ok = isinstance(v, str)
+            else:  # train_negatives: int | str, checked below
+                ok = isinstance(v, (int, str)) and not isinstance(v, bool)
+            if not ok:
+                raise InputError(f"train config: field '{f.name}' expects {kind}, got {v!r}")
+        if self.seed < 0:
+            raise InputError("train config: field 'seed' must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise InputError(f"train config: field '{name}' must be in [0, 1)")
+        for name in ("weight_decay", "retrieval_weight", "distill_weight", "uniform_weight"):
+            if getattr(self, name) < 0:
+                raise InputError(f"train config: field '{name}' must be >= 0")
+        for name in ("hidden", "d_out", "cf_hidden"):
+            if getattr(self, name) < 1:
+                raise InputError(f"train config: field '{name}' must be >= 1")
 
     def loss_config(self) -> LossConfig:
         return LossConfig(
