@@ -56,7 +56,7 @@ from llmsrec.errors import InputError
 from llmsrec.heads.losses import retrieval_loss, sample_negatives, total_loss
 from llmsrec.heads.model import HeadsConfig, LLMSRecHeads, load_heads, save_heads
 from llmsrec.heads.train import LOSS_TERMS, FitResult, TrainConfig, _eval_points, plot_history
-from llmsrec.precompute.engine import TokenizedPrompt, forward_batch, make_batches, tokenize_prompts
+from llmsrec.precompute.engine import TokenizedPrompt, forward_batch, make_batches, pack_batch, tokenize_prompts
 from llmsrec.precompute.llm import ITEM_OUT, USER_OUT, LoadedLLM
 
 PARAMS_FILE = "params.safetensors"
@@ -177,23 +177,6 @@ class LLMInputs(nn.Module):
 # --- forwards -------------------------------------------------------------------------------
 
 
-def _pack(batch: list[TokenizedPrompt]):
-    b, lmax = len(batch), max(len(p) for p in batch)
-    ids = torch.zeros((b, lmax), dtype=torch.long)
-    mask = torch.zeros((b, lmax), dtype=torch.long)
-    rows, cols, items = [], [], []
-    out_pos = torch.empty(b, dtype=torch.long)
-    for k, p in enumerate(batch):
-        ids[k, : len(p)] = torch.from_numpy(p.ids)
-        mask[k, : len(p)] = 1
-        rows.append(np.full(len(p.soft_pos), k))
-        cols.append(p.soft_pos)
-        items.append(p.soft_items)
-        out_pos[k] = p.out_pos
-    cat = lambda xs: torch.from_numpy(np.concatenate(xs).astype(np.int64))  # noqa: E731
-    return ids, mask, cat(rows), cat(cols), cat(items), out_pos
-
-
 def _as_float(h: torch.Tensor) -> torch.Tensor:
     """States in float32 (float64 stays float64: the gradient tests run the model in it)."""
     return h if h.dtype == torch.float64 else h.float()
@@ -218,7 +201,7 @@ def forward_with_grad(llm: LoadedLLM, batch: list[TokenizedPrompt], inputs: LLMI
         InputError: the device ran out of memory (lower --grad-batch-tokens / --batch-tokens).
     """
     dev = llm.device
-    ids, mask, rows, cols, items, out_pos = _pack(batch)
+    ids, mask, rows, cols, items, out_pos = pack_batch(batch)
     b = len(batch)
     ar = torch.arange(b, device=dev)
     out_pos = out_pos.to(dev)

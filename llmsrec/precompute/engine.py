@@ -82,6 +82,26 @@ def make_batches(lengths: np.ndarray, order: np.ndarray, batch_tokens: int) -> l
     return batches
 
 
+def pack_batch(batch: list[TokenizedPrompt]):
+    """Right-pad a batch: ``ids``, ``mask`` int64 ``(B, L)``; the ``[HistoryEmb]`` slots as
+    ``rows``, ``cols`` (positions) and ``items`` (iids), int64 ``(n_soft,)``; ``out_pos``
+    int64 ``(B,)``."""
+    b, lmax = len(batch), max(len(p) for p in batch)
+    ids = torch.zeros((b, lmax), dtype=torch.long)
+    mask = torch.zeros((b, lmax), dtype=torch.long)
+    rows, cols, items = [], [], []
+    out_pos = torch.empty(b, dtype=torch.long)
+    for k, p in enumerate(batch):
+        ids[k, : len(p)] = torch.from_numpy(p.ids)
+        mask[k, : len(p)] = 1
+        rows.append(np.full(len(p.soft_pos), k))
+        cols.append(p.soft_pos)
+        items.append(p.soft_items)
+        out_pos[k] = p.out_pos
+    cat = lambda xs: torch.from_numpy(np.concatenate(xs).astype(np.int64))  # noqa: E731
+    return ids, mask, cat(rows), cat(cols), cat(items), out_pos
+
+
 def forward_batch(llm: LoadedLLM, batch: list[TokenizedPrompt], soft_table: torch.Tensor,
                   out_vec: torch.Tensor, *, attention_mask: bool = True) -> torch.Tensor:
     """Run the frozen base model on a right-padded batch.
@@ -103,21 +123,8 @@ def forward_batch(llm: LoadedLLM, batch: list[TokenizedPrompt], soft_table: torc
         InputError: the device ran out of memory for this batch (lower --batch-tokens).
     """
     dev = soft_table.device
-    b, lmax = len(batch), max(len(p) for p in batch)
-    ids = torch.zeros((b, lmax), dtype=torch.long)
-    mask = torch.zeros((b, lmax), dtype=torch.long)
-    rows, cols, items = [], [], []
-    out_pos = torch.empty(b, dtype=torch.long)
-    for k, p in enumerate(batch):
-        ids[k, : len(p)] = torch.from_numpy(p.ids)
-        mask[k, : len(p)] = 1
-        rows.append(np.full(len(p.soft_pos), k))
-        cols.append(p.soft_pos)
-        items.append(p.soft_items)
-        out_pos[k] = p.out_pos
-    rows_t = torch.from_numpy(np.concatenate(rows)).long()
-    cols_t = torch.from_numpy(np.concatenate(cols)).long()
-    items_t = torch.from_numpy(np.concatenate(items)).long()
+    ids, mask, rows_t, cols_t, items_t, out_pos = pack_batch(batch)
+    b, lmax = ids.shape
     ar = torch.arange(b)
     try:
         with torch.inference_mode():
