@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmsrec.cfsrec.sasrec import check_positive_ints, check_seqs
+
 __all__ = ["BERT4RecConfig", "BERT4Rec", "cloze_batch"]
 
 
@@ -62,11 +64,7 @@ class BERT4RecConfig:
     mask_last_prob: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("n_items", "hidden", "blocks", "heads", "maxlen"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"BERT4RecConfig.{name} must be a positive integer, got {v!r}")
-            setattr(self, name, int(v))
+        check_positive_ints(self, ("n_items", "hidden", "blocks", "heads", "maxlen"))
         if self.hidden % self.heads:
             raise ValueError(f"BERT4RecConfig.hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         if not 0.0 <= float(self.dropout) < 1.0:
@@ -192,12 +190,7 @@ class BERT4Rec(nn.Module):
         Raises:
             ValueError: ``L > maxlen`` or ids outside 0..N.
         """
-        if seqs.dim() != 2:
-            raise ValueError(f"seqs must be (batch, length), got shape {tuple(seqs.shape)}")
-        if seqs.shape[1] > self.config.maxlen:
-            raise ValueError(f"sequence length {seqs.shape[1]} exceeds maxlen {self.config.maxlen}; use pad_left")
-        if seqs.numel() and (int(seqs.min()) < 0 or int(seqs.max()) > self.config.n_items):
-            raise ValueError(f"item ids must be in 0..{self.config.n_items}")
+        check_seqs(seqs, self.config.maxlen, self.config.n_items)
         mask_col = torch.full((seqs.shape[0], 1), self.config.mask_id, dtype=seqs.dtype, device=seqs.device)
         return self.forward(torch.cat([seqs, mask_col], dim=1))[:, -1, :]
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from torch import nn
+
+from llmsrec.cfsrec.sasrec import check_positive_ints, check_seqs
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 __all__ = ["GRU4RecConfig", "GRU4Rec"]
@@ -51,11 +52,7 @@ class GRU4RecConfig:
     maxlen: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("n_items", "hidden", "gru_hidden", "layers", "maxlen"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"GRU4RecConfig.{name} must be a positive integer, got {v!r}")
-            setattr(self, name, int(v))
+        check_positive_ints(self, ("n_items", "hidden", "gru_hidden", "layers", "maxlen"))
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"GRU4RecConfig.dropout must be in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
@@ -107,13 +104,8 @@ class GRU4Rec(nn.Module):
         Raises:
             ValueError: ``seqs`` is not 2-D, ``L > maxlen``, or holds ids outside 0..N.
         """
-        if seqs.dim() != 2:
-            raise ValueError(f"seqs must be (batch, length), got shape {tuple(seqs.shape)}")
+        check_seqs(seqs, self.config.maxlen, self.config.n_items)
         b, L = seqs.shape
-        if L > self.config.maxlen:
-            raise ValueError(f"sequence length {L} exceeds maxlen {self.config.maxlen}; use pad_left")
-        if seqs.numel() and (int(seqs.min()) < 0 or int(seqs.max()) > self.config.n_items):
-            raise ValueError(f"item ids must be in 0..{self.config.n_items}")
         lengths = (seqs != 0).sum(1)  # (B,)
         # rotate each row so its real items come first (right padding), run the packed GRU,
         # rotate back: column j of a row of length n holds real item j - (L - n)

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llmsrec.cfsrec.sasrec import check_positive_ints, check_seqs
 
 __all__ = ["NextItNetConfig", "NextItNet"]
 
@@ -55,11 +56,7 @@ class NextItNetConfig:
     maxlen: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("n_items", "hidden", "kernel", "maxlen"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"NextItNetConfig.{name} must be a positive integer, got {v!r}")
-            setattr(self, name, int(v))
+        check_positive_ints(self, ("n_items", "hidden", "kernel", "maxlen"))
         try:
             dil = tuple(int(r) for r in self.dilations)
         except (TypeError, ValueError):
@@ -148,12 +145,7 @@ class NextItNet(nn.Module):
         Raises:
             ValueError: ``seqs`` is not 2-D, ``L > maxlen``, or holds ids outside 0..N.
         """
-        if seqs.dim() != 2:
-            raise ValueError(f"seqs must be (batch, length), got shape {tuple(seqs.shape)}")
-        if seqs.shape[1] > self.config.maxlen:
-            raise ValueError(f"sequence length {seqs.shape[1]} exceeds maxlen {self.config.maxlen}; use pad_left")
-        if seqs.numel() and (int(seqs.min()) < 0 or int(seqs.max()) > self.config.n_items):
-            raise ValueError(f"item ids must be in 0..{self.config.n_items}")
+        check_seqs(seqs, self.config.maxlen, self.config.n_items)
         keep = (seqs != 0).unsqueeze(-1).to(self.item_emb.weight.dtype)
         x = self.emb_dropout(self.item_emb(seqs)) * keep
         for block in self.blocks:

@@ -34,6 +34,33 @@ from torch import nn
 __all__ = ["SASRecConfig", "SASRec", "pad_left"]
 
 
+def check_positive_ints(config, names) -> None:
+    """Make the named fields of a model config plain positive ``int`` (numpy ints accepted).
+
+    Raises:
+        ValueError: a field that is not a positive integer (named as ``ClassName.field``).
+    """
+    for name in names:
+        v = getattr(config, name)
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{type(config).__name__}.{name} must be a positive integer, got {v!r}")
+        setattr(config, name, int(v))
+
+
+def check_seqs(seqs: torch.Tensor, maxlen: int, n_items: int) -> None:
+    """The input check every CF-SRec model's forward shares.
+
+    Raises:
+        ValueError: ``seqs`` is not 2-D ``(B, L)``, ``L > maxlen``, or holds ids outside 0..N.
+    """
+    if seqs.dim() != 2:
+        raise ValueError(f"seqs must be (batch, length), got shape {tuple(seqs.shape)}")
+    if seqs.shape[1] > maxlen:
+        raise ValueError(f"sequence length {seqs.shape[1]} exceeds maxlen {maxlen}; use pad_left")
+    if seqs.numel() and (int(seqs.min()) < 0 or int(seqs.max()) > n_items):
+        raise ValueError(f"item ids must be in 0..{n_items}")
+
+
 @dataclass
 class SASRecConfig:
     """Hyper-parameters of :class:`SASRec` (defaults: the paper's Appendix E).
@@ -55,11 +82,7 @@ class SASRecConfig:
     maxlen: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("n_items", "hidden", "blocks", "heads", "maxlen"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"SASRecConfig.{name} must be a positive integer, got {v!r}")
-            setattr(self, name, int(v))
+        check_positive_ints(self, ("n_items", "hidden", "blocks", "heads", "maxlen"))
         if self.hidden % self.heads:
             raise ValueError(f"SASRecConfig.hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         if not 0.0 <= float(self.dropout) < 1.0:
@@ -165,13 +188,8 @@ class SASRec(nn.Module):
         Raises:
             ValueError: ``seqs`` is not 2-D, ``L > maxlen``, or holds ids outside 0..N.
         """
-        if seqs.dim() != 2:
-            raise ValueError(f"seqs must be (batch, length), got shape {tuple(seqs.shape)}")
+        check_seqs(seqs, self.config.maxlen, self.config.n_items)
         b, L = seqs.shape
-        if L > self.config.maxlen:
-            raise ValueError(f"sequence length {L} exceeds maxlen {self.config.maxlen}; use pad_left")
-        if seqs.numel() and (int(seqs.min()) < 0 or int(seqs.max()) > self.config.n_items):
-            raise ValueError(f"item ids must be in 0..{self.config.n_items}")
         keep = (seqs != 0).unsqueeze(-1).to(self.item_emb.weight.dtype)  # (B, L, 1)
         # positions counted from the right: the last column is always maxlen-1
         pos = torch.arange(self.config.maxlen - L, self.config.maxlen, device=seqs.device)
