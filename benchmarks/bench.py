@@ -146,7 +146,16 @@ def bench_e2e() -> None:
     b.bench()
 
 
-BENCHES = [bench_ranking_metrics, bench_sasrec_epoch, bench_precompute, bench_heads, bench_sweep, bench_e2e]
+def bench_distributed() -> None:
+    """Sharded precompute (torchrun) 1 vs 2 CPU processes on a ml-100k slice; Electronics GPU estimate."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_distributed as b
+
+    b.bench()
+
+
+BENCHES = [bench_ranking_metrics, bench_sasrec_epoch, bench_precompute, bench_heads, bench_sweep, bench_e2e,
+           bench_distributed]
 
 
 def main(argv: list[str] | None = None) -> int:

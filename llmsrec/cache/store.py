@@ -25,6 +25,12 @@ rows is written, flushed, then marked done in ``/progress`` and flushed again. A
 run therefore resumes at the first chunk not marked done; when all chunks are done the
 file is renamed to ``X.h5``. Asking for a cache whose provenance differs from an
 existing file is refused (``InputError`` naming the field) unless ``force``.
+
+A cache assembled from the shards of a multi-process precompute
+(``llmsrec.precompute.shards``, ``--assemble virtual``) has the same layout, but its
+``hidden`` datasets are HDF5 virtual datasets over the files in ``X.h5.shards/`` (named
+relative to the cache's folder, so the two move together). The reader refuses such a
+cache when a shard file is missing, instead of HDF5's silent zero fill.
 """
 
 from __future__ import annotations
@@ -213,6 +219,41 @@ class CacheWriter:
             ds.attrs["chunk_size"] = chunk_size
         return ds[()].copy()
 
+    def complete(self, group: str) -> bool:
+        """True when every chunk of ``group`` (``items``, ``users/<view>``) is marked done."""
+        return _complete(self.f, group)
+
+    def drop(self, name: str) -> None:
+        """Delete dataset or group ``name`` if present (setup only: rebuilding a group)."""
+        if name in self.f:
+            del self.f[name]
+
+    def require_virtual(self, name: str, shape: tuple, dtype,
+                        sources: list[tuple[str, str, int, int]]) -> None:
+        """Create ``/name`` as an HDF5 virtual dataset of ``shape``/``dtype`` (fill 0).
+
+        Args:
+            sources: ``(file, dataset, first_row, n_rows)``: rows ``first_row ..
+                first_row + n_rows - 1`` of ``/name`` are rows ``0 .. n_rows - 1`` of
+                ``dataset`` in ``file``; ``file`` is relative to this cache's folder.
+                Rows no source covers read as zeros.
+        """
+        layout = h5py.VirtualLayout(shape=tuple(shape), dtype=dtype)
+        for file, dset, first, n in sources:
+            if n:
+                layout[first : first + n] = h5py.VirtualSource(
+                    file, dset, shape=(n, *tuple(shape)[1:]), dtype=dtype)
+        self.f.create_virtual_dataset(name, layout, fillvalue=0)
+
+    def set_progress_done(self, group: str, n_chunks: int, chunk_size: int) -> None:
+        """(Re)create ``/progress/<group>`` with every one of ``n_chunks`` chunks done (a
+        group filled in one step, e.g. assembled from shards; same shape and attribute as
+        :meth:`require_progress` makes, so a later run extending the file accepts it)."""
+        self.drop(f"progress/{group}")
+        ds = self.f.create_dataset(f"progress/{group}", data=np.ones(n_chunks, dtype=bool),
+                                   track_times=False)
+        ds.attrs["chunk_size"] = chunk_size
+
     def flush(self) -> None:
         self.f.flush()
 
@@ -244,6 +285,25 @@ class CacheWriter:
         return self.out
 
 
+def _check_virtual_sources(f: h5py.File, path: Path) -> None:
+    """InputError if a virtual dataset's source file is missing (HDF5 would read zeros)."""
+    missing = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset) and obj.is_virtual and not missing:
+            for m in obj.virtual_sources():
+                src = Path(m.file_name)
+                if m.file_name != "." and not (src if src.is_absolute() else path.parent / src).exists():
+                    missing.append((name, m.file_name))
+                    return
+
+    f.visititems(visit)
+    if missing:
+        name, file = missing[0]
+        raise InputError(f"{path}: /{name} is a virtual dataset over {file}, which is missing "
+                         f"(a cache assembled with --assemble virtual needs its shard files beside it)")
+
+
 def _short(v) -> str:
     s = json.dumps(v)
     return s if len(s) <= 60 else s[:57] + "..."
@@ -268,6 +328,7 @@ class CacheReader:
         except OSError as e:
             raise InputError(f"{self.path}: not a readable HDF5 file ({e})") from e
         self.provenance = _read_provenance(self.f, self.path)
+        _check_virtual_sources(self.f, self.path)
         present = [v for v in self.f.get("users", {}) if _complete(self.f, f"users/{v}")]
         self.views = [v for v in VIEW_ORDER if v in present]
 

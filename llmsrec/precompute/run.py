@@ -7,11 +7,13 @@ import hashlib
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from llmsrec.distributed import dist_env
 from llmsrec.errors import InputError
 from llmsrec.precompute.llm import ITEM_OUT, USER_OUT, LoadedLLM, load_llm, sha256_file
 from llmsrec.precompute.prompts import (
@@ -20,6 +22,7 @@ from llmsrec.precompute.prompts import (
 )
 
 DEFAULT_VIEWS = ("train", "valid", "test", "test-shuffled")
+ASSEMBLE_MODES = ("copy", "virtual")
 
 
 def _digest_arrays(*arrays) -> str:
@@ -90,8 +93,16 @@ def precompute(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     on_chunk: Callable[[str, int], None] | None = None,
+    assemble: str = "copy",
 ) -> Path:
     """Fill (or extend, or resume) the HDF5 cache of frozen-LLM states.
+
+    Under ``torchrun`` with ``WORLD_SIZE > 1`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set)
+    every process calls this with the same arguments: the prompts are sharded across the
+    processes, each writes ``<out_h5>.shards/rank<r>-of-<n>.h5``, and rank 0 assembles
+    ``out_h5`` (see ``llmsrec.precompute.shards``; same layout and provenance as one
+    process, values equal up to float rounding of other batch shapes). ``llmsrec
+    precompute --nproc N`` starts such a run.
 
     Args:
         ds: a ``PreparedDataset`` or its folder.
@@ -125,24 +136,90 @@ def precompute(
         progress: show the tqdm bar (prompts, real tokens/s, ETA).
         log: one-line messages (default: print to stderr).
         on_chunk: called as ``on_chunk(group, chunk_index)`` after each chunk is marked
-            done (tests use it to simulate a kill).
+            done (tests use it to simulate a kill); in a sharded run the index is the
+            chunk's within this process's shard.
+        assemble: sharded runs only: ``copy`` (default) or ``virtual``, how rank 0 turns
+            the shards into ``out_h5`` (``llmsrec.precompute.shards.assemble_shards``).
 
     Returns:
         ``Path(out_h5)``.
 
     Raises:
         InputError: bad view names, missing inputs, provenance mismatch (without
-            ``force``), prompts too long for the model, device out of memory.
+            ``force``), prompts too long for the model, device out of memory; sharded:
+            a ``cuda:N`` device or fewer devices than processes, a bad ``assemble``.
     """
+    log = log or (lambda m: print(m, file=sys.stderr))
+    if assemble not in ASSEMBLE_MODES:
+        raise InputError(f"--assemble {assemble!r}: expected 'copy' or 'virtual'")
+    ctx = None
+    env = dist_env()
+    if env is not None and env[1] > 1:
+        from llmsrec.precompute import shards
+
+        ctx = shards.join(device)  # process group first: it picks this process's device
+        device = ctx.device
+    try:
+        job = _prepare(ds, sasrec, out_h5, llm=llm, views=views, history_window=history_window,
+                       verb=verb, batch_tokens=batch_tokens, chunk_prompts=chunk_prompts,
+                       device=device, dtype=dtype, seed=seed, force=force, max_users=max_users,
+                       ridge_alpha=ridge_alpha, fi=fi, params=params,
+                       trust_remote_code=trust_remote_code, num_threads=num_threads,
+                       attention_mask=attention_mask, progress=progress, log=log,
+                       on_chunk=on_chunk)
+        if ctx is not None:
+            return shards.run_sharded(ctx, job, assemble=assemble)
+        return _run_single(job)
+    finally:
+        if ctx is not None:
+            ctx.leave()
+
+
+@dataclass
+class Job:
+    """Everything a precompute run needs once the inputs are loaded (``_prepare``).
+
+    Attributes (besides the ``precompute`` options of the same names):
+        ds: the ``PreparedDataset``; sas: the CF-SRec teacher (eval mode); E: its item
+        embeddings, float32 ``(N+1, d_cf)``; llm: the ``LoadedLLM``; n_users: users that get
+        prompts (``max_users`` applied); given: the params file's arrays or None; prov: the
+        provenance asked for (without the f_I / token digests, added when the params are
+        known); groups: ``items`` then ``users/<view>`` per view; t0: start time (s).
+    """
+
+    ds: object
+    sas: object
+    E: np.ndarray
+    llm: LoadedLLM
+    out: Path
+    views: list
+    n_users: int
+    given: dict | None
+    prov: dict
+    groups: list
+    history_window: int
+    verb: str
+    seed: int
+    fi: str
+    ridge_alpha: float
+    batch_tokens: int
+    chunk_prompts: int
+    force: bool
+    attention_mask: bool
+    progress: bool
+    log: Callable[[str], None]
+    on_chunk: Callable[[str, int], None] | None
+    t0: float
+
+
+def _prepare(ds, sasrec, out_h5, *, llm, views, history_window, verb, batch_tokens, chunk_prompts,
+             device, dtype, seed, force, max_users, ridge_alpha, fi, params, trust_remote_code,
+             num_threads, attention_mask, progress, log, on_chunk) -> Job:
+    """Check the options, load dataset, teacher and LLM, build the provenance (``Job``)."""
     import torch
-    from tqdm.auto import tqdm
 
     from llmsrec import __version__
-    from llmsrec.cache.store import CacheWriter
-    from llmsrec.precompute.engine import forward_batch, make_batches, tokenize_prompts
-    from llmsrec.precompute.fit import fit_moment_matched, fit_ridge, title_embedding_means
 
-    log = log or (lambda m: print(m, file=sys.stderr))
     if num_threads:
         torch.set_num_threads(num_threads)
     if isinstance(ds, (str, os.PathLike)):
@@ -193,104 +270,192 @@ def precompute(
         prov["f_I"] = "given: linear f_I and token embeddings from a params file"
         prov["params_sha256"] = sha256_file(params)
     groups = ["items"] + [f"users/{v}" for v in views]
-    w = CacheWriter(out_h5, prov, force=force, log=log)
-    if not w.needs(groups):
-        log(f"{out_h5}: already complete for items and views {', '.join(views)}")
+    return Job(ds=ds, sas=sas, E=E, llm=llm, out=Path(out_h5), views=views, n_users=n_users,
+               given=given, prov=prov, groups=groups, history_window=int(history_window),
+               verb=verb, seed=int(seed), fi=fi, ridge_alpha=ridge_alpha,
+               batch_tokens=batch_tokens, chunk_prompts=chunk_prompts, force=force,
+               attention_mask=attention_mask, progress=progress, log=log, on_chunk=on_chunk,
+               t0=t0)
+
+
+def setup_cache(w, job: Job, *, hidden: bool = True):
+    """Write everything but the LLM states into the open cache writer ``w``.
+
+    f_I and the two token vectors are the file's own when it has them (extending or
+    resuming), else the params file's, else the ``fi`` fit on E and the token embeddings;
+    then ``items/cf`` and, per view, ``cf``, ``target``, ``permutation``; with ``hidden``
+    also the (zero) ``hidden`` datasets. Existing datasets are kept.
+
+    Returns:
+        ``((W, b, user_out, item_out), {view: ViewPrompts})`` with ``W`` float32
+        ``(d_llm, d_cf)``, ``b``, ``user_out``, ``item_out`` float32 ``(d_llm,)``.
+    """
+    from llmsrec.precompute.fit import fit_moment_matched, fit_ridge, title_embedding_means
+
+    ds, llm, E, given = job.ds, job.llm, job.E, job.given
+    if w.has("params/f_I/weight"):
+        W, b = w.read("params/f_I/weight"), w.read("params/f_I/bias")
+        user_out, item_out = w.read("params/tokens/user_out"), w.read("params/tokens/item_out")
+    elif given is not None:
+        W, b = given["f_I/weight"], given["f_I/bias"]
+        user_out, item_out = given["tokens/user_out"], given["tokens/item_out"]
+    else:
+        emb = llm.embed.numpy()
+        if job.fi == "ridge":
+            y = title_embedding_means(llm.tokenizer, emb, ds.titles)
+            W, b = fit_ridge(E[1:], y[1:], alpha=job.ridge_alpha)
+        else:
+            W, b = fit_moment_matched(E[1:], emb)
+        user_out = item_out = emb.mean(0).astype(np.float32)
+    if not w.has("params/f_I/weight"):
+        w.require("params/f_I/weight", W)
+        w.require("params/f_I/bias", b)
+        w.require("params/tokens/user_out", user_out)
+        w.require("params/tokens/item_out", item_out)
+        w.update_provenance({"f_I_sha256": _digest_arrays(W, b),
+                             "token_embeddings_sha256": _digest_arrays(user_out, item_out)})
+    w.require("items/cf", E.astype(np.float32))
+    if hidden:
+        w.require("items/hidden", shape=(ds.n_items + 1, llm.d_llm), dtype=np.float32)
+    users = range(1, job.n_users + 1)
+    vps = {}
+    for v in job.views:
+        vp = view_prompts(job, v)
+        g = f"users/{v}"
+        cf = np.zeros((ds.n_users + 1, E.shape[1]), dtype=np.float32)
+        cf[1 : job.n_users + 1] = _sasrec_users(job.sas, vp.cf_inputs, list(users))
+        w.require(f"{g}/cf", cf)
+        tgt = vp.targets.copy()
+        tgt[job.n_users + 1 :] = 0
+        w.require(f"{g}/target", tgt)
+        if vp.permutation is not None:
+            w.require(f"{g}/permutation", vp.permutation)
+        if hidden:
+            w.require(f"{g}/hidden", shape=(ds.n_users + 1, llm.d_llm), dtype=np.float32)
+        vps[v] = vp
+    return (W, b, user_out, item_out), vps
+
+
+def view_prompts(job: Job, view: str) -> ViewPrompts:
+    """The user prompts of ``view`` for users 1..n_users (``build_view``)."""
+    return build_view(job.ds, view, history_window=job.history_window, verb=job.verb,
+                      seed=job.seed, users=range(1, job.n_users + 1))
+
+
+def group_prompts(job: Job, group: str, vp: ViewPrompts | None = None):
+    """``(rows, tokenized)`` of a group: the rows (iids or uids, int64, ascending) that get
+    a prompt and their ``TokenizedPrompt`` s. ``vp``: the view's prompts if already built."""
+    from llmsrec.precompute.engine import tokenize_prompts
+
+    if group == "items":
+        ds = job.ds
+        item_prompts = [item_prompt(ds.titles, i) for i in range(1, ds.n_items + 1)]
+        return (np.arange(1, ds.n_items + 1),
+                tokenize_prompts(job.llm, item_prompts, ITEM_OUT))
+    vp = vp if vp is not None else view_prompts(job, group.removeprefix("users/"))
+    rows = np.asarray([u for u in range(1, job.n_users + 1) if vp.prompts[u] is not None],
+                      dtype=np.int64)
+    return rows, tokenize_prompts(job.llm, [vp.prompts[u] for u in rows], USER_OUT)
+
+
+def plan_chunks(w, group: str, toks: list, chunk_prompts: int) -> list:
+    """Sort a group's prompts by length (then row), cut chunks of ``chunk_prompts``, create
+    or check ``/progress/<group>``; return ``[(group, chunk, prompt indices)]`` not done."""
+    lengths = np.asarray([len(t) for t in toks])
+    order = (np.lexsort((np.arange(len(toks)), lengths)) if len(toks)
+             else np.zeros(0, dtype=np.int64))
+    chunks = [order[s : s + chunk_prompts] for s in range(0, len(order), chunk_prompts)]
+    done = w.require_progress(group, len(chunks), chunk_prompts)
+    return [(group, c, idx) for c, idx in enumerate(chunks) if not done[c]]
+
+
+def run_plan(w, job: Job, plan: list, work: dict, fixed, *, progress: bool | None = None) -> dict:
+    """Run the planned chunks through the frozen LLM and write them to ``w``.
+
+    Args:
+        plan: ``[(group, chunk, prompt indices)]`` from :func:`plan_chunks`.
+        work: group -> ``(rows, tokenized, hidden dataset name, first row)``; prompt k of
+            the group is written to row ``rows[k] - first row`` of the dataset.
+        fixed: ``(W, b, user_out, item_out)`` (see :func:`setup_cache`).
+
+    Returns:
+        ``{"prompts", "real", "padded", "wall"}``: prompts and real / padded tokens run,
+        forward wall seconds.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from llmsrec.precompute.engine import forward_batch, make_batches
+
+    llm = job.llm
+    W, b, user_out, item_out = fixed
+    dev = llm.device
+    soft = torch.from_numpy(job.E @ W.T + b).to(device=dev, dtype=llm.dtype)
+    outs = {ITEM_OUT: torch.from_numpy(item_out).to(dev, llm.dtype),
+            USER_OUT: torch.from_numpy(user_out).to(dev, llm.dtype)}
+    total_real = sum(len(work[g][1][i]) for g, _, idx in plan for i in idx)
+    n_prompts = sum(len(idx) for _, _, idx in plan)
+    real = padded = done_prompts = 0
+    t1 = time.perf_counter()
+    show = job.progress if progress is None else progress
+    bar = tqdm(total=total_real, unit="tok", unit_scale=True, disable=not show,
+               desc="precompute", dynamic_ncols=True)
+    for g, c, idx in plan:
+        rows, toks, name, first = work[g]
+        out_vec = outs[ITEM_OUT if g == "items" else USER_OUT]
+        lengths = np.asarray([len(toks[i]) for i in idx])
+        res = np.empty((len(idx), llm.d_llm), dtype=np.float32)
+        for bb in make_batches(lengths, np.arange(len(idx)), job.batch_tokens):
+            batch = [toks[idx[k]] for k in bb]
+            res[bb] = forward_batch(llm, batch, soft, out_vec,
+                                    attention_mask=job.attention_mask).numpy()
+            n_real = int(lengths[bb].sum())
+            real += n_real
+            padded += int(lengths[bb].max()) * len(bb)
+            done_prompts += len(bb)
+            bar.update(n_real)
+            bar.set_postfix_str(f"prompts {done_prompts}/{n_prompts}", refresh=False)
+        w.write_rows(name, rows[idx] - first, res)
+        w.mark_done(g, c)
+        if job.on_chunk is not None:
+            job.on_chunk(g, c)
+    bar.close()
+    return {"prompts": n_prompts, "real": real, "padded": padded,
+            "wall": time.perf_counter() - t1}
+
+
+def summary(stats: dict, job: Job, what: str = "precompute") -> str:
+    """The one-line throughput summary (prompts, real tokens, padding, forward wall)."""
+    real, padded, wall = stats["real"], stats["padded"], stats["wall"]
+    pad_frac = 1 - real / padded if padded else 0.0
+    return (f"{what}: {stats['prompts']} prompts, {real} real tokens, padding {pad_frac:.1%}, "
+            f"wall {wall:.1f} s ({real / max(wall, 1e-9):.0f} real tokens/s; "
+            f"total with loading {time.perf_counter() - job.t0:.1f} s) -> {job.out}")
+
+
+def _run_single(job: Job) -> Path:
+    """One process: the whole cache through ``CacheWriter`` (the original path)."""
+    from llmsrec.cache.store import CacheWriter
+
+    out_h5, log = job.out, job.log
+    w = CacheWriter(out_h5, job.prov, force=job.force, log=log)
+    if not w.needs(job.groups):
+        log(f"{out_h5}: already complete for items and views {', '.join(job.views)}")
         return Path(out_h5)
     try:
-        # f_I and the two token vectors: reuse the file's when extending/resuming
-        if w.has("params/f_I/weight"):
-            W, b = w.read("params/f_I/weight"), w.read("params/f_I/bias")
-            user_out, item_out = w.read("params/tokens/user_out"), w.read("params/tokens/item_out")
-        elif given is not None:
-            W, b = given["f_I/weight"], given["f_I/bias"]
-            user_out, item_out = given["tokens/user_out"], given["tokens/item_out"]
-        else:
-            emb = llm.embed.numpy()
-            if fi == "ridge":
-                y = title_embedding_means(llm.tokenizer, emb, ds.titles)
-                W, b = fit_ridge(E[1:], y[1:], alpha=ridge_alpha)
-            else:
-                W, b = fit_moment_matched(E[1:], emb)
-            user_out = item_out = emb.mean(0).astype(np.float32)
-        if not w.has("params/f_I/weight"):
-            w.require("params/f_I/weight", W)
-            w.require("params/f_I/bias", b)
-            w.require("params/tokens/user_out", user_out)
-            w.require("params/tokens/item_out", item_out)
-            w.update_provenance({"f_I_sha256": _digest_arrays(W, b),
-                                 "token_embeddings_sha256": _digest_arrays(user_out, item_out)})
-        w.require("items/cf", E.astype(np.float32))
-        w.require("items/hidden", shape=(ds.n_items + 1, llm.d_llm), dtype=np.float32)
-
-        # prompts of every group; rows 1.. of the group's /hidden
-        work = {}  # group -> (rows, tokenized, hidden dataset name)
-        item_prompts = [item_prompt(ds.titles, i) for i in range(1, ds.n_items + 1)]
-        work["items"] = (np.arange(1, ds.n_items + 1),
-                         tokenize_prompts(llm, item_prompts, ITEM_OUT), "items/hidden")
-        users = range(1, n_users + 1)
-        for v in views:
-            vp: ViewPrompts = build_view(ds, v, history_window=history_window, verb=verb,
-                                         seed=seed, users=users)
-            g = f"users/{v}"
-            cf = np.zeros((ds.n_users + 1, E.shape[1]), dtype=np.float32)
-            cf[1 : n_users + 1] = _sasrec_users(sas, vp.cf_inputs, list(users))
-            w.require(f"{g}/cf", cf)
-            tgt = vp.targets.copy()
-            tgt[n_users + 1 :] = 0
-            w.require(f"{g}/target", tgt)
-            if vp.permutation is not None:
-                w.require(f"{g}/permutation", vp.permutation)
-            w.require(f"{g}/hidden", shape=(ds.n_users + 1, llm.d_llm), dtype=np.float32)
-            rows = np.asarray([u for u in users if vp.prompts[u] is not None], dtype=np.int64)
-            work[g] = (rows, tokenize_prompts(llm, [vp.prompts[u] for u in rows], USER_OUT),
-                       f"{g}/hidden")
-
+        fixed, vps = setup_cache(w, job)
+        work = {}  # group -> (rows, tokenized, hidden dataset name, first row)
+        for g in job.groups:
+            v = g.removeprefix("users/")
+            rows, toks = group_prompts(job, g, vps.get(v))
+            work[g] = (rows, toks, f"{g}/hidden", 0)
         plan = []  # (group, chunk index, prompt indices)
-        for g, (rows, toks, _) in work.items():
-            lengths = np.asarray([len(t) for t in toks])
-            order = np.lexsort((rows, lengths)) if len(rows) else np.zeros(0, dtype=np.int64)
-            chunks = [order[s : s + chunk_prompts] for s in range(0, len(order), chunk_prompts)]
-            done = w.require_progress(g, len(chunks), chunk_prompts)
-            plan += [(g, c, idx) for c, idx in enumerate(chunks) if not done[c]]
+        for g, (rows, toks, _, _) in work.items():
+            plan += plan_chunks(w, g, toks, job.chunk_prompts)
         w.flush()  # setup complete: from here on only raw data and progress flags change
-
-        dev = llm.device
-        soft = torch.from_numpy(E @ W.T + b).to(device=dev, dtype=llm.dtype)
-        outs = {ITEM_OUT: torch.from_numpy(item_out).to(dev, llm.dtype),
-                USER_OUT: torch.from_numpy(user_out).to(dev, llm.dtype)}
-        total_real = sum(len(work[g][1][i]) for g, _, idx in plan for i in idx)
-        n_prompts = sum(len(idx) for _, _, idx in plan)
-        real = padded = done_prompts = 0
-        t1 = time.perf_counter()
-        bar = tqdm(total=total_real, unit="tok", unit_scale=True, disable=not progress,
-                   desc="precompute", dynamic_ncols=True)
-        for g, c, idx in plan:
-            rows, toks, name = work[g]
-            out_vec = outs[ITEM_OUT if g == "items" else USER_OUT]
-            lengths = np.asarray([len(toks[i]) for i in idx])
-            res = np.empty((len(idx), llm.d_llm), dtype=np.float32)
-            for bb in make_batches(lengths, np.arange(len(idx)), batch_tokens):
-                batch = [toks[idx[k]] for k in bb]
-                res[bb] = forward_batch(llm, batch, soft, out_vec,
-                                        attention_mask=attention_mask).numpy()
-                n_real = int(lengths[bb].sum())
-                real += n_real
-                padded += int(lengths[bb].max()) * len(bb)
-                done_prompts += len(bb)
-                bar.update(n_real)
-                bar.set_postfix_str(f"prompts {done_prompts}/{n_prompts}", refresh=False)
-            w.write_rows(name, rows[idx], res)
-            w.mark_done(g, c)
-            if on_chunk is not None:
-                on_chunk(g, c)
-        bar.close()
-        wall = time.perf_counter() - t1
+        stats = run_plan(w, job, plan, work, fixed)
         w.finish()
     finally:
         w.close()
-    pad_frac = 1 - real / padded if padded else 0.0
-    log(f"precompute: {n_prompts} prompts, {real} real tokens, padding {pad_frac:.1%}, "
-        f"wall {wall:.1f} s ({real / max(wall, 1e-9):.0f} real tokens/s; "
-        f"total with loading {time.perf_counter() - t0:.1f} s) -> {out_h5}")
+    log(summary(stats, job))
     return Path(out_h5)
