@@ -10,6 +10,13 @@ batch 20 users, one sample per user and epoch (train view: ``seq[:-3] -> seq[-3]
 up to 10 epochs, validation NDCG@10 on the stored validation candidates every tenth of
 an epoch, early stop after 10 validations without improvement, the best-on-validation
 heads kept, test evaluated once on them.
+
+Distributed (``torchrun --nproc-per-node N -m llmsrec train ...``): data-parallel with
+``DistributedDataParallel``; every rank draws the same user order and negatives from the
+same seeded generator and takes a contiguous slice of each global batch, and the loss is
+arranged so that the summed gradients equal those of one process on the whole batch (see
+:func:`sharded_loss`). Validation is sharded over users; rank 0 evaluates the selected
+heads once and writes the output folder.
 """
 
 from __future__ import annotations
@@ -24,16 +31,21 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from llmsrec import distributed as dd
 from llmsrec.atomic import atomic_dir, atomic_file, write_json
+from llmsrec.devices import mark_step, resolve_device, to_device
 from llmsrec.errors import InputError
 from llmsrec.heads.losses import (
     LossConfig,
+    distill_contrastive_loss,
     exclusion_mask,
     full_retrieval_loss,
     retrieval_loss,
     sample_negatives,
     total_loss,
+    uniformity_loss,
 )
 from llmsrec.heads.model import HeadsConfig, LLMSRecHeads, load_heads, save_heads
 
@@ -326,8 +338,23 @@ class TrainConfig:
 
 
 @torch.no_grad()
+def _score_rows(heads: LLMSRecHeads, user_rows, item_hidden, candidates) -> torch.Tensor:
+    """(n, C) scores on the heads' device for n users' states (n, d_llm) and candidates (n, C)."""
+    dev = next(heads.parameters()).device
+    was_training = heads.training
+    heads.eval()
+    items = heads.item(torch.as_tensor(item_hidden).to(dev))
+    users = heads.user(torch.as_tensor(user_rows).to(dev))
+    cand = torch.as_tensor(candidates).to(dev)
+    scores = torch.einsum("ucd,ud->uc", items[cand], users)
+    heads.train(was_training)
+    return scores
+
+
 def score_candidates(heads: LLMSRecHeads, user_hidden, item_hidden, candidates) -> np.ndarray:
     """Scores s(u, i) = f_item(h_i) . f_user(h_u) of every user's candidates.
+
+    Computed on the heads' device (inputs are moved there).
 
     Args:
         user_hidden: float32 (U+1, d_llm) (row 0 unused) or torch tensor.
@@ -336,14 +363,15 @@ def score_candidates(heads: LLMSRecHeads, user_hidden, item_hidden, candidates) 
     Returns:
         float32 (U, C) numpy scores, column 0 the target.
     """
-    was_training = heads.training
-    heads.eval()
-    items = heads.item(torch.as_tensor(item_hidden))
-    users = heads.user(torch.as_tensor(user_hidden)[1:])
-    cand = torch.as_tensor(candidates)
-    scores = torch.einsum("ucd,ud->uc", items[cand], users)
-    heads.train(was_training)
-    return scores.numpy()
+    return _score_rows(heads, torch.as_tensor(user_hidden)[1:], item_hidden, candidates).cpu().numpy()
+
+
+def _score_sharded(heads: LLMSRecHeads, user_hidden, item_hidden, candidates, rank: int, world: int) -> np.ndarray:
+    """:func:`score_candidates` with the users split over the ranks and the rows gathered on all."""
+    n = int(candidates.shape[0])
+    lo, hi = dd.shard(n, rank, world)
+    s = _score_rows(heads, user_hidden[1 + lo : 1 + hi], item_hidden, candidates[lo:hi])
+    return dd.all_gather_rows(s.to(dd.comm_device()), n).cpu().numpy()
 
 
 def evaluate_on_tensors(heads: LLMSRecHeads, data: CachedTensors, views=("valid", "test")) -> dict:
@@ -414,19 +442,130 @@ class FitResult:
     seconds: float
 
 
+class _HeadsForward(torch.nn.Module):
+    """The three heads in one ``forward`` (what ``DistributedDataParallel`` wraps): f_user of
+    the users' h_u, f_item of the item states, f_CF-user of O_u (None when not given)."""
+
+    def __init__(self, heads: LLMSRecHeads):
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, h_users, h_items, o_users=None):
+        u = self.heads.user(h_users)
+        items = self.heads.item(h_items)
+        cfu = self.heads.cf_user(o_users) if o_users is not None else None
+        return u, items, cfu
+
+
+def sharded_loss(
+    user: torch.Tensor, items: torch.Tensor, cf_user: torch.Tensor | None, targets: torch.Tensor,
+    mask: torch.Tensor | None, n: int, lo: int, hi: int, cfg: LossConfig,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """This rank's share of Eq. 4 for rows ``[lo, hi)`` of a global batch of ``n`` users.
+
+    The share is built so that the gradients of all ranks' shares, summed, are exactly
+    the gradients of :func:`~llmsrec.heads.losses.total_loss` on the whole batch in one
+    process (up to float rounding); the trainer backpropagates ``world_size x share``
+    because ``DistributedDataParallel`` averages gradients over ranks.
+
+    - Per-user terms (L_Retrieval, Eq. 1, either form; the MSE L_Distill, Eq. 2) are summed
+      over the local rows and divided by the *global* batch size ``n`` (Eq. 2: by
+      ``n x d'``), so the shares add up to the global mean.
+    - Batch-coupled terms (L_Uniform, Eq. 3, over all pairs of the batch; the in-batch
+      contrastive L_Distill, Eq. 10) are computed on the whole batch: the outputs of the
+      other ranks are all-gathered *without* gradient, this rank's rows are put back as the
+      live tensors, and the global loss is evaluated on that mix. Its gradient reaches only
+      the local rows and equals the global loss's partial derivative there; summed over
+      ranks this is the full gradient. (An all_gather with gradient would give the same
+      sum, but needs equal row counts on every rank.)
+
+    Args:
+        user: (b, d') f_user(h_u) of the local rows, b = hi - lo (may be 0).
+        items: full catalogue (``mask`` given): (N+1, d') f_item of every item; sampled
+            negatives: (b, 1+K, d') f_item of the target and the negatives.
+        cf_user: (b, d') f_CF-user(O_u), or None when ``cfg.distill == "none"``.
+        targets: int64 (b,) target iids (full catalogue only; unused otherwise).
+        mask: bool (b, N+1) :func:`~llmsrec.heads.losses.exclusion_mask`, or None for the
+            sampled form.
+        n, lo, hi: global batch size and this rank's rows (``llmsrec.distributed.shard``).
+        cfg: which terms and weights.
+    Returns:
+        (this rank's share, scalar tensor; the global terms ``{"loss", "retrieval",
+        "distill", "uniform"}`` as floats, identical on every rank).
+    """
+    import torch.distributed as dist
+
+    if mask is not None:
+        logits = (user @ items.T).masked_fill(mask, float("-inf"))
+        r_sum = F.cross_entropy(logits, targets, reduction="sum")
+    else:
+        logits = torch.cat([(user * items[:, 0]).sum(-1, keepdim=True),
+                            torch.einsum("bkd,bd->bk", items[:, 1:], user)], 1)
+        r_sum = F.cross_entropy(logits, torch.zeros(len(user), dtype=torch.long, device=user.device),
+                                reduction="sum")
+    share = cfg.retrieval_weight * r_sum / n
+    sums = [r_sum.detach().float()]
+    d_out = user.shape[1]
+    if cfg.uniform or cfg.distill == "contrastive":
+        z = user if cf_user is None else torch.cat([user, cf_user], 1)
+        z_all = dd.all_gather_rows(z.to(dd.comm_device()), n).to(z.device)
+        z_mix = torch.cat([z_all[:lo], z, z_all[hi:]])
+        u_mix, c_mix = z_mix[:, :d_out], z_mix[:, d_out:]
+    distill = uniform = None
+    if cfg.distill == "mse":
+        d_sum = (F.normalize(user, dim=-1) - F.normalize(cf_user, dim=-1)).pow(2).sum()
+        share = share + cfg.distill_weight * d_sum / (n * d_out)
+        sums.append(d_sum.detach().float())
+    elif cfg.distill == "contrastive":
+        distill = distill_contrastive_loss(u_mix, c_mix, cfg.contrastive_temperature)
+        share = share + cfg.distill_weight * distill
+    if cfg.uniform:
+        uniform = uniformity_loss(u_mix)
+        if cfg.distill != "none":
+            uniform = uniform + uniformity_loss(c_mix)
+        share = share + cfg.uniform_weight * uniform
+    total = torch.stack(sums).to(dd.comm_device())
+    dist.all_reduce(total)
+    total = total.cpu()
+    terms = {"retrieval": float(total[0]) / n}
+    if cfg.distill == "mse":
+        terms["distill"] = float(total[1]) / (n * d_out)
+    else:
+        terms["distill"] = float(distill.detach()) if distill is not None else 0.0
+    terms["uniform"] = float(uniform.detach()) if uniform is not None else 0.0
+    terms["loss"] = (cfg.retrieval_weight * terms["retrieval"]
+                     + (cfg.distill_weight * terms["distill"] if cfg.distill != "none" else 0.0)
+                     + (cfg.uniform_weight * terms["uniform"] if cfg.uniform else 0.0))
+    return share, terms
+
+
 def _eval_points(n_batches: int, evals_per_epoch: int) -> list[int]:
     """Batch counts (1-based, within an epoch) after which to validate: every 1/evals of it."""
     pts = {max(1, math.ceil((j + 1) * n_batches / evals_per_epoch)) for j in range(evals_per_epoch)}
     return sorted(pts)
 
 
-def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: bool = True) -> FitResult:
+def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: bool = True, *,
+              device="cpu") -> FitResult:
     """Train the heads on in-memory cached tensors (the core of ``llmsrec train``).
 
     Deterministic: the same ``data`` and ``config`` give identical weights on the same
     machine (torch init under ``config.seed``; user order and negatives from a numpy
     Generator seeded with it).
 
+    Distributed when a ``torch.distributed`` process group is initialised (``train_heads``
+    does it under torchrun): the heads are wrapped in ``DistributedDataParallel``; every
+    rank holds the same ``data``, draws the same user order and the same negatives for the
+    whole batch from the same generator, and trains on rows ``shard(B, rank, world)`` of
+    each global batch of B users with :func:`sharded_loss`, so the updates equal one
+    process's with the same ``batch_size`` (to float rounding). Validation scores a slice
+    of the users per rank and gathers them; every rank then takes the same decisions
+    (best step, early stop).
+
+    Args:
+        device: where the heads and the cached tensors live (``cpu``, ``cuda[:N]``,
+            ``hpu``, or a ``torch.device``); per-step index tensors are copied from pinned
+            memory on CUDA. The returned heads are on the CPU.
     Returns:
         :class:`FitResult` with the best-on-validation heads (by ``config.select_metric``).
     Raises:
@@ -436,6 +575,9 @@ def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: 
 
     from llmsrec.evaluate.metrics import ranking_metrics
 
+    dev = device if isinstance(device, torch.device) else resolve_device(str(device))
+    group = dd.active()
+    rank, world = group or (0, 1)
     cfg = config or TrainConfig()
     lcfg = cfg.loss_config()
     users_all = np.asarray(data.train_users, dtype=np.int64)
@@ -445,20 +587,34 @@ def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         heads = LLMSRecHeads(hcfg)
+    heads.to(dev)
+    forward = _HeadsForward(heads)
+    if group is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # without L_Distill f_CF-user gets no gradient: DDP must be told to expect that
+        forward = DistributedDataParallel(forward, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                          find_unused_parameters=lcfg.distill == "none")
     rng = np.random.default_rng(cfg.seed)
     adam = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     try:  # the fused CPU kernel is ~5x faster than the per-tensor loop on these 3M parameters
+        if dev.type not in ("cpu", "cuda"):
+            raise TypeError("fused Adam: CPU and CUDA only")
         opt = torch.optim.Adam(heads.parameters(), fused=True, **adam)
     except (RuntimeError, TypeError):
         opt = torch.optim.Adam(heads.parameters(), **adam)
 
-    item_h = torch.from_numpy(np.ascontiguousarray(data.item_hidden, dtype=np.float32))
-    user_h = torch.from_numpy(np.ascontiguousarray(data.train_hidden, dtype=np.float32))
-    user_cf = torch.from_numpy(np.ascontiguousarray(data.train_cf, dtype=np.float32))
+    def on_dev(a, dtype):
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(dev)
+
+    item_h = on_dev(data.item_hidden, np.float32)
+    user_h = on_dev(data.train_hidden, np.float32)
+    user_cf = on_dev(data.train_cf, np.float32)
     targets = np.asarray(data.train_targets, dtype=np.int64)
-    valid_h = torch.from_numpy(np.ascontiguousarray(data.eval_hidden["valid"], dtype=np.float32))
-    valid_c = torch.from_numpy(np.asarray(data.candidates["valid"], dtype=np.int64))
+    valid_h = on_dev(data.eval_hidden["valid"], np.float32)
+    valid_c = on_dev(data.candidates["valid"], np.int64)
     full = cfg.train_negatives == "all"
+    use_cf = lcfg.distill != "none"
 
     n_batches = math.ceil(len(users_all) / cfg.batch_size)
     points = set(_eval_points(n_batches, cfg.evals_per_epoch))
@@ -474,28 +630,36 @@ def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: 
     heads.train()
     for epoch in range(cfg.epochs):
         order = rng.permutation(users_all)
-        bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+        bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0,
                    leave=False, unit="batch")
         ep = {k: 0.0 for k in LOSS_TERMS}
         for bi in bar:
             users = order[bi * cfg.batch_size : (bi + 1) * cfg.batch_size]
             tg = targets[users]
-            u_idx = torch.from_numpy(users)
-            u = heads.user(user_h[u_idx])
             excl = [data.train_exclude[x] for x in users]
+            # every rank draws the whole batch's negatives: the generator stays in step
+            neg = None if full else sample_negatives(excl, tg, data.n_items, int(cfg.train_negatives), rng)
+            lo, hi = dd.shard(len(users), rank, world)
+            u_idx = to_device(torch.from_numpy(users[lo:hi]), dev)
             if full:
-                items = heads.item(item_h)
-                r = full_retrieval_loss(u, items, torch.from_numpy(tg), exclusion_mask(excl, tg, data.n_items))
+                h_items = item_h
             else:
-                neg = sample_negatives(excl, tg, data.n_items, int(cfg.train_negatives), rng)
-                ids = torch.from_numpy(np.concatenate([tg[:, None], neg], axis=1))
-                e = heads.item(item_h[ids])
-                r = retrieval_loss(u, e[:, 0], e[:, 1:])
-            cfu = heads.cf_user(user_cf[u_idx]) if lcfg.distill != "none" else None
-            loss, terms = total_loss(r, u, cfu, lcfg)
+                ids = np.concatenate([tg[lo:hi, None], neg[lo:hi]], axis=1)
+                h_items = item_h[to_device(torch.from_numpy(ids), dev)]
+            u, e, cfu = forward(user_h[u_idx], h_items, user_cf[u_idx] if use_cf else None)
+            tg_t = to_device(torch.from_numpy(tg[lo:hi]), dev) if full else None
+            mask = to_device(exclusion_mask(excl[lo:hi], tg[lo:hi], data.n_items), dev) if full else None
+            if group is None:
+                r = full_retrieval_loss(u, e, tg_t, mask) if full else retrieval_loss(u, e[:, 0], e[:, 1:])
+                loss, terms = total_loss(r, u, cfu, lcfg)
+            else:
+                share, terms = sharded_loss(u, e, cfu, tg_t, mask, len(users), lo, hi, lcfg)
+                loss = share * world  # DDP averages the ranks' gradients; the shares must add up
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            mark_step(dev)
             opt.step()
+            mark_step(dev)
             step += 1
             for k in LOSS_TERMS:
                 run[k] += terms[k]
@@ -504,7 +668,8 @@ def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: 
             if progress:
                 bar.set_postfix({k: f"{ep[k] / (bi + 1):.4f}" for k in LOSS_TERMS})
             if bi + 1 in points:
-                s = score_candidates(heads, valid_h, item_h, valid_c)
+                s = score_candidates(heads, valid_h, item_h, valid_c) if group is None else \
+                    _score_sharded(heads, valid_h, item_h, valid_c, rank, world)
                 try:
                     m = {k: float(v) for k, v in ranking_metrics(s).items()}
                 except ValueError as e:  # NaN/inf scores: the heads diverged
@@ -540,7 +705,7 @@ def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: 
             break
         epochs_run = epoch + 1
     heads.load_state_dict(best["state"])
-    heads.eval()
+    heads.cpu().eval()
     best_info = {k: best[k] for k in ("validation", "step", "epoch", "metrics")}
     return FitResult(heads, history, best_info, step, round(float(epochs_run), 4), stopped,
                      time.perf_counter() - t0)
@@ -577,7 +742,7 @@ def plot_history(history: list[dict], path, title: str = "LLM-SRec heads") -> No
 
 
 def train_on_tensors(data: CachedTensors, out, config: TrainConfig | None = None, *, force: bool = False,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, device="cpu") -> dict:
     """Fit on ``data``, then write the heads folder ``out`` atomically and return results.
 
     ``out`` gets ``heads.safetensors``, ``heads_config.json`` (head widths + training options
@@ -585,6 +750,13 @@ def train_on_tensors(data: CachedTensors, out, config: TrainConfig | None = None
     ``results.json`` (``valid``/``test`` metrics of the selected heads, test computed once,
     plus shuffled views if the cache had them; best step; timings).
 
+    Distributed (a process group is initialised): :func:`fit_heads` trains data-parallel;
+    rank 0 alone evaluates the selected heads and writes ``out`` (atomically), then sends
+    the results to every rank, so all ranks return the same dict once ``out`` exists. It
+    then also has ``"distributed": {"world_size", "backend"}``.
+
+    Args:
+        device: where the heads train (see :func:`fit_heads`); evaluation runs on the CPU.
     Raises:
         InputError: ``out`` exists and not ``force``; bad options or data.
     """
@@ -592,7 +764,10 @@ def train_on_tensors(data: CachedTensors, out, config: TrainConfig | None = None
     out = Path(out)
     if out.exists() and not force:
         raise InputError(f"{out}: already exists (pass --force to overwrite)")
-    fit = fit_heads(data, cfg, progress=progress)
+    group = dd.active()
+    fit = fit_heads(data, cfg, progress=progress, device=device)
+    if group is not None and group[0] != 0:
+        return dd.broadcast_json(None)
     evals = evaluate_on_tensors(fit.heads, data, EVAL_VIEWS)
     results = {
         "model": "LLM-SRec",
@@ -605,6 +780,10 @@ def train_on_tensors(data: CachedTensors, out, config: TrainConfig | None = None
         "train_users": int(len(data.train_users)),
         "config": asdict(cfg),
     }
+    if group is not None:
+        import torch.distributed as dist
+
+        results["distributed"] = {"world_size": group[1], "backend": str(dist.get_backend())}
     with atomic_dir(out, force=force) as tmp:
         save_heads(fit.heads, tmp, extra={"train": asdict(cfg), "provenance": data.provenance})
         with open(tmp / "history.jsonl", "w") as f:
@@ -612,24 +791,45 @@ def train_on_tensors(data: CachedTensors, out, config: TrainConfig | None = None
                 f.write(json.dumps(h) + "\n")
         plot_history(fit.history, tmp / "training_curve.png")
         write_json(tmp / "results.json", results)
+    if group is not None:
+        dd.broadcast_json(results)
     return results
 
 
-def train_heads(ds, cache_path, out, *, force: bool = False, progress: bool = True, **opts: Any) -> dict:
+def train_heads(ds, cache_path, out, *, force: bool = False, progress: bool = True, device: str = "cpu",
+                **opts: Any) -> dict:
     """``llmsrec train``: read the cache into memory once, train the heads, write ``out``.
+
+    Under torchrun (``RANK``/``WORLD_SIZE`` set, ``llmsrec.distributed.dist_env``) every
+    process reads the cache, joins the process group with the device's backend (gloo on
+    CPU, nccl on CUDA with ``cuda`` meaning ``cuda:LOCAL_RANK``, hccl on Gaudi) and trains
+    its slice of every batch (:func:`fit_heads`); the result equals one process with the
+    same ``batch_size`` (global batch) to float rounding, and rank 0 writes ``out``.
 
     Args:
         ds: ``PreparedDataset`` or its folder.
         cache_path: HDF5 cache from precompute (same dataset).
         out: output folder (see :func:`train_on_tensors` for its files).
+        device: where the heads train: ``cpu`` (default), ``cuda[:N]``, ``hpu``.
         **opts: :class:`TrainConfig` fields (``None`` = default).
     Returns:
-        The ``results.json`` dict (``valid``, ``test`` metric dicts, ...).
+        The ``results.json`` dict (``valid``, ``test`` metric dicts, ...), on every rank.
     Raises:
-        InputError: bad options, cache/dataset mismatch, ``out`` exists without ``force``.
+        InputError: bad options, cache/dataset mismatch, ``out`` exists without ``force``,
+            an unavailable device or distributed backend.
     """
     cfg = TrainConfig.from_options(**opts)
     if Path(out).exists() and not force:
         raise InputError(f"{out}: already exists (pass --force to overwrite)")
-    data = load_cached_tensors(ds, cache_path, eval_views=EVAL_VIEWS)
-    return train_on_tensors(data, out, cfg, force=force, progress=progress)
+    started = dd.dist_env() is not None and dd.active() is None
+    if started:
+        dd.init_distributed(device)
+    ok = False
+    try:
+        data = load_cached_tensors(ds, cache_path, eval_views=EVAL_VIEWS)
+        res = train_on_tensors(data, out, cfg, force=force, progress=progress, device=dd.local_device(device))
+        ok = True
+        return res
+    finally:
+        if started:
+            dd.shutdown_distributed(barrier=ok)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from llmsrec.devices import to_device
 from llmsrec.errors import InputError
 from llmsrec.precompute.llm import HISTORY_EMB, LoadedLLM
 from llmsrec.precompute.prompts import Prompt
@@ -125,17 +126,19 @@ def forward_batch(llm: LoadedLLM, batch: list[TokenizedPrompt], soft_table: torc
     dev = soft_table.device
     ids, mask, rows_t, cols_t, items_t, out_pos = pack_batch(batch)
     b, lmax = ids.shape
-    ar = torch.arange(b)
+    # one copy per tensor; on CUDA from pinned memory, non-blocking (llmsrec.devices.to_device)
+    ids, mask, rows_t, cols_t, items_t, out_pos, ar = (
+        to_device(t, dev) for t in (ids, mask, rows_t, cols_t, items_t, out_pos, torch.arange(b)))
     try:
         with torch.inference_mode():
-            x = llm.decoder.embed_tokens(ids.to(dev)) if hasattr(llm.decoder, "embed_tokens") \
-                else llm.decoder.get_input_embeddings()(ids.to(dev))
-            x[rows_t.to(dev), cols_t.to(dev)] = soft_table[items_t.to(dev)]
-            x[ar.to(dev), out_pos.to(dev)] = out_vec
+            x = llm.decoder.embed_tokens(ids) if hasattr(llm.decoder, "embed_tokens") \
+                else llm.decoder.get_input_embeddings()(ids)
+            x[rows_t, cols_t] = soft_table[items_t]
+            x[ar, out_pos] = out_vec
             h = llm.decoder(inputs_embeds=x,
-                            attention_mask=mask.to(dev) if attention_mask else None,
+                            attention_mask=mask if attention_mask else None,
                             use_cache=False).last_hidden_state
-            return h[ar.to(dev), out_pos.to(dev)].float().cpu()
+            return h[ar, out_pos].float().cpu()
     except torch.OutOfMemoryError as e:
         raise InputError(f"a batch of {b} x {lmax} tokens does not fit on {dev}; "
                          f"lower --batch-tokens") from e

@@ -19,7 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmsrec.devices import resolve_device  # noqa: F401  (re-exported)
+from llmsrec.devices import hpu_lazy_mode, resolve_device  # noqa: F401  (re-exported)
+from llmsrec.distributed import local_device
 from llmsrec.errors import InputError
 
 HISTORY_EMB = "[HistoryEmb]"
@@ -81,7 +82,10 @@ class LoadedLLM:
             bundled model: of the shipped GGUF file).
         tokenizer_digest: sha256 of the tokenizer's serialized JSON (with added tokens).
         max_positions: the model's ``max_position_embeddings`` (prompt length limit).
-        device, dtype: where and in which dtype the decoder runs.
+        device, dtype: where and in which dtype the decoder runs (with 8-bit weights:
+            the dtype of the layers bitsandbytes leaves unquantised).
+        quantization: None, or ``"int8"`` when the linear layers were loaded in 8 bits
+            (``bitsandbytes`` LLM.int8(), ``load_in_8bit``).
     """
 
     name: str
@@ -94,6 +98,7 @@ class LoadedLLM:
     max_positions: int
     device: object
     dtype: object
+    quantization: str | None = None
 
     @property
     def d_llm(self) -> int:
@@ -165,6 +170,44 @@ def resolve_dtype(dtype: str | None, device: str):
     return table[dtype]
 
 
+def check_llm_options(device: str = "cpu", *, load_in_8bit: bool = False, hpu_graphs: bool = False) -> None:
+    """Refuse option combinations before any work (``load_llm`` calls it too).
+
+    Only names and installed libraries are checked here; whether the machine has the
+    device is :func:`~llmsrec.devices.resolve_device`'s job.
+
+    Raises:
+        InputError: ``load_in_8bit`` on a device other than CUDA (refused on Gaudi: its
+            8-bit path is FP8 through Intel Neural Compressor, not bitsandbytes) or without
+            ``bitsandbytes`` installed; ``hpu_graphs`` on a device other than ``hpu``; an
+            unknown device name.
+    """
+    kind = str(device).split(":")[0]
+    if kind not in ("cpu", "cuda", "hpu"):
+        raise InputError(f"--device {device}: expected cpu, cuda, cuda:N or hpu")
+    if load_in_8bit:
+        if kind == "hpu":
+            raise InputError("--load-in-8bit: not supported on Gaudi (--device hpu); use --dtype bf16")
+        if kind != "cuda":
+            raise InputError(f"--load-in-8bit: needs --device cuda (bitsandbytes), got --device {device}")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise InputError("--load-in-8bit: bitsandbytes is not installed (pip install bitsandbytes)") from None
+    if hpu_graphs and kind != "hpu":
+        raise InputError(f"--hpu-graphs: needs --device hpu, got --device {device}")
+
+
+def _prepare_gaudi() -> None:
+    """optimum-habana's Gaudi versions of the transformers model classes, before loading."""
+    try:
+        from optimum.habana.transformers.modeling_utils import adapt_transformers_to_gaudi
+    except ImportError as e:
+        raise InputError("--device hpu: optimum-habana is not installed "
+                         "(pip install 'llmsrec[gaudi]')") from e
+    adapt_transformers_to_gaudi()
+
+
 def load_llm(
     llm: str = "smollm2-135m",
     *,
@@ -173,8 +216,24 @@ def load_llm(
     trust_remote_code: bool = False,
     model=None,
     tokenizer=None,
+    load_in_8bit: bool = False,
+    hpu_graphs: bool = False,
 ) -> LoadedLLM:
     """Load a frozen causal LM and add the special tokens.
+
+    Devices:
+        - ``cpu``: fp32 by default; SDPA attention (``attn_implementation="sdpa"``).
+        - ``cuda[:N]``: bf16 by default, SDPA attention (PyTorch's fused flash /
+          memory-efficient kernels); ``load_in_8bit`` quantises the linear layers with
+          bitsandbytes (LLM.int8(); the other layers stay in ``dtype``). Under torchrun a
+          plain ``cuda`` means ``cuda:LOCAL_RANK``.
+        - ``hpu`` (Gaudi, the ``gaudi`` extra): bf16 by default; ``PT_HPU_LAZY_MODE``
+          defaults to lazy mode (1) before ``habana_frameworks`` is first imported;
+          ``adapt_transformers_to_gaudi()`` (optimum-habana) swaps in the Gaudi model
+          classes before loading, which use their own attention kernels; ``hpu_graphs``
+          wraps the decoder with ``wrap_in_hpu_graph`` (inference only, lazy mode only: each
+          new batch shape is captured once and replayed). Habana and bitsandbytes are
+          imported only inside this function, behind these device checks.
 
     Args:
         llm: ``smollm2-135m``, a local Hugging Face folder, or a model id already in the
@@ -185,6 +244,9 @@ def load_llm(
         model, tokenizer: an already built causal LM and tokenizer (tests use tiny
             random-weight ones); ``llm`` is then only a name, and the weights digest is
             computed from the tensors.
+        load_in_8bit: 8-bit weights via bitsandbytes (CUDA only).
+        hpu_graphs: capture the decoder's forward as HPU Graphs (``hpu`` only; for
+            inference callers such as precompute, never for training through the LLM).
 
     Returns:
         LoadedLLM. ``[HistoryEmb]``, ``[UserOut]``, ``[ItemOut]`` are added as single special
@@ -192,13 +254,20 @@ def load_llm(
         are replaced by f_I(E_i) and the two token vectors before every forward).
 
     Raises:
-        InputError: unknown name / missing folder, a folder that is not a causal LM, or a
-            tokenizer that splits a special token.
+        InputError: unknown name / missing folder, a folder that is not a causal LM, a
+            tokenizer that splits a special token, or see :func:`check_llm_options`.
     """
     import torch
 
+    check_llm_options(device, load_in_8bit=load_in_8bit, hpu_graphs=hpu_graphs)
+    device = local_device(device)
     tdev = resolve_device(device)
-    tdtype = resolve_dtype(dtype, device.split(":")[0])
+    kind = tdev.type
+    tdtype = resolve_dtype(dtype, kind)
+    if model is not None and load_in_8bit:
+        raise InputError("--load-in-8bit: applies to a model loaded from weights, not to a given model")
+    if kind == "hpu" and model is None:
+        _prepare_gaudi()
     if model is None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -228,10 +297,18 @@ def load_llm(
         if archs and not any("CausalLM" in a or "LMHead" in a for a in archs):
             raise InputError(f"--llm {llm}: {', '.join(archs)} is not a causal (decoder-only) "
                              f"LM")
+        kwargs = {}
+        if kind != "hpu":  # the Gaudi model classes pick their own attention kernels
+            kwargs["attn_implementation"] = "sdpa"
+        if load_in_8bit:
+            from transformers import BitsAndBytesConfig
+
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+            kwargs["device_map"] = {"": tdev.index if tdev.index is not None else torch.cuda.current_device()}
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 folder, torch_dtype=tdtype, trust_remote_code=trust_remote_code,
-                local_files_only=True, attn_implementation="sdpa",
+                local_files_only=True, **kwargs,
             )
         except ValueError as e:
             raise InputError(f"--llm {llm}: not a causal LM that transformers can load "
@@ -257,8 +334,13 @@ def load_llm(
         ids[t] = enc[0]
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    model.to(device=tdev, dtype=tdtype)
+    if not load_in_8bit:  # bitsandbytes placed the 8-bit model already; it refuses .to()
+        model.to(device=tdev, dtype=tdtype)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    if hpu_graphs and hpu_lazy_mode():
+        from habana_frameworks.torch.hpu import wrap_in_hpu_graph
+
+        decoder = wrap_in_hpu_graph(decoder)
     try:
         tok_json = tokenizer.backend_tokenizer.to_str()
     except AttributeError:  # slow tokenizer: digest its vocabulary instead
@@ -269,4 +351,5 @@ def load_llm(
         weights_digest=digest,
         tokenizer_digest=hashlib.sha256(tok_json.encode()).hexdigest(),
         max_positions=max_pos, device=tdev, dtype=tdtype,
+        quantization="int8" if load_in_8bit else None,
     )
