@@ -124,6 +124,14 @@ class LLMInputs(nn.Module):
         """f_I(E[items]): ``(n,) int64 -> (n, d_llm)`` float32 (differentiable)."""
         return self.f_I(self.E[items])
 
+    def soft_table(self) -> torch.Tensor:
+        """Row i replaces each ``[HistoryEmb]`` standing for id i: f_I(E), float32 ``(N+1, d_llm)``.
+
+        ``soft(ids)`` must equal ``soft_table()[ids]``; subclasses with more soft-token slots
+        (the baselines' user representation, :mod:`llmsrec.baselines`) extend both.
+        """
+        return self.f_I(self.E)
+
     def out_vec(self, out_token: str) -> torch.Tensor:
         return self.user_out if out_token == USER_OUT else self.item_out
 
@@ -188,8 +196,9 @@ def forward_with_grad(llm: LoadedLLM, batch: list[TokenizedPrompt], inputs: LLMI
 
     The same computation as :func:`llmsrec.precompute.engine.forward_batch`, with the soft
     tokens f_I(E_i) and the out-token vector spliced in out of place so that autograd
-    reaches ``inputs``; the LLM's own weights are frozen (``requires_grad`` False). Runs
-    under the caller's grad mode.
+    reaches ``inputs``; the LLM's own weights are frozen (``requires_grad`` False; adapters
+    injected into the decoder and owned by ``inputs``, as the baselines' LoRA, get gradients).
+    Runs under the caller's grad mode.
 
     Args:
         llm: the loaded model; batch: B tokenized prompts; inputs: f_I + tokens (on
@@ -272,7 +281,7 @@ def compute_states(llm: LoadedLLM, inputs: LLMInputs, toks: list[TokenizedPrompt
     out = np.zeros((len(toks), llm.d_llm), dtype=np.float32)
     if not toks:
         return out
-    soft = inputs.f_I(inputs.E).to(llm.dtype)
+    soft = inputs.soft_table().to(llm.dtype)
     vec = inputs.out_vec(out_token).detach().to(llm.dtype)
     for bb in _length_batches(toks, batch_tokens):
         out[bb] = forward_batch(llm, [toks[i] for i in bb], soft, vec).numpy()
@@ -306,7 +315,10 @@ def backward_through_llm(llm: LoadedLLM, inputs: LLMInputs, groups: list, loss_f
         loss.backward()
         return loss, terms
     chunks, hs = [], []
-    with torch.no_grad():
+    # the graph pass below must replay this pass exactly: with dropout on (LoRA dropout of the
+    # baselines) both draw the same masks from the same generator state (CPU and CUDA)
+    rng_devices = [dev] if dev.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
         for toks, o in groups:
             bs = _length_batches(toks, budget)
             h = torch.empty((len(toks), llm.d_llm), device=dev)
@@ -501,6 +513,10 @@ class E2ETrainer:
         data: :class:`E2EData`; llm: the frozen model; inputs: the starting f_I + tokens
             (moved to ``llm.device``); cfg: :class:`~llmsrec.heads.train.TrainConfig` (its
             ``train_negatives`` must be a count); opts: :class:`E2EOptions`.
+
+    Every decoder parameter gets ``requires_grad`` False except those ``inputs`` also owns
+    (the LoRA adapters of the baselines, :mod:`llmsrec.baselines`); the optimizer holds the
+    heads' and ``inputs``' parameters.
     Raises:
         InputError: ``train_negatives == "all"``.
     """
@@ -512,8 +528,10 @@ class E2ETrainer:
         self.data, self.llm, self.cfg, self.opts = data, llm, cfg, opts
         self.lcfg = cfg.loss_config()
         self.dev = llm.device
+        own = {id(p) for p in inputs.parameters()}  # adapters inside the decoder that inputs owns train
         for p in llm.decoder.parameters():
-            p.requires_grad_(False)
+            if id(p) not in own:
+                p.requires_grad_(False)
         if opts.grad_checkpointing:
             enable_grad_checkpointing(llm)
         hcfg = HeadsConfig(d_llm=llm.d_llm, d_cf=int(data.train_cf.shape[1]), d_out=cfg.d_out,
@@ -624,20 +642,27 @@ class E2EFit(FitResult):
     test: dict = None
     timings: dict = None
     valid_users: int = 0
+    trainer: "E2ETrainer" = None
+    item_states: np.ndarray = None
 
 
 def fit_e2e(data: E2EData, llm: LoadedLLM, inputs: LLMInputs, config: TrainConfig | None = None,
             options: E2EOptions | None = None, progress: bool = True,
-            log: Callable[[str], None] | None = None) -> E2EFit:
+            log: Callable[[str], None] | None = None, trainer_cls: type | None = None) -> E2EFit:
     """Train heads, f_I and tokens through the frozen LLM; select on validation; test once.
 
     Deterministic on CPU: same data, config and options give the same weights. The user
     order and the negatives come from a numpy Generator seeded like cache mode's.
 
+    ``trainer_cls``: an :class:`E2ETrainer` subclass with the same constructor (the LLM4Rec
+    baselines' trainer, :mod:`llmsrec.baselines`); default :class:`E2ETrainer`.
+
     Returns:
         :class:`E2EFit`: the best-on-validation heads and inputs (eval mode), history, the
         test metrics of the selected checkpoint, timings (seconds: ``train_steps``,
-        ``validation``, ``test``, ``per_epoch`` = (steps + validations) / epochs run).
+        ``validation``, ``test``, ``per_epoch`` = (steps + validations) / epochs run), the
+        trainer (holding the selected state) and that checkpoint's item states
+        (``item_states``, float32 ``(N+1, d_llm)``, for scoring more views without recomputing).
     Raises:
         InputError: no training users, ``train_negatives == "all"``, divergence, device OOM.
     """
@@ -648,7 +673,7 @@ def fit_e2e(data: E2EData, llm: LoadedLLM, inputs: LLMInputs, config: TrainConfi
     users_all = np.asarray(data.train_users, dtype=np.int64)
     if len(users_all) == 0:
         raise InputError("train: no user has a training sample (train view empty)")
-    tr = E2ETrainer(data, llm, inputs, cfg, opts)
+    tr = (trainer_cls or E2ETrainer)(data, llm, inputs, cfg, opts)
     valid_users = eval_user_sample(data.n_users, opts.eval_users, cfg.seed)
     n_batches = math.ceil(len(users_all) / cfg.batch_size)
     points = set(_eval_points(n_batches, cfg.evals_per_epoch))
@@ -720,7 +745,7 @@ def fit_e2e(data: E2EData, llm: LoadedLLM, inputs: LLMInputs, config: TrainConfi
     best_info = {k: best[k] for k in ("validation", "step", "epoch", "metrics")}
     return E2EFit(heads=tr.heads, history=history, best=best_info, steps=step, epochs_run=round(epochs_run, 4),
                   stopped_early=stopped, seconds=time.perf_counter() - t0, inputs=tr.inputs, test=test,
-                  timings=timings, valid_users=int(len(valid_users)))
+                  timings=timings, valid_users=int(len(valid_users)), trainer=tr, item_states=best["item_h"])
 
 
 # --- the command ----------------------------------------------------------------------------
