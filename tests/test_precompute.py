@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import h5py
@@ -340,9 +341,12 @@ def test_provenance_mismatch_refused_naming_field(llm, ds, sasrec, tmp_path):
         _run(ds, sasrec, llm, out, views=("test",), history_window=3)
     with pytest.raises(InputError, match="sasrec_sha256"):
         _run(ds, sasrec.__class__(sasrec.config).eval(), llm, out, views=("test",))
+    with pytest.raises(InputError, match="quantization"):  # an 8-bit LLM never extends a full-precision cache
+        _run(ds, sasrec, dataclasses.replace(llm, quantization="int8"), out, views=("test",))
     _run(ds, sasrec, llm, out, views=("test",), history_window=3, force=True)
     with open_cache(out) as c:
         assert c.provenance["history_window"] == 3
+        assert "quantization" not in c.provenance
 
 
 def test_reader_is_read_only(llm, ds, sasrec, tmp_path):

@@ -266,6 +266,10 @@ def _prepare(ds, sasrec, out_h5, *, llm, views, history_window, verb, batch_toke
                 if fi == "ridge" else
                 "moment-matched: PCA-whitened SASRec E onto the top principal axes of the input embeddings"),
     }
+    if getattr(llm, "quantization", None):
+        # only when set, so full-precision caches keep their provenance; an 8-bit run cannot
+        # resume (or be mixed into) a full-precision cache or the reverse
+        prov["quantization"] = llm.quantization
     if given is not None:
         prov["f_I"] = "given: linear f_I and token embeddings from a params file"
         prov["params_sha256"] = sha256_file(params)
