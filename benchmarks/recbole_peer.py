@@ -28,6 +28,11 @@ RecBole loss to our BCE with one negative; GRU4Rec: our defaults, maxlen 128).
 Both: Adam lr 1e-3, RecBole's batch 2048 prefixes, up to ``--epochs`` epochs, stop after
 ``--stopping-step`` validations without improvement.
 
+A killed run resumes: at the start of every epoch the trainer's state (weights, Adam state,
+best weights, early-stopping counters) is written under ``--work`` as safetensors + JSON, and
+a rerun with the same model, preset, seed, ``--epochs`` and ``--stopping-step`` continues at
+that epoch (RecBole's batch order after a resume differs from an uninterrupted run's).
+
 RecBole 1.2.1 turns on autograd anomaly detection when its models are imported (SINE's module
 does it); the script turns it off before training, which is 10-40x faster on CPU.
 RecBole 1.2.1 predates numpy 2: its ``Config`` aliases removed numpy names
@@ -133,8 +138,15 @@ def train_recbole(model_name: str, preset: str, work: Path, name: str, seed: int
     from recbole.trainer import Trainer
     from recbole.utils import get_model, init_logger, init_seed
 
+    resume = work / f"resume-{model_name}-{preset}-seed{seed}-e{epochs}-s{stopping_step}"
+
     class InMemoryTrainer(Trainer):
-        """RecBole's trainer, keeping the best-on-validation weights in memory (no torch.save)."""
+        """RecBole's trainer, keeping the best-on-validation weights in memory (no torch.save).
+
+        At the start of every epoch it writes its whole state (weights, Adam state, best weights,
+        early-stopping counters) to ``resume`` as safetensors + JSON, so a killed run continues
+        at that epoch (RecBole's own resume uses torch.load, i.e. pickle).
+        """
 
         best_state = None
         best_epoch = -1
@@ -142,6 +154,11 @@ def train_recbole(model_name: str, preset: str, work: Path, name: str, seed: int
         def _save_checkpoint(self, epoch, verbose=True, **kwargs):
             self.best_state = copy.deepcopy(self.model.state_dict())
             self.best_epoch = epoch
+
+        def _train_epoch(self, train_data, epoch_idx, *args, **kwargs):
+            if epoch_idx > 0:
+                save_resume(self, resume, epoch_idx)
+            return super()._train_epoch(train_data, epoch_idx, *args, **kwargs)
 
     config_dict = {
         "data_path": str(work), "dataset": name,
@@ -170,8 +187,14 @@ def train_recbole(model_name: str, preset: str, work: Path, name: str, seed: int
     # core instead of seconds. Turned off again here; results are unchanged.
     torch.autograd.set_detect_anomaly(False)
     t0 = time.perf_counter()
+    done_before = load_resume(trainer, resume)
+    if done_before:
+        print(f"[{model_name} seed {seed}] resuming at epoch {trainer.start_epoch + 1} ({resume})", flush=True)
     best_score, _ = trainer.fit(train_data, valid_data, verbose=False, saved=True, show_progress=False)
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 + done_before
+    import shutil
+
+    shutil.rmtree(resume, ignore_errors=True)  # finished: a rerun trains afresh
     model.load_state_dict(trainer.best_state)
     model.eval()
     info = {"best_epoch": trainer.best_epoch + 1, "epochs_run": len(trainer.train_loss_dict),
@@ -181,6 +204,60 @@ def train_recbole(model_name: str, preset: str, work: Path, name: str, seed: int
             "model_params": {k: config[k] for k in PRESETS["ours"][model_name]
                              if k not in ("train_neg_sample_args", "MAX_ITEM_LIST_LENGTH")}}
     return model, dataset, info
+
+
+def save_resume(trainer, folder: Path, epoch: int) -> None:
+    """Write the trainer's state before ``epoch`` (0-based) into ``folder`` (replaced atomically)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    opt = trainer.optimizer.state_dict()
+    tensors = {f"model/{k}": v.contiguous() for k, v in trainer.model.state_dict().items()}
+    tensors.update({f"best/{k}": v.contiguous() for k, v in (trainer.best_state or {}).items()})
+    for pid, st in opt["state"].items():
+        tensors.update({f"opt/{pid}/{k}": v.contiguous() for k, v in st.items()})
+    meta = {"epoch": epoch, "best_epoch": trainer.best_epoch, "best_valid_score": float(trainer.best_valid_score),
+            "cur_step": trainer.cur_step, "best_valid_result": {k: float(v) for k, v in
+                                                                (trainer.best_valid_result or {}).items()},
+            "train_loss_dict": {str(k): float(v) for k, v in trainer.train_loss_dict.items()},
+            "param_groups": opt["param_groups"], "seconds": time.perf_counter() - trainer._resume_t0
+            + trainer._resume_before}
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(meta))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def load_resume(trainer, folder: Path) -> float:
+    """Restore a state written by :func:`save_resume`; return the seconds already spent (0 if none)."""
+    from safetensors.torch import load_file
+
+    trainer._resume_t0, trainer._resume_before = time.perf_counter(), 0.0
+    if not (folder / "state.json").is_file():
+        return 0.0
+    meta = json.loads((folder / "state.json").read_text())
+    tensors = load_file(str(folder / "state.safetensors"))
+    trainer.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
+    trainer.best_state = best or None
+    state: dict = {}
+    for k, v in tensors.items():
+        if k.startswith("opt/"):
+            _, pid, name = k.split("/", 2)
+            state.setdefault(int(pid), {})[name] = v
+    trainer.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    trainer.start_epoch = meta["epoch"]
+    trainer.best_epoch = meta["best_epoch"]
+    trainer.best_valid_score = meta["best_valid_score"]
+    trainer.cur_step = meta["cur_step"]
+    trainer.best_valid_result = meta["best_valid_result"] or None
+    trainer.train_loss_dict = {int(k): v for k, v in meta["train_loss_dict"].items()}
+    trainer._resume_before = meta["seconds"]
+    return float(meta["seconds"])
 
 
 def score_candidates(model, dataset, ds, users: list[int], split: str):
