@@ -283,13 +283,15 @@ def test_gradient_caching_replays_the_lora_dropout_masks(ds, sasrec_dir):
 
 @pytest.mark.parametrize("model", BASELINES)
 def test_save_load_round_trip_gives_identical_scores(model, ds, sasrec_dir, tmp_path):
+    import shutil
+
     kw = dict(progress=False, history_window=W, batch_tokens=400, batch_size=4, lr=3e-3, evals_per_epoch=2,
               epochs=3, max_steps=2, **SMALL)
     if model == "allmrec":
         kw["stage1"] = {"epochs": 3, "latent": 8}
     else:
         kw["lora"] = {"r": 4, "alpha": 8}
-    sas = None if model == "tallrec" else sasrec_dir
+    sas = None if model == "tallrec" else shutil.copytree(sasrec_dir, tmp_path / "teacher-src")
     bf = fit_baseline(model, ds, sas, llm=_tiny_llm(), **kw)
     fit = bf.fit
     assert fit.steps == 2 and bf.config.distill == "none" and bf.config.uniform is False
@@ -311,6 +313,13 @@ def test_save_load_round_trip_gives_identical_scores(model, ds, sasrec_dir, tmp_
     if model != "allmrec":  # only adapter weights, never the base model's
         adapter = load_file(out / "adapter.safetensors")
         assert len(adapter) == 8 and all("lora_" in k for k in adapter)
+    # the teacher travels with the checkpoint: its folder moved away, the scores stay the same
+    assert ("teacher" in names) == (model != "tallrec")
+    if sas is not None:
+        assert sorted(p.name for p in (out / "teacher").iterdir()) == ["config.json", "model.safetensors"]
+        for f in ("config.json", "model.safetensors"):
+            assert (out / "teacher" / f).read_bytes() == (sas / f).read_bytes()
+        sas = sas.rename(tmp_path / "moved")
     loaded = baseline_scores(ds, out, llm=_tiny_llm(), batch_tokens=400)
     for v, s in mem.items():
         np.testing.assert_array_equal(loaded[v].scores, s.scores, err_msg=v)
@@ -326,6 +335,13 @@ def test_save_load_round_trip_gives_identical_scores(model, ds, sasrec_dir, tmp_
     other = "allmrec" if model != "allmrec" else "collm"
     with pytest.raises(InputError, match=f"a {model} checkpoint"):
         load_baseline_checkpoint(ds, out, llm=_tiny_llm(), expect=other)
+    if model == "llara":  # a checkpoint from before teacher/ existed reads the recorded folder
+        shutil.rmtree(out / "teacher")
+        with pytest.raises(InputError, match="no teacher/ copy of the CF-SRec teacher and the recorded .* is gone"):
+            load_baseline_checkpoint(ds, out, llm=_tiny_llm())
+        sas.rename(tmp_path / "teacher-src")
+        again = baseline_scores(ds, out, ("test",), llm=_tiny_llm(), batch_tokens=400)
+        np.testing.assert_array_equal(again["test"].scores, mem["test"].scores)
 
 
 def test_bad_options(ds, sasrec_dir, tmp_path):
@@ -400,3 +416,59 @@ def test_cli_train_and_evaluate_a_baseline(ds, sasrec_dir, tmp_path):
     for a, msg in bad:
         r = CliRunner().invoke(main, a)
         assert r.exit_code == 2 and msg in r.output, (a, r.output)
+
+
+def test_evaluate_checks_the_checkpoint_kind_first(ds, tmp_path):
+    from llmsrec.baselines import check_checkpoint_kind, checkpoint_kind
+    from llmsrec.baselines.common import read_baseline_config
+    from llmsrec.cli import main
+
+    def folder(name, file, doc):
+        d = tmp_path / name
+        d.mkdir()
+        (d / file).write_text(json.dumps(doc))
+        return d
+
+    llara = folder("llara", "heads_config.json", {"mode": "baseline", "baseline": {"model": "llara"}})
+    e2e = folder("e2e", "heads_config.json", {"mode": "e2e", "provenance": {}})
+    heads = folder("heads", "heads_config.json", {"heads": {}, "provenance": {"cache": "c.h5"}})
+    gru = folder("gru", "config.json", {"model": "gru4rec", "n_items": 3})
+    old_sas = folder("sas", "config.json", {"n_items": 3})  # written before the "model" field
+    (tmp_path / "empty").mkdir()
+    kinds = [checkpoint_kind(d) for d in (llara, e2e, heads, gru, old_sas, tmp_path / "empty")]
+    assert kinds == ["llara", "llmsrec-e2e", "llmsrec", "gru4rec", "sasrec", None]
+    check_checkpoint_kind(llara, "llara")
+    check_checkpoint_kind(tmp_path / "empty", "llmsrec")  # unrecognised: the evaluator reports it
+    with pytest.raises(InputError, match=r"e2e: an LLM-SRec e2e checkpoint, not an LLM4Rec baseline \(use --model "
+                                         r"llmsrec-e2e\)"):
+        read_baseline_config(e2e)
+    cases = [
+        ("llmsrec", llara, ["--cache", "c.h5"], f"{llara}: a llara checkpoint (use --model llara)"),
+        ("llmsrec-e2e", llara, [], f"{llara}: a llara checkpoint (use --model llara)"),
+        ("llara", heads, [], f"{heads}: an LLM-SRec (cache-mode) checkpoint (use --model llmsrec)"),
+        ("collm", e2e, [], f"{e2e}: an LLM-SRec e2e checkpoint (use --model llmsrec-e2e)"),
+        ("sasrec", gru, [], f"{gru}: a gru4rec checkpoint (use --model gru4rec)"),
+    ]
+    for model, ckpt, extra, msg in cases:
+        args = ["--model", model, "--checkpoint", str(ckpt), *extra]
+        r = CliRunner().invoke(main, ["evaluate", "--data", str(ds.root), *args])
+        assert r.exit_code == 2 and r.output.strip() == f"error: {msg}", (args, r.output)
+
+
+def test_cli_train_messages(ds, tmp_path):
+    from llmsrec.cli import main
+
+    base = ["train", "--data", str(ds.root), "--out", str(tmp_path / "x"), "--llm", "never-loaded"]
+    r = CliRunner().invoke(main, [*base, "--model", "tallrec", "--train-negatives", "all"])
+    assert r.exit_code == 2 and r.output.startswith("error: --model tallrec: --train-negatives all would run"), r.output
+    r = CliRunner().invoke(main, [*base, "--model", "allmrec", "--sasrec", "s", "--lora-r", "4"])
+    assert r.exit_code == 2 and "--lora-r: applies to --model tallrec|llara|collm only" in r.output
+    r = CliRunner().invoke(main, [*base, "--model", "allmrec", "--sasrec", "s", "--lora-r", "4", "--lora-alpha", "2"])
+    assert "--lora-r, --lora-alpha: apply to --model" in r.output
+    listing = CliRunner().invoke(main, ["--help"]).output
+    assert [line.split(None, 1)[1] for line in listing.splitlines() if line.strip().startswith("train ")] == \
+        ["Train the LLM-SRec heads or an LLM4Rec baseline."]
+    device = next(p for p in main.commands["train"].params if p.name == "device")
+    assert device.help.startswith("Device of the heads (--mode cache) or of the LLM forward and the heads")
+    assert next(p for p in main.commands["precompute"].params if p.name == "device").help.startswith(
+        "Device of the LLM forward")

@@ -159,12 +159,25 @@ def test_cli_compare(ds, tmp_path):
     assert json.loads((out / "nextitnet-seed0" / "config.json").read_text())["maxlen"] == 10
     r = runner.invoke(main, ["compare", "--data", str(ds.root), "--out", str(out), "--models", "caser"])
     assert r.exit_code == 2 and "unknown model 'caser'" in r.output
-    r = runner.invoke(main, ["compare", "--data", str(ds.root), "--out", str(out), "--models", "sasrec",
-                             "--cache", str(tmp_path / "x.h5")])
-    assert r.exit_code == 2 and "apply when --models includes llmsrec" in r.output
-    r = runner.invoke(main, ["compare", "--data", str(ds.root), "--out", str(out), "--models", "llmsrec",
-                             "--cache", str(tmp_path / "missing.h5")])
-    assert r.exit_code == 2 and "no such file" in r.output
+    # --cache / --teacher: refused (one line, naming the option given) when no asked model reads a teacher
+    given = ["--cache", str(tmp_path / "x.h5")]
+    for models, opt in (("sasrec", given), ("tallrec", given), ("nextitnet", ["--teacher", "gru4rec"])):
+        r = runner.invoke(main, ["compare", "--data", str(ds.root), "--out", str(out), "--models", models, *opt])
+        assert r.exit_code == 2 and r.output == f"error: {opt[0]} applies when --models includes llmsrec, llara, " \
+                                                "collm or allmrec\n", r.output
+    for models in ("llmsrec", "llara"):  # the baselines read the cache's teacher: --cache is theirs too
+        r = runner.invoke(main, ["compare", "--data", str(ds.root), "--out", str(out), "--models", models,
+                                 "--cache", str(tmp_path / "missing.h5")])
+        assert r.exit_code == 2 and r.output == f"error: --cache {tmp_path / 'missing.h5'}: no such file\n", r.output
+    r = runner.invoke(main, ["compare", "--data", str(ds.root), "--out", str(out), "--models", "collm",
+                             "--cache", str(tmp_path / "x.h5"), "--teacher", "sasrec"])
+    assert r.exit_code == 2 and "not both" in r.output
+    # --llm4rec-* without an LLM4Rec model do nothing: refused before any training
+    r = runner.invoke(main, ["compare", "--data", str(ds.root), "--out", str(tmp_path / "none"), "--models", "sasrec",
+                             "--llm4rec-max-steps", "3", "--llm4rec-epochs", "10"])
+    assert r.exit_code == 2 and r.output == ("error: --llm4rec-epochs, --llm4rec-max-steps: apply when --models "
+                                             "includes tallrec, llara, collm or allmrec\n"), r.output
+    assert not (tmp_path / "none").exists()
 
 
 # --- LLM-SRec with another teacher, on a tiny random LLaMA ---------------------------------------

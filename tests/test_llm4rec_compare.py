@@ -159,6 +159,24 @@ def test_compare_reuses_llm4rec_runs(ds, three_models):
     assert json.loads((out / "tallrec-seed0" / "results.json").read_text())["steps"] == 1
 
 
+def test_compare_baselines_with_a_cache_read_its_teacher(ds, three_models, tmp_path):
+    """--cache without llmsrec: LLaRA's teacher is the checkpoint that built the cache (found by its
+    weights digest in OUT), so the run of the fixture (same teacher, same request) is reused."""
+    import h5py
+
+    out, res, _, kw = three_models
+    cache = tmp_path / "cache.h5"
+    with h5py.File(cache, "w") as f:  # only the provenance is read
+        f.attrs["provenance"] = json.dumps({"sasrec_sha256": sha256_file(out / "sasrec-seed0" / "model.safetensors")})
+    logs: list[str] = []
+    given = compare(ds, out, **{**kw, "models": ["llara"], "llm": _tiny_llm(), "cache": cache}, log=logs.append)
+    assert logs == [f"[llara seed 0] reused {out / 'llara-seed0'}"]
+    assert given["llm4rec"]["teacher"] == f"SASRec ({out / 'sasrec-seed0'}), the checkpoint that built LLM-SRec's cache"
+    assert given["models"]["llara"]["runs"] == res["models"]["llara"]["runs"]
+    with pytest.raises(InputError, match="^--cache applies when --models includes llmsrec, llara, collm or allmrec$"):
+        compare(ds, out, **{**kw, "models": ["tallrec"], "cache": cache})
+
+
 def test_cli_compare_llm4rec(ds, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -226,3 +244,18 @@ def test_analyze_with_an_llm4rec_model(run_dir, tmp_path):  # noqa: F811
     assert not [m for m in logs if m.startswith("[analyze] training")]
     assert again["similarity"]["rows"] == docs["similarity"]["rows"]
     assert again["shuffled-training"]["rows"] == docs["shuffled-training"]["rows"]
+
+
+def test_analyze_refuses_llm4rec_options_that_do_nothing(tmp_path):
+    base = ["analyze", "--run", str(tmp_path), "--no-progress"]
+    cases = [
+        (["--llm4rec-max-steps", "3"], "--llm4rec-max-steps: applies with --llm4rec only"),
+        (["--device", "cpu", "--threads", "1", "--llm4rec", " "], "--device, --threads: apply with --llm4rec only"),
+        (["--llm4rec", "tallrec", "--only", "warm-cold,case-studies"],
+         "--llm4rec: the baselines feed shuffled-inference, shuffled-training, similarity only, and --only asks "
+         "for none of them"),
+    ]
+    for args, msg in cases:
+        r = CliRunner().invoke(main, [*base, *args])
+        assert r.exit_code == 2 and r.output == f"error: {msg}\n", (args, r.output)
+    assert list(tmp_path.iterdir()) == []  # refused before anything is written

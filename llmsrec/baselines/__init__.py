@@ -12,6 +12,7 @@ Python API (what ``llmsrec train --model NAME`` / ``llmsrec evaluate --model NAM
   same in memory, nothing written)
 * ``evaluate_baseline_checkpoint(ds, checkpoint, ...) -> {"valid", "test", "test-shuffled"}``
 * ``baseline_scores(ds, checkpoint, views) -> {view: ViewScores(scores (U, 1+m), user (U, d'))}``
+* ``checkpoint_kind(folder) -> evaluate --model name | None``; ``check_checkpoint_kind(folder, model)``
 """
 
 from llmsrec.baselines.common import (
@@ -29,6 +30,8 @@ from llmsrec.baselines.common import (
     baseline_scores,
     build_item_prompts,
     build_prompts,
+    check_checkpoint_kind,
+    checkpoint_kind,
     evaluate_baseline_checkpoint,
     fit_baseline,
     get_spec,
@@ -57,6 +60,8 @@ __all__ = [
     "baseline_scores",
     "build_item_prompts",
     "build_prompts",
+    "check_checkpoint_kind",
+    "checkpoint_kind",
     "evaluate_baseline_checkpoint",
     "fit_baseline",
     "fit_stage1",

@@ -45,6 +45,10 @@ gradient caching), ``compute_states`` (no-grad states for evaluation), the heads
   ``heads_config.json`` (``"mode": "baseline"``), ``inputs.safetensors`` (f_I, f_U, tokens),
   ``adapter.safetensors`` (LoRA) and, for A-LLMRec, ``stage1.safetensors``. No
   ``params.safetensors``: ``precompute --params`` must not build a cache for a LoRA model.
+  LLaRA/CoLLM/A-LLMRec checkpoints also hold a copy of their CF-SRec teacher
+  (``teacher/model.safetensors`` + ``teacher/config.json``, a few MB), so the checkpoint
+  keeps working when the teacher's folder moves; checkpoints written before the copy
+  existed still load the teacher from the absolute path they recorded.
 
 Every model's heads include an unused f_CF-user (no distillation; it keeps the heads format).
 """
@@ -91,6 +95,9 @@ SHUFFLE_SEED = 0
 INPUTS_FILE = "inputs.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
 STAGE1_FILE = "stage1.safetensors"
+#: subfolder of a checkpoint with the copy of the CF-SRec teacher (``load_cfsrec`` files)
+TEACHER_DIR = "teacher"
+TEACHER_FILES = ("model.safetensors", "config.json")
 FORMAT = "llmsrec-baseline-v1"
 #: the user-representation slot of Table 2 (c): a ``[HistoryEmb]`` token with a sentinel id
 USER_REP = HISTORY_EMB
@@ -660,6 +667,9 @@ def fit_baseline(model: str, ds, sasrec, *, llm: str | LoadedLLM | None = None, 
     if isinstance(llm, (str, os.PathLike)):
         opts["llm"] = str(llm)
     eopts, cfg = _split_options(opts)
+    if cfg.train_negatives == "all":
+        raise InputError(f"--model {model}: --train-negatives all would run every item prompt through the LLM "
+                         f"at every step; give a count (default {E2E_DEFAULT_NEGATIVES})")
     if spec.lora:
         lora = _options(LoraOptions, lora, "--lora")
     elif lora is not None:
@@ -724,8 +734,9 @@ def train_baseline(model: str, ds, sasrec, out, *, force: bool = False, progress
             TALLRec uses none (None, or ignored when given).
         out: folder to create: ``heads.safetensors``, ``heads_config.json``,
             ``inputs.safetensors``, ``adapter.safetensors`` (LoRA models),
-            ``stage1.safetensors`` (A-LLMRec), ``history.jsonl``, ``training_curve.png``,
-            ``results.json``.
+            ``stage1.safetensors`` (A-LLMRec), ``teacher/`` (a copy of the CF-SRec's
+            ``model.safetensors`` + ``config.json``; not TALLRec), ``history.jsonl``,
+            ``training_curve.png``, ``results.json``.
         llm: a ``LoadedLLM`` (tests; LoRA is injected into it **in place**, so give a fresh
             one), or the name/folder to load (``E2EOptions.llm``).
         lora: :class:`LoraOptions` (or dict) for LoRA models; an error for A-LLMRec.
@@ -794,16 +805,41 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
         raise InputError(f"{path}: not a safetensors file ({str(e).splitlines()[0]})") from None
 
 
+def _copy_teacher(prov: dict, dest: Path) -> None:
+    """Copy the CF-SRec teacher's checkpoint files (:data:`TEACHER_FILES`) into ``dest``,
+    checking the weights are the ones trained with (``prov["sasrec_sha256"]``)."""
+    import shutil
+
+    from llmsrec.precompute.llm import sha256_file
+
+    src = Path(prov["sasrec"])
+    dest.mkdir()
+    for name in TEACHER_FILES:
+        if not (src / name).is_file():
+            raise InputError(f"{src / name}: not found (the CF-SRec teacher moved during training)")
+        shutil.copyfile(src / name, dest / name)
+    if sha256_file(dest / "model.safetensors") != prov.get("sasrec_sha256"):
+        raise InputError(f"{src / 'model.safetensors'}: changed during training (its sha256 differs from the "
+                         f"one trained with)")
+
+
 def save_baseline(out, bf: BaselineFit, baseline: dict, results: dict, *, force: bool = False) -> None:
     """Write a baseline checkpoint folder atomically (trained parameters only, see module doc).
 
     Args:
         out: folder to create; bf: :func:`fit_baseline`'s result; baseline: the
             ``heads_config.json`` ``"baseline"`` record; results: the ``results.json`` dict.
+    The CF-SRec teacher given as a folder is copied into ``OUT/teacher/`` (LLaRA, CoLLM,
+    A-LLMRec); one given as a module is not (such a checkpoint cannot be reloaded).
+
+    Raises:
+        InputError: the teacher's files vanished or changed since training started.
     """
     fit, spec = bf.fit, bf.spec
     prov = {**bf.data.provenance, "valid_users": fit.valid_users}
     with atomic_dir(Path(out), force=force) as tmp:
+        if spec.needs_sasrec and prov.get("sasrec"):
+            _copy_teacher(prov, tmp / TEACHER_DIR)
         save_heads(fit.heads, tmp, extra={"mode": "baseline", "baseline": baseline, "train": asdict(bf.config),
                                           "e2e": asdict(bf.options), "provenance": prov})
         _save_arrays(tmp / INPUTS_FILE, fit.inputs.arrays(), {"model": spec.name, "f_arch": bf.options.fi_arch})
@@ -821,27 +857,78 @@ def save_baseline(out, bf: BaselineFit, baseline: dict, results: dict, *, force:
 # --- load and evaluate ----------------------------------------------------------------------
 
 
+def checkpoint_kind(checkpoint) -> str | None:
+    """The ``llmsrec evaluate --model`` name a checkpoint folder is for, from its files alone.
+
+    ``heads_config.json`` with ``"mode": "baseline"``: its ``baseline.model`` (``tallrec``,
+    ``llara``, ``collm``, ``allmrec``); ``"mode": "e2e"``: ``llmsrec-e2e``; any other heads
+    (cache mode): ``llmsrec``. Without heads, a CF-SRec ``config.json``: its ``model`` field
+    (``sasrec`` when absent, as :func:`llmsrec.cfsrec.load_cfsrec`).
+
+    Returns:
+        the name, or None when neither file is a readable JSON object (the evaluator then
+        reports what is missing).
+    """
+    ckpt = Path(checkpoint)
+    for name in ("heads_config.json", "config.json"):
+        try:
+            doc = json.loads((ckpt / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(doc, dict):
+            continue
+        if name == "config.json":
+            return str(doc.get("model") or "sasrec")
+        mode = doc.get("mode")
+        if mode == "baseline":
+            b = doc.get("baseline")
+            return str(b.get("model")) if isinstance(b, dict) and b.get("model") else None
+        return "llmsrec-e2e" if mode == "e2e" else "llmsrec"
+    return None
+
+
+def _kind_label(kind: str) -> str:
+    return {"llmsrec": "an LLM-SRec (cache-mode)", "llmsrec-e2e": "an LLM-SRec e2e"}.get(kind, f"a {kind}")
+
+
+def check_checkpoint_kind(checkpoint, model: str) -> None:
+    """Refuse a checkpoint of another kind than ``llmsrec evaluate --model model`` expects
+    (:func:`checkpoint_kind`); an unrecognised folder passes (its evaluator reports it).
+
+    Raises:
+        InputError: e.g. ``CKPT: a llara checkpoint (use --model llara)``.
+    """
+    kind = checkpoint_kind(checkpoint)
+    if kind is not None and kind != model:
+        raise InputError(f"{checkpoint}: {_kind_label(kind)} checkpoint (use --model {kind})")
+
+
 def read_baseline_config(checkpoint) -> dict:
     """``heads_config.json`` of a baseline checkpoint.
 
     Raises:
-        InputError: missing/unreadable, or not a baseline checkpoint.
+        InputError: missing/unreadable, or a checkpoint of another kind (the message names
+            the ``--model`` it is for, :func:`checkpoint_kind`).
     """
     path = Path(checkpoint) / "heads_config.json"
+    kind = checkpoint_kind(checkpoint)
+    if kind is not None and kind not in BASELINES:
+        raise InputError(f"{checkpoint}: {_kind_label(kind)} checkpoint, not an LLM4Rec baseline "
+                         f"(use --model {kind})")
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
         raise InputError(f"{path}: missing or unreadable") from None
     if doc.get("mode") != "baseline" or not isinstance(doc.get("baseline"), dict):
-        raise InputError(f"{checkpoint}: not an LLM4Rec baseline checkpoint (llmsrec train --model "
-                         f"{'|'.join(BASELINES)})")
+        raise InputError(f"{path}: no 'baseline' record (not a complete LLM4Rec baseline checkpoint)")
     return doc
 
 
 def load_baseline_checkpoint(ds, checkpoint, *, device: str = "cpu", llm: LoadedLLM | None = None,
                              batch_tokens: int = 4096, views=EVAL_VIEWS, expect: str | None = None) -> BaselineTrainer:
     """Rebuild a trained baseline for scoring: the base LLM (as recorded) with the saved LoRA
-    weights injected, the CF-SRec outputs, f_I/f_U/tokens and the heads.
+    weights injected, the CF-SRec outputs, f_I/f_U/tokens and the heads. The CF-SRec is the
+    checkpoint's own ``teacher/`` copy, else (older checkpoints) the folder it recorded.
 
     Args:
         ds: ``PreparedDataset``; checkpoint: folder written by :func:`train_baseline`.
@@ -854,8 +941,8 @@ def load_baseline_checkpoint(ds, checkpoint, *, device: str = "cpu", llm: Loaded
         A :class:`BaselineTrainer` in eval mode (``evaluate``, ``item_states``,
         ``user_states``; :func:`view_scores`).
     Raises:
-        InputError: not a baseline checkpoint, another model than ``expect``, or its dataset,
-            LLM or CF-SRec no longer match.
+        InputError: not a baseline checkpoint, another model than ``expect``, its dataset,
+            LLM or CF-SRec no longer match, or an old checkpoint's teacher folder is gone.
     """
     from llmsrec.precompute.llm import load_llm
 
@@ -871,6 +958,16 @@ def load_baseline_checkpoint(ds, checkpoint, *, device: str = "cpu", llm: Loaded
     if prov.get("dataset_sha256") != ds.digest:
         raise InputError(f"{ckpt}: trained on dataset {str(prov.get('dataset_sha256'))[:12]}..., "
                          f"{ds.root} has {ds.digest[:12]}...")
+    sasrec = None
+    if spec.needs_sasrec:
+        sasrec = ckpt / TEACHER_DIR  # the copy saved with the checkpoint
+        if not (sasrec / "model.safetensors").is_file():  # written before the copy existed
+            sasrec = prov.get("sasrec")
+            if not sasrec:
+                raise InputError(f"{ckpt}: no CF-SRec checkpoint recorded")
+            if not (Path(sasrec) / "model.safetensors").is_file():
+                raise InputError(f"{ckpt}: no {TEACHER_DIR}/ copy of the CF-SRec teacher and the recorded "
+                                 f"{sasrec} is gone (put the teacher back there, or retrain)")
     if llm is None:
         llm = load_llm(e["llm"], device=device, dtype=e.get("dtype"))
     if llm.weights_digest != prov.get("model_weights_sha256"):
@@ -878,9 +975,6 @@ def load_baseline_checkpoint(ds, checkpoint, *, device: str = "cpu", llm: Loaded
     if spec.lora:
         apply_lora(llm, LoraOptions(**b["lora"]), seed=doc["train"].get("seed", 0))
         load_lora_state(llm, _read_arrays(ckpt / ADAPTER_FILE), ckpt / ADAPTER_FILE)
-    sasrec = prov.get("sasrec")
-    if spec.needs_sasrec and not sasrec:
-        raise InputError(f"{ckpt}: no CF-SRec checkpoint recorded")
     views = tuple(dict.fromkeys(("train", *views)))
     data = load_baseline_data(ds, sasrec, llm, spec.name, history_window=e["history_window"], verb=prov["verb"],
                               views=views, shuffle_seed=prov.get("shuffle_seed", SHUFFLE_SEED))
@@ -966,6 +1060,8 @@ __all__ = [
     "baseline_scores",
     "build_item_prompts",
     "build_prompts",
+    "check_checkpoint_kind",
+    "checkpoint_kind",
     "evaluate_baseline_checkpoint",
     "fit_baseline",
     "get_spec",

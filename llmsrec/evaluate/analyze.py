@@ -895,22 +895,26 @@ def analyze_run(run, out=None, *, only=None, seeds=None, llm4rec=None, llm4rec_o
         seeds: comma-separated model seeds (default: the run's seed); with several, every
             number is a mean ± sample standard deviation over seeds.
         llm4rec: comma-separated LLM4Rec baselines (``tallrec,llara,collm,allmrec`` or
-            ``all``) added to shuffled inference, shuffled training and similarity; default none.
+            ``all``) added to shuffled inference, shuffled training and similarity
+            (:data:`LLM4REC_SECTIONS`); default none.
         llm4rec_options, llm: their budget/device options and LLM (see :class:`RunAnalysis`).
     Returns:
         ``{analysis: its JSON document}``; also written to ``OUT/<analysis>.json``.
     Raises:
-        InputError: bad options or an incomplete run folder.
+        InputError: bad options (``llm4rec`` with an ``only`` that has none of
+            :data:`LLM4REC_SECTIONS`) or an incomplete run folder.
     """
     run = Path(run)
     names = parse_only(only)
+    baselines = parse_llm4rec(llm4rec)
+    if baselines and not set(names) & set(LLM4REC_SECTIONS):
+        raise InputError(f"--llm4rec: the baselines feed {', '.join(LLM4REC_SECTIONS)} only, and --only asks "
+                         f"for none of them")
     out = Path(out) if out else run / "report"
     out.mkdir(parents=True, exist_ok=True)
-    ra = RunAnalysis(run, out, [], progress=progress, log=log, llm4rec=parse_llm4rec(llm4rec),
+    ra = RunAnalysis(run, out, [], progress=progress, log=log, llm4rec=baselines,
                      llm4rec_options=llm4rec_options, llm=llm)
     ra.seeds = parse_seeds(seeds, ra.run_seed)
-    if ra.llm4rec and not set(names) & set(LLM4REC_SECTIONS):
-        log(f"[analyze] --llm4rec: unused, it applies to {', '.join(LLM4REC_SECTIONS)}")
     views = ["test-shuffled"] + (["train-shuffled"] if {"shuffled-training", "ablations"} & set(names) else [])
     ra.ensure_views(views)
     rep = Report(ra)

@@ -45,13 +45,15 @@ from llmsrec.atomic import atomic_file, write_json
 from llmsrec.errors import InputError
 
 __all__ = ["compare", "format_compare_md", "parse_models", "parse_seeds", "CF_MODELS", "LLM4REC_MODELS",
-           "ALL_MODELS", "LLM4REC_DEFAULTS"]
+           "ALL_MODELS", "LLM4REC_DEFAULTS", "TEACHER_USERS"]
 
 #: CF-SRec models in the column order of the paper's Table 6.
 CF_MODELS = ("gru4rec", "bert4rec", "nextitnet", "sasrec")
 #: the LLM4Rec baselines (``llmsrec.baselines.BASELINES``), Table 6 order.
 LLM4REC_MODELS = ("tallrec", "llara", "collm", "allmrec")
 ALL_MODELS = CF_MODELS + LLM4REC_MODELS + ("llmsrec",)
+#: the models that read a CF-SRec teacher (``cache`` / ``teacher`` apply only to them)
+TEACHER_USERS = ("llmsrec", "llara", "collm", "allmrec")
 DISPLAY = {"gru4rec": "GRU4Rec", "bert4rec": "BERT4Rec", "nextitnet": "NextItNet", "sasrec": "SASRec",
            "tallrec": "TALLRec", "llara": "LLaRA", "collm": "CoLLM", "allmrec": "A-LLMRec", "llmsrec": "LLM-SRec"}
 METRIC_KEYS = ("NDCG@10", "NDCG@20", "HR@10", "HR@20")
@@ -282,7 +284,8 @@ def compare(
             the key ``"*"`` applies to every CF-SRec (only ``hidden`` and ``maxlen`` exist
             in all of them).
         cache: LLM-SRec: an existing HDF5 cache of this dataset (from ``llmsrec precompute``
-            or ``llmsrec run``); its teacher is whatever built it.
+            or ``llmsrec run``); its teacher is whatever built it, and LLaRA / CoLLM /
+            A-LLMRec read that teacher too (when found next to the cache or in ``out``).
         teacher: LLM-SRec without ``cache``, and LLaRA / CoLLM / A-LLMRec: the CF-SRec whose
             first-seed checkpoint is the teacher (default ``sasrec``); for LLM-SRec the frozen
             LLM ``llm`` is then run over every prompt once (``llmsrec.precompute.precompute``,
@@ -309,8 +312,9 @@ def compare(
         "per_seed"}}]}}, "llmsrec": {...} (when asked), "llm4rec": {...} (when asked)}``.
 
     Raises:
-        InputError: unknown model/option, ``llmsrec`` with both ``cache`` and ``teacher``,
-            a cache of another dataset, or any stage's bad input.
+        InputError: unknown model/option, both ``cache`` and ``teacher``, either of them
+            without a model of :data:`TEACHER_USERS`, a missing cache, a cache of another
+            dataset, or any stage's bad input.
     """
     from llmsrec.cfsrec import MODELS, evaluate_cfsrec, train_cfsrec
     from llmsrec.data import load_prepared
@@ -330,11 +334,16 @@ def compare(
             raise InputError(f"compare: model options for unknown model {k!r}")
     baselines = [m for m in models if m in LLM4REC_MODELS]
     b_opts, b_lora, b_stage1 = llm4rec_train_options(llm4rec_options, precompute_options)
-    if "llmsrec" in models:
-        if cache is not None and teacher is not None:
-            raise InputError("compare: give --cache (an existing cache) or --teacher (build one), not both")
-        if cache is not None and not Path(cache).is_file():
-            raise InputError(f"--cache {cache}: no such file")
+    users = [m for m in models if m in TEACHER_USERS]
+    for flag, value in (("--cache", cache), ("--teacher", teacher)):
+        if value is not None and not users:
+            raise InputError(f"{flag} applies when --models includes {', '.join(TEACHER_USERS[:-1])} or "
+                             f"{TEACHER_USERS[-1]}")
+    if cache is not None and teacher is not None:
+        raise InputError("compare: give --cache (an existing cache; LLM-SRec's heads train on it, the baselines "
+                         "read its teacher) or --teacher (build one), not both")
+    if cache is not None and not Path(cache).is_file():
+        raise InputError(f"--cache {cache}: no such file")
     if teacher is not None and teacher not in CF_MODELS:
         raise InputError(f"--teacher: unknown CF-SRec {teacher!r} (expected one of {', '.join(CF_MODELS)})")
     if "llmsrec" in models and cache is None:
@@ -408,8 +417,7 @@ def compare(
                       "stage1": _jsonable(b_stage1)}
         b_teacher = None
         if any(m != "tallrec" for m in baselines):
-            b_teacher, info["teacher"] = _baseline_teacher(cache if "llmsrec" in models else None, teacher,
-                                                          teacher_dir, seeds[0], out, run_cf)
+            b_teacher, info["teacher"] = _baseline_teacher(cache, teacher, teacher_dir, seeds[0], out, run_cf)
         results["llm4rec"] = info
         for name in baselines:
             runs = {}

@@ -225,7 +225,7 @@ class TrainConfig:
     Attributes:
         seed: seeds weight init (torch) and user order + negatives (numpy).
         epochs: maximum epochs (paper: 10; default 30 because ml-100k has 943 users, i.e.
-            47 steps per epoch against ~600 on the paper's data).
+            48 steps per epoch against ~600 on the paper's data).
         batch_size: users per step (paper: 20).
         lr: Adam learning rate (paper: 1e-4); beta1, beta2: Adam betas (authors' code:
             0.9, 0.98); weight_decay: Adam L2 (0).
