@@ -64,6 +64,16 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
         raise
 
 
+def follow_umask(folder: str | os.PathLike) -> None:
+    """Give every file directly in ``folder`` the mode the umask gives a new file (0644 under
+    umask 022): for files written by other libraries' savers (e.g. ``save_pretrained``, whose
+    safetensors files are made 0600 through a temporary file)."""
+    mode = 0o666 & ~_umask()
+    for p in Path(folder).iterdir():
+        if p.is_file() and not p.is_symlink():
+            os.chmod(p, mode)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_file(path) as f:

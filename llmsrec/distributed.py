@@ -239,11 +239,20 @@ def launch(nproc: int, args: list[str], *, module: str = "llmsrec") -> int:
     unset it is set to ``cpu_count // nproc`` (at least 1) for the processes instead of
     torchrun's 1, so CPU processes share the cores.
 
+    Interrupting the launcher (SIGINT, e.g. Ctrl-C, or SIGTERM) stops every process (torchrun
+    sends them the same signal) and returns ``128 + signal number`` (130, 143) instead of
+    raising torchrun's ``SignalException``; torchrun's warnings about the shutdown are not
+    shown (its errors are).
+
     Returns:
-        0 when every process succeeded, else the exit code of the first failed rank
-        (its messages are already printed).
+        0 when every process succeeded, ``128 + signal`` when the launcher was interrupted,
+        else the exit code of the first failed rank (its messages are already printed).
     """
+    import logging
+    import signal
+
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     targs = torchrun.get_args_parser().parse_args(
@@ -251,12 +260,24 @@ def launch(nproc: int, args: list[str], *, module: str = "llmsrec") -> int:
     set_threads = "OMP_NUM_THREADS" not in os.environ
     if set_threads:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    # quiet torchrun's warnings ("Received 2 death signal, shutting down workers", ...); each
+    # of its modules' loggers has its own level, so every one is raised (and restored below)
+    quiet = {name: lg.level for name, lg in logging.root.manager.loggerDict.items()
+             if name.startswith("torch.distributed.elastic") and isinstance(lg, logging.Logger)}
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         torchrun.run(targs)
     except ChildFailedError as e:
         code = int(e.failures[min(e.failures)].exitcode)
         return code if code > 0 else 1  # negative: killed by a signal
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    except KeyboardInterrupt:  # SIGINT before torchrun's agent installed its handler
+        return 128 + int(signal.SIGINT)
     finally:
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
         if set_threads:
             del os.environ["OMP_NUM_THREADS"]
     return 0

@@ -20,6 +20,8 @@ from pathlib import Path
 SHOWN = ("torch", "transformers", "h5py", "numba", "numpy", "peft")
 #: distributions the default run cannot do without
 REQUIRED = ("torch", "transformers", "h5py", "numba", "numpy", "gguf", "safetensors", "scipy", "click")
+#: optional distributions (never imported here) -> what they enable
+OPTIONAL = {"bitsandbytes": "--load-in-8bit on CUDA", "optimum-habana": "Gaudi, --device hpu"}
 DEFAULT_MODEL = "smollm2-135m"
 MIN_PYTHON = (3, 11)
 
@@ -43,6 +45,47 @@ def versions() -> dict:
 
     out = {"llmsrec": __version__, "python": platform.python_version()}
     out.update({d: _version(d) for d in SHOWN})
+    return out
+
+
+def optional() -> dict:
+    """``{"bitsandbytes", "optimum-habana"}`` -> version string, or None when not installed
+    (from the distributions' metadata; neither is imported). Optional: never a failure."""
+    return {d: _version(d) for d in OPTIONAL}
+
+
+def _writable_dir(folder: Path) -> tuple[bool, str | None]:
+    """Whether files can be created in ``folder`` (made with its parents if missing):
+    a temporary folder is made and removed in its nearest existing ancestor (catches
+    read-only file systems, which permission bits alone do not)."""
+    import tempfile
+
+    anc = folder
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        return False, f"{anc} is not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".llmsrec-doctor-", dir=anc))
+    except OSError as e:
+        return False, f"{anc}: {e.strerror or e}"
+    return True, None
+
+
+def cache_folder() -> dict:
+    """The llmsrec cache folder (``$LLMSREC_CACHE_DIR``, else ``~/.cache/llmsrec``; the bundled
+    model's one-time safetensors copy goes to ``<it>/models/``).
+
+    Returns ``{"path", "from_env", "writable", ["problem"]}``: ``from_env`` tells whether
+    ``LLMSREC_CACHE_DIR`` set it; ``problem`` is why it is not writable.
+    """
+    from llmsrec.precompute.llm import cache_dir
+
+    path = cache_dir()
+    ok, why = _writable_dir(path / "models")
+    out = {"path": str(path), "from_env": bool(os.environ.get("LLMSREC_CACHE_DIR")), "writable": ok}
+    if not ok:
+        out["problem"] = why
     return out
 
 
@@ -136,11 +179,13 @@ def bundled_data() -> dict:
 def collect() -> dict:
     """Everything ``llmsrec doctor`` reports, as a JSON-ready dict.
 
-    Keys: ``versions``, ``devices``, ``distributed``, ``bundled`` (``model``, ``data``),
-    ``ok`` (the default run can work: Python >= 3.11, the required distributions, the
-    bundled model and data) and ``reason`` (None, or the first problem in one line).
+    Keys: ``versions``, ``optional`` (bitsandbytes, optimum-habana), ``devices``,
+    ``distributed``, ``bundled`` (``model``, ``data``), ``cache_dir``, ``ok`` (the default run
+    can work: Python >= 3.11, the required distributions, the bundled model and data, and a
+    writable cache folder if the bundled model is not converted yet) and ``reason`` (None,
+    or the first problem in one line).
     """
-    rep: dict = {"versions": versions(), "devices": None, "distributed": None}
+    rep: dict = {"versions": versions(), "optional": optional(), "devices": None, "distributed": None}
     problems = []
     if sys.version_info[:2] < MIN_PYTHON:
         problems.append(f"Python {platform.python_version()} is older than "
@@ -155,6 +200,11 @@ def collect() -> dict:
         problems.append(f"torch cannot be imported ({_one_line(e)})")
     rep["bundled"] = {"model": bundled_model(), "data": bundled_data()}
     problems += [b["problem"] for b in rep["bundled"].values() if b.get("problem")]
+    rep["cache_dir"] = cache_folder()
+    model = rep["bundled"]["model"]
+    if model["installed"] and not model["converted_copy"] and not rep["cache_dir"]["writable"]:
+        problems.append(f"the bundled model is not converted yet and the cache folder is not writable "
+                        f"({rep['cache_dir']['problem']}); set LLMSREC_CACHE_DIR to a writable folder")
     rep["ok"] = not problems
     rep["reason"] = problems[0] if problems else None
     return rep
@@ -169,6 +219,9 @@ def format_report(rep: dict) -> str:
     v = rep["versions"]
     lines = [f"llmsrec {v['llmsrec']} (Python {v['python']})",
              "versions: " + ", ".join(f"{d} {v[d] or 'MISSING'}" for d in SHOWN)]
+    if "optional" in rep:
+        lines.append("optional: " + ", ".join(f"{d} {rep['optional'][d] or 'not installed'} ({why})"
+                                              for d, why in OPTIONAL.items()))
     dv = rep["devices"]
     if dv:
         lines.append(f"cpu: {dv['cpu']['cores']} cores, {dv['cpu']['torch_threads']} torch threads")
@@ -191,6 +244,10 @@ def format_report(rep: dict) -> str:
                  + (f"installed, {m['path']}" + ("" if m["converted_copy"] else " (not converted yet: the first run "
                                                  "converts it, ~25 s)") if m["installed"] else "NOT installed"))
     lines.append(f"bundled data {d['name']}: " + (f"installed, {d['path']}" if d["installed"] else "NOT installed"))
+    c = rep.get("cache_dir")
+    if c:
+        lines.append(f"cache folder{' (LLMSREC_CACHE_DIR)' if c['from_env'] else ''}: {c['path']}, "
+                     + ("writable" if c["writable"] else f"NOT writable ({c['problem']})"))
     lines.append("ready: the default run (llmsrec run --dataset ml-100k) can work" if rep["ok"]
                  else f"not ready: {rep['reason']}")
     return "\n".join(lines)

@@ -104,3 +104,69 @@ def test_corrupt_tmp_and_non_cache_files(tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"junk")
     with pytest.raises(InputError, match="not a readable"):
         open_cache(tmp_path / "junk.h5")
+
+
+def test_missing_parent_folder_is_created(tmp_path):
+    out = tmp_path / "new" / "sub" / "c.h5"
+    _build(out)
+    with open_cache(out) as c:
+        assert c.views == ["test"]
+
+
+def _virtual_cache(tmp_path, shard_prov=PROV, dataset="items/hidden"):
+    """c.h5 whose /items/hidden (7, 3) reads rows 1..6 from c.h5.shards/rank0-of-1.h5."""
+    import json
+
+    shard = tmp_path / "c.h5.shards" / "rank0-of-1.h5"
+    shard.parent.mkdir(exist_ok=True)
+    with h5py.File(shard, "w") as f:
+        f.attrs["provenance"] = json.dumps(shard_prov)
+        f[dataset] = np.arange(18, dtype=np.float32).reshape(6, 3)
+    out = tmp_path / "c.h5"
+    if not out.exists():
+        w = CacheWriter(out, PROV, log=lambda m: None)
+        assert w.needs(["items"])
+        w.require_virtual("items/hidden", (7, 3), np.float32,
+                          [("c.h5.shards/rank0-of-1.h5", "items/hidden", 1, 6)])
+        w.set_progress_done("items", 1, 6)
+        w.finish()
+    return out, shard
+
+
+def test_virtual_cache_refuses_foreign_or_broken_shards(tmp_path):
+    out, shard = _virtual_cache(tmp_path)
+    with open_cache(out) as c:
+        np.testing.assert_array_equal(c.item_hidden()[1:].ravel(), np.arange(18))
+    # a shard of another cache (e.g. window-10 shards beside a window-5 cache): refused
+    _virtual_cache(tmp_path, {**PROV, "history_window": 5})
+    with pytest.raises(InputError) as e:
+        open_cache(out)
+    msg = str(e.value)
+    assert "\n" not in msg and str(shard) in msg
+    assert "belongs to another cache: provenance field 'history_window' differs (shard: 5, cache: 10)" in msg
+    _virtual_cache(tmp_path, {**PROV, "extra": 1})  # a field only the shard has also counts
+    with pytest.raises(InputError, match="field 'extra'"):
+        open_cache(out)
+    # a shard without the mapped dataset: one line, not h5py's "component not found"
+    _virtual_cache(tmp_path, dataset="users/test/hidden")
+    with pytest.raises(InputError, match=r"rank0-of-1\.h5 lacks /items/hidden, which /items/hidden reads"):
+        open_cache(out)
+    shard.unlink()
+    with pytest.raises(InputError, match="which is missing"):
+        open_cache(out)
+
+
+def test_remove_unused_shards_keeps_what_a_virtual_cache_reads(tmp_path):
+    from llmsrec.precompute.shards import remove_unused_shards
+
+    out, shard = _virtual_cache(tmp_path)
+    folder = shard.parent
+    for name in ("rank0-of-2.h5.tmp", "rank1-of-2.h5", "notes.txt"):
+        (folder / name).write_text("x")
+    msgs = []
+    assert remove_unused_shards(out, msgs.append) == ["rank0-of-2.h5.tmp", "rank1-of-2.h5"]
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "rank0-of-1.h5"]
+    assert msgs == [f"removed 2 shard file(s) {out} does not use from {folder}: rank0-of-2.h5.tmp, rank1-of-2.h5"]
+    with open_cache(out) as c:
+        assert c.item_hidden()[6, 2] == 17
+    assert remove_unused_shards(out, msgs.append) == [] and len(msgs) == 1  # nothing to say

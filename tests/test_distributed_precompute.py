@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -84,7 +86,7 @@ def _prompt_rows(ds, group):
 def virtual_run(inputs, tmp_path_factory):
     """`python -m torch.distributed.run --nproc-per-node 2 -m llmsrec precompute --assemble virtual`."""
     ds, sasrec, llm, _ = inputs
-    out = tmp_path_factory.mktemp("virtual") / "c.h5"
+    out = tmp_path_factory.mktemp("virtual") / "new" / "c.h5"  # the folder is made
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc-per-node", "2", "-m", "llmsrec",
@@ -156,6 +158,8 @@ def test_resume_damaged_shard_with_nproc(inputs, virtual_run, tmp_path, capfd):
         n_all = sum(len(f[f"progress/{g}"]) for g in ("items", "users/train", "users/test",
                                                        "users/test-shuffled"))
         assert len(f["progress/users/test"]) > 1 and n_all > n_todo
+    for stale in ("rank0-of-3.h5.tmp", "rank2-of-3.h5"):  # an earlier killed --nproc 3 run
+        (shard_dir(out) / stale).write_bytes(b"")
     capfd.readouterr()
     r = CliRunner().invoke(main, [*_args(ds, sasrec, llm, out), "--nproc", "2"])
     log = capfd.readouterr().err
@@ -165,7 +169,9 @@ def test_resume_damaged_shard_with_nproc(inputs, virtual_run, tmp_path, capfd):
     _assert_same_cache(ref, out)
     with h5py.File(out, "r") as f:
         assert not f["items/hidden"].is_virtual
-    assert not shard_dir(out).exists()  # copy assembly deletes the shards
+    assert not shard_dir(out).exists()  # copy assembly deletes the shards, and other N's
+    assert (f"[rank 0/2] removed 4 shard file(s) {out} does not use from {shard_dir(out)} (and the "
+            f"folder): rank0-of-2.h5, rank0-of-3.h5.tmp, rank1-of-2.h5, rank2-of-3.h5") in log
 
 
 def test_nproc_errors(inputs, tmp_path):
@@ -173,10 +179,89 @@ def test_nproc_errors(inputs, tmp_path):
     base = _args(ds, sasrec, llm, tmp_path / "x.h5")
     for extra, msg in ((["--nproc", "0"], "--nproc 0"),
                        (["--nproc", "2", "--device", "cuda:0"], "pins one device"),
-                       (["--nproc", "3", "--device", "cuda"], "device(s) here")):
+                       (["--nproc", "3", "--device", "cuda"], "device(s) here"),
+                       (["--assemble", "virtual"], "--assemble virtual: only for several processes"),
+                       (["--nproc", "1", "--assemble", "virtual"], "--assemble virtual: only for")):
         if extra[-1] == "cuda" and torch.cuda.device_count() >= 3:
             continue
         r = CliRunner().invoke(main, [*base, *extra])
         assert r.exit_code == 2 and msg in r.output, r.output
         assert len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_one_process_commands_refused_under_torchrun(inputs, tmp_path, monkeypatch):
+    """e.g. `torchrun --nproc-per-node 2 -m llmsrec sasrec train`: refused once, before any work."""
+    ds, sasrec, llm, _ = inputs
+    cmd = ["sasrec", "train", "--data", str(ds.root), "--out", str(tmp_path / "s")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    r = CliRunner().invoke(main, cmd)
+    assert r.exit_code == 2 and r.output.strip().splitlines() == [
+        "error: llmsrec sasrec runs as one process, not under torchrun (WORLD_SIZE=2); only "
+        "precompute and train (cache mode) are distributed"]
+    monkeypatch.setenv("RANK", "1")
+    r = CliRunner().invoke(main, ["evaluate", "--data", str(ds.root)])
+    assert r.exit_code == 2 and r.output == ""  # the other ranks exit silently
+    assert not (tmp_path / "s").exists()
+    # precompute passes the guard (and refuses --nproc itself under torchrun)
+    r = CliRunner().invoke(main, [*_args(ds, sasrec, llm, tmp_path / "x.h5"), "--nproc", "2"])
+    assert r.exit_code == 2 and "already running under torchrun" in r.output
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc-per-node 1: every command runs
+    monkeypatch.setenv("RANK", "0")
+    r = CliRunner().invoke(main, ["prompts", "--data", str(ds.root), "--item", "1"])
+    assert r.exit_code == 0, r.output
+
+
+_SLEEPER = """
+import os, time
+from pathlib import Path
+import llmsrec.cli as cli
+cli._DISTRIBUTED_COMMANDS += ("sleep",)
+@cli.main.command()
+def sleep():
+    Path(os.environ["READY_DIR"], "rank" + os.environ["RANK"]).write_text("x")
+    time.sleep(300)
+cli.main(["sleep"])
+"""
+_DRIVER = """
+import sys
+import llmsrec.distributed as d
+launch = d.launch
+d.launch = lambda n, args: launch(n, args, module="sleeper")  # children: sleeper.py, not precompute
+from llmsrec.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_nproc_run_exits_with_one_line(tmp_path, sig):
+    """`llmsrec precompute --nproc 2` interrupted (Ctrl-C reaches the whole process group, a
+    SIGTERM only the launcher): every process stops, one line, exit 128 + signal; no
+    torchrun SignalException traceback. The children are llmsrec commands that sleep."""
+    (tmp_path / "sleeper.py").write_text(_SLEEPER)
+    (tmp_path / "driver.py").write_text(_DRIVER)
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "READY_DIR": str(ready),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    p = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), "precompute", "--data", "d",
+                          "--sasrec", "s", "--out", str(tmp_path / "c.h5"), "--nproc", "2"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120  # a safety net only
+        while not all((ready / f"rank{r}").exists() for r in range(2)):
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.1)
+        if sig == signal.SIGINT:
+            os.killpg(p.pid, sig)
+        else:
+            p.send_signal(sig)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 128 + sig, err
+    assert err.strip().splitlines() == [
+        f"Aborted! ({sig.name}: all 2 processes stopped; rerun the same command to resume)"]

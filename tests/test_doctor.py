@@ -44,7 +44,45 @@ def test_cli_text_and_json_exit_0():
     r = CliRunner().invoke(main, ["doctor", "--json"])
     assert r.exit_code == 0
     rep = json.loads(r.stdout)
-    assert rep["ok"] is True and set(rep) == {"versions", "devices", "distributed", "bundled", "ok", "reason"}
+    assert rep["ok"] is True and set(rep) == {"versions", "optional", "devices", "distributed", "bundled",
+                                              "cache_dir", "ok", "reason"}
+    r = CliRunner().invoke(main, ["doctor", "--help"])
+    for field in ("versions", "optional", "devices", "distributed", "torchrun", "bundled.model",
+                  "converted_copy", "cache_dir", "ok, reason"):
+        assert field in r.output, field
+
+
+def test_optional_distributions_and_cache_folder(monkeypatch, tmp_path):
+    def version(d):
+        try:
+            return importlib.metadata.version(d)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    monkeypatch.setenv("LLMSREC_CACHE_DIR", str(tmp_path / "cache"))  # missing: made on first use
+    rep = doctor.collect()
+    assert rep["optional"] == {"bitsandbytes": version("bitsandbytes"), "optimum-habana": version("optimum-habana")}
+    assert rep["cache_dir"] == {"path": str(tmp_path / "cache"), "from_env": True, "writable": True}
+    assert not rep["bundled"]["model"]["converted_copy"] and rep["ok"]
+    assert not (tmp_path / "cache").exists() and list(tmp_path.iterdir()) == []  # the check leaves nothing
+    text = doctor.format_report(rep)
+    assert "optional: bitsandbytes " in text and "optimum-habana " in text
+    assert f"cache folder (LLMSREC_CACHE_DIR): {tmp_path / 'cache'}, writable" in text
+    # not writable (under a file) and the bundled model not converted yet: not ready, one line
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("LLMSREC_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    r = CliRunner().invoke(main, ["doctor"])
+    assert r.exit_code == 1
+    assert r.stderr.strip().splitlines() == [
+        f"not ready: the bundled model is not converted yet and the cache folder is not writable "
+        f"({tmp_path / 'file'} is not a folder); set LLMSREC_CACHE_DIR to a writable folder"]
+    # already converted: a read-only cache folder is fine
+    monkeypatch.setattr(doctor, "_writable_dir", lambda folder: (False, "read-only"))
+    monkeypatch.setenv("LLMSREC_CACHE_DIR", str(tmp_path / "conv"))
+    (tmp_path / "conv" / "models" / "smollm2-135m").mkdir(parents=True)
+    (tmp_path / "conv" / "models" / "smollm2-135m" / "llmsrec-source.json").write_text("{}")
+    rep = doctor.collect()
+    assert rep["ok"] and rep["cache_dir"]["writable"] is False and rep["cache_dir"]["problem"] == "read-only"
 
 
 def _hide(monkeypatch, module_name):

@@ -197,6 +197,20 @@ def test_heads_save_load_roundtrip(tmp_path):
         load_heads(tmp_path / "nope")
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_heads_files_follow_the_umask(tmp_path, umask):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        save_heads(LLMSRecHeads(HeadsConfig(d_llm=4, d_cf=2, d_out=2, hidden=3, cf_hidden=2)), tmp_path)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"heads.safetensors": 0o666 & ~umask, "heads_config.json": 0o666 & ~umask}
+
+
 def test_fixed_item_projection():
     w = np.arange(6, dtype=np.float32).reshape(3, 2)
     b = np.array([1.0, 0.0, -1.0], dtype=np.float32)

@@ -383,6 +383,21 @@ def test_adding_a_view_later(llm, ds, sasrec, tmp_path):
     assert groups.count("users/valid-shuffled") == len(groups)
 
 
+def test_one_process_run_makes_the_folder_and_removes_stale_shards(llm, ds, sasrec, tmp_path):
+    out = _run(ds, sasrec, llm, tmp_path / "new" / "sub" / "c.h5", views=("test",))  # folder made
+    assert out.exists()
+    shards = out.with_name("c.h5.shards")  # left by a killed `--nproc 2` run
+    shards.mkdir()
+    for name in ("rank0-of-2.h5.tmp", "rank1-of-2.h5.tmp"):
+        (shards / name).write_bytes(b"")
+    msgs = []
+    precompute(ds, sasrec, out, llm=llm, views=("test", "valid"), history_window=W, chunk_prompts=4,
+               batch_tokens=400, progress=False, log=msgs.append)
+    assert not shards.exists()
+    assert msgs[-1] == (f"removed 2 shard file(s) {out} does not use from {shards} (and the folder): "
+                        f"rank0-of-2.h5.tmp, rank1-of-2.h5.tmp")
+
+
 def test_max_users_and_bad_view(llm, ds, sasrec, tmp_path):
     out = _run(ds, sasrec, llm, tmp_path / "c.h5", views=("valid",), max_users=3)
     with open_cache(out) as c:

@@ -164,6 +164,7 @@ class CacheWriter:
                         f"(it: {_short(prov.get(field))}, asked: {_short(self.asked[field])});"
                         f" pass --force to discard it")
                 self.tmp.unlink()
+        self.tmp.parent.mkdir(parents=True, exist_ok=True)  # --out in a folder not made yet
         if final_ok and not self.force:
             shutil.copyfile(self.out, self.tmp)  # extend a copy; the original stays intact
             self.f = h5py.File(self.tmp, "r+")
@@ -285,23 +286,76 @@ class CacheWriter:
         return self.out
 
 
-def _check_virtual_sources(f: h5py.File, path: Path) -> None:
-    """InputError if a virtual dataset's source file is missing (HDF5 would read zeros)."""
-    missing = []
+_ABSENT = object()
+
+
+def _provenance_field_diff(a: dict, b: dict) -> str | None:
+    """First key (sorted) whose value differs between ``a`` and ``b`` (absent counts), else None."""
+    for k in sorted(set(a) | set(b)):
+        if a.get(k, _ABSENT) != b.get(k, _ABSENT):
+            return k
+    return None
+
+
+def virtual_source_files(f: h5py.File, path: Path) -> dict[Path, list[tuple[str, str, tuple]]]:
+    """The other files ``f``'s virtual datasets read (``.`` = ``f`` itself is skipped).
+
+    Returns:
+        ``{source file (resolved against the cache's folder): [(virtual dataset, source
+        dataset, shape of the block it fills), ...]}`` in the order found (llmsrec maps
+        each whole source dataset onto one block of rows).
+    """
+    found: dict[Path, list] = {}
 
     def visit(name, obj):
-        if isinstance(obj, h5py.Dataset) and obj.is_virtual and not missing:
+        if isinstance(obj, h5py.Dataset) and obj.is_virtual:
             for m in obj.virtual_sources():
+                if m.file_name == ".":
+                    continue
                 src = Path(m.file_name)
-                if m.file_name != "." and not (src if src.is_absolute() else path.parent / src).exists():
-                    missing.append((name, m.file_name))
-                    return
+                src = src if src.is_absolute() else path.parent / src
+                lo, hi = m.vspace.get_select_bounds()  # the block of /name this source fills
+                found.setdefault(src, []).append((name, m.dset_name.lstrip("/"),
+                                                  tuple(b - a + 1 for a, b in zip(lo, hi))))
 
     f.visititems(visit)
-    if missing:
-        name, file = missing[0]
-        raise InputError(f"{path}: /{name} is a virtual dataset over {file}, which is missing "
-                         f"(a cache assembled with --assemble virtual needs its shard files beside it)")
+    return found
+
+
+def _check_virtual_sources(f: h5py.File, path: Path, provenance: dict) -> None:
+    """Check every file a virtual dataset reads (the shards of ``--assemble virtual``): it
+    exists, has the cache's provenance, and holds the source dataset with the mapped shape.
+    HDF5 itself would read a missing file or dataset as zeros or fail deep inside a read.
+
+    Raises:
+        InputError: one line naming the shard and what is wrong (missing file, unreadable,
+            first differing provenance field, missing dataset, other shape).
+    """
+    for src, maps in virtual_source_files(f, path).items():
+        name = maps[0][0]
+        if not src.exists():
+            raise InputError(f"{path}: /{name} is a virtual dataset over {src}, which is missing "
+                             f"(a cache assembled with --assemble virtual needs its shard files beside it)")
+        try:
+            g = h5py.File(src, "r")
+        except OSError as e:
+            raise InputError(f"{path}: shard {src} is not a readable HDF5 file ({e})") from None
+        with g:
+            raw = g.attrs.get("provenance")
+            if raw is None:
+                raise InputError(f"{path}: shard {src} has no 'provenance' attribute (not a shard of this cache)")
+            field = _provenance_field_diff(json.loads(raw), provenance)
+            if field is not None:
+                raise InputError(
+                    f"{path}: shard {src} belongs to another cache: provenance field '{field}' differs "
+                    f"(shard: {_short(json.loads(raw).get(field))}, cache: {_short(provenance.get(field))})")
+            for vname, dset, shape in maps:
+                if dset not in g or not isinstance(g[dset], h5py.Dataset):
+                    raise InputError(f"{path}: shard {src} lacks /{dset}, which /{vname} reads "
+                                     f"(an incomplete or foreign shard)")
+                if g[dset].shape != tuple(shape):
+                    raise InputError(f"{path}: shard {src} has /{dset} of shape {g[dset].shape}, "
+                                     f"/{vname} maps {tuple(shape)}")
 
 
 def _short(v) -> str:
@@ -328,7 +382,11 @@ class CacheReader:
         except OSError as e:
             raise InputError(f"{self.path}: not a readable HDF5 file ({e})") from e
         self.provenance = _read_provenance(self.f, self.path)
-        _check_virtual_sources(self.f, self.path)
+        try:
+            _check_virtual_sources(self.f, self.path, self.provenance)
+        except BaseException:
+            self.f.close()
+            raise
         present = [v for v in self.f.get("users", {}) if _complete(self.f, f"users/{v}")]
         self.views = [v for v in VIEW_ORDER if v in present]
 

@@ -132,17 +132,24 @@ def fixed_item_projection(weight: np.ndarray, bias: np.ndarray) -> nn.Linear:
 
 
 def save_heads(heads: LLMSRecHeads, out_dir: str | Path, extra: dict | None = None) -> None:
-    """Write ``heads.safetensors`` and ``heads_config.json`` (config + ``extra``) into ``out_dir``."""
-    from safetensors.torch import save_file
+    """Write ``heads.safetensors`` and ``heads_config.json`` (config + ``extra``) into ``out_dir``.
+
+    Each file is written atomically (``llmsrec.atomic``) with the mode the umask gives
+    (safetensors' own ``save_file`` would leave the weights at 0600).
+    """
+    from safetensors.torch import save
+
+    from llmsrec.atomic import atomic_file, write_json
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
-    save_file(state, str(out_dir / WEIGHTS_FILE))
+    with atomic_file(out_dir / WEIGHTS_FILE, "wb") as f:
+        f.write(save(state))
     doc = {"heads": asdict(heads.config)}
     if extra:
         doc.update(extra)
-    (out_dir / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+    write_json(out_dir / CONFIG_FILE, doc)
 
 
 def load_heads(heads_dir: str | Path) -> LLMSRecHeads:

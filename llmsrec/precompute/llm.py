@@ -113,7 +113,7 @@ def _bundled_copy(name: str) -> tuple[Path, str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmsrec.atomic import atomic_dir, write_json
+    from llmsrec.atomic import atomic_dir, follow_umask, write_json
 
     dist, gguf = BUNDLED[name]
     folder = cache_dir() / "models" / name
@@ -144,6 +144,7 @@ def _bundled_copy(name: str) -> tuple[Path, str]:
             "format": _COPY_FORMAT, "source": str(src / gguf),
             "gguf_sha256": sha256_file(src / gguf),
         })
+        follow_umask(tmp)  # the model.safetensors of save_pretrained is 0600
     return folder, json.loads(meta_path.read_text())["gguf_sha256"]
 
 

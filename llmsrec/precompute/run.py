@@ -442,9 +442,12 @@ def _run_single(job: Job) -> Path:
     from llmsrec.cache.store import CacheWriter
 
     out_h5, log = job.out, job.log
+    from llmsrec.precompute.shards import remove_unused_shards
+
     w = CacheWriter(out_h5, job.prov, force=job.force, log=log)
     if not w.needs(job.groups):
         log(f"{out_h5}: already complete for items and views {', '.join(job.views)}")
+        remove_unused_shards(out_h5, log)
         return Path(out_h5)
     try:
         fixed, vps = setup_cache(w, job)
@@ -462,4 +465,5 @@ def _run_single(job: Job) -> Path:
     finally:
         w.close()
     log(summary(stats, job))
+    remove_unused_shards(out_h5, log)  # e.g. a killed --nproc run's shards, finished by one process
     return Path(out_h5)

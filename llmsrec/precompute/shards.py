@@ -35,11 +35,15 @@ another machine or extended like any other, at the price of writing the states t
 (seconds per GB). ``--assemble virtual`` makes each ``hidden`` dataset an HDF5 virtual
 dataset over the shard files (``h5py.VirtualLayout``, one slab per shard, file names
 relative to the cache's folder): no copy, but ``<out>.shards/`` must stay beside the
-cache (``open_cache`` refuses the file when a shard is missing).
+cache (``open_cache`` refuses the file when a shard is missing or belongs to another cache).
+Whenever a cache is complete (any process count, one process included), the shard files
+in ``<out>.shards/`` it does not read are deleted (:func:`remove_unused_shards`), e.g. the
+unfinished shards of a killed run with another process count.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -62,6 +66,51 @@ def shard_dir(out) -> Path:
 def shard_path(out, rank: int, world: int) -> Path:
     """Shard file of ``rank`` in a ``world``-process run: ``<out>.shards/rank<r>-of-<n>.h5``."""
     return shard_dir(out) / f"rank{rank}-of-{world}.h5"
+
+
+_SHARD_NAME = re.compile(r"rank\d+-of-\d+\.h5(\.tmp)?")
+
+
+def remove_unused_shards(out, log) -> list[str]:
+    """After ``out`` is complete: delete the shard files in ``<out>.shards/`` that ``out`` does
+    not read, then the folder if it is empty.
+
+    A shard file is a ``rank<r>-of-<n>.h5`` or an unfinished ``rank<r>-of-<n>.h5.tmp`` (other
+    files are left alone). ``out`` reads a shard only through the virtual datasets of an
+    ``--assemble virtual`` run, so a copied or one-process cache keeps none, and a virtual
+    one keeps exactly the shards it reads; left-overs of a run with another process count
+    (e.g. a killed ``--nproc 2`` run finished with ``--nproc 3`` or one process) go.
+
+    Args:
+        out: the complete cache file.
+        log: called with one line naming the removed files (not called when none).
+
+    Returns:
+        the names of the removed files.
+    """
+    import h5py
+
+    from llmsrec.cache.store import virtual_source_files
+
+    folder = shard_dir(out)
+    if not folder.is_dir():
+        return []
+    with h5py.File(out, "r") as f:
+        used = {p.resolve() for p in virtual_source_files(f, Path(out))}
+    removed = []
+    for p in sorted(folder.iterdir()):
+        if _SHARD_NAME.fullmatch(p.name) and p.is_file() and p.resolve() not in used:
+            p.unlink()
+            removed.append(p.name)
+    try:
+        folder.rmdir()
+        gone = True
+    except OSError:  # shards the cache reads, or files that are not ours
+        gone = False
+    if removed:
+        log(f"removed {len(removed)} shard file(s) {out} does not use from {folder}"
+            f"{' (and the folder)' if gone else ''}: {', '.join(removed)}")
+    return removed
 
 
 def split_rows(lengths, world: int) -> np.ndarray:
@@ -218,6 +267,7 @@ def run_sharded(ctx: Context, job, *, assemble: str = "copy") -> Path:
                 w.finish()  # an unfinished file that only lacked its rename
             if rank == 0:
                 log(f"{job.out}: already complete for items and views {', '.join(job.views)}")
+                remove_unused_shards(job.out, log)
             return job.out
         W, b, user_out, item_out = fixed
         prov = {**job.prov, "f_I_sha256": _digest_arrays(W, b),
@@ -303,8 +353,10 @@ def assemble_shards(w, job, need: list[str], world: int, prov: dict, vps: dict, 
         need: groups to fill (``items``, ``users/<view>``).
         prov: the provenance every shard must carry.
         vps: view -> ``ViewPrompts`` (which users have a prompt).
-        mode: ``copy`` (ordinary datasets; shards deleted unless the file still has
-            virtual datasets from an earlier ``virtual`` assembly) or ``virtual``.
+        mode: ``copy`` (ordinary datasets) or ``virtual``. Then
+            :func:`remove_unused_shards` deletes every shard file the cache does not read
+            (with ``copy``: all, unless the file still has virtual datasets from an earlier
+            ``virtual`` assembly; always the left-overs of other process counts).
 
     Raises:
         InputError: a shard missing, incomplete, of another provenance, or whose rows
@@ -362,16 +414,8 @@ def assemble_shards(w, job, need: list[str], world: int, prov: dict, vps: dict, 
     finally:
         for f in files:
             f.close()
-    found = []
-    w.f.visititems(lambda _, o: found.append(o.is_virtual) if isinstance(o, h5py.Dataset) else None)
-    virtual_left = any(found)  # this or an earlier --assemble virtual: the shards stay
     out = w.finish()
     log(f"assembled {out} from {world} shards ({mode})")
-    if mode == "copy" and not virtual_left:
-        for p in paths:
-            p.unlink()
-        try:
-            shard_dir(out).rmdir()
-        except OSError:  # other files left there (e.g. shards of another process count)
-            pass
+    # copy: every shard goes, unless an earlier --assemble virtual left datasets reading some
+    remove_unused_shards(out, log)
     return out
