@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -167,11 +168,14 @@ def test_gradient_caching_and_checkpointing_give_the_same_gradients(data, llm):
 def test_train_e2e_outputs_evaluate_and_precompute_from_params(ds, sasrec_dir, llm, cache, tmp_path):
     kw = dict(llm=llm, progress=False, history_window=W, batch_tokens=400, batch_size=4, lr=3e-3,
               evals_per_epoch=2, epochs=3, max_steps=2, **SMALL)
-    res = train_e2e(ds, sasrec_dir, tmp_path / "a", **kw)
+    teacher = tmp_path / "teacher"
+    shutil.copytree(sasrec_dir, teacher)
+    res = train_e2e(ds, teacher, tmp_path / "a", **kw)
     out = tmp_path / "a"
     names = {p.name for p in out.iterdir()}
     assert {"heads.safetensors", "heads_config.json", "params.safetensors", "history.jsonl",
-            "training_curve.png", "results.json"} <= names
+            "training_curve.png", "results.json", "teacher"} <= names
+    teacher.rename(tmp_path / "teacher-moved")  # the checkpoint's own copy of the teacher is used
     assert res["mode"] == "e2e" and res["steps"] == 2 and res["config"]["train_negatives"] == 3
     hist = [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
     # 3 batches per epoch, validation every half epoch (after batches 2 and 3); max_steps 2

@@ -45,7 +45,7 @@ gradient caching), ``compute_states`` (no-grad states for evaluation), the heads
   ``heads_config.json`` (``"mode": "baseline"``), ``inputs.safetensors`` (f_I, f_U, tokens),
   ``adapter.safetensors`` (LoRA) and, for A-LLMRec, ``stage1.safetensors``. No
   ``params.safetensors``: ``precompute --params`` must not build a cache for a LoRA model.
-  LLaRA/CoLLM/A-LLMRec checkpoints also hold a copy of their CF-SRec teacher
+  LLaRA/CoLLM/A-LLMRec (and e2e) checkpoints hold a copy of their CF-SRec teacher
   (``teacher/model.safetensors`` + ``teacher/config.json``, a few MB), so the checkpoint
   keeps working when the teacher's folder moves; checkpoints written before the copy
   existed still load the teacher from the absolute path they recorded.
@@ -70,11 +70,14 @@ from llmsrec.atomic import atomic_dir, atomic_file, write_json
 from llmsrec.errors import InputError
 from llmsrec.heads.e2e import (
     E2E_DEFAULT_NEGATIVES,
+    TEACHER_DIR,
     E2EData,
     E2EOptions,
     E2ETrainer,
     ItemProjection,
     LLMInputs,
+    checkpoint_teacher,
+    copy_teacher,
     fit_e2e,
     score_states,
 )
@@ -95,9 +98,6 @@ SHUFFLE_SEED = 0
 INPUTS_FILE = "inputs.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
 STAGE1_FILE = "stage1.safetensors"
-#: subfolder of a checkpoint with the copy of the CF-SRec teacher (``load_cfsrec`` files)
-TEACHER_DIR = "teacher"
-TEACHER_FILES = ("model.safetensors", "config.json")
 FORMAT = "llmsrec-baseline-v1"
 #: the user-representation slot of Table 2 (c): a ``[HistoryEmb]`` token with a sentinel id
 USER_REP = HISTORY_EMB
@@ -805,24 +805,6 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray]:
         raise InputError(f"{path}: not a safetensors file ({str(e).splitlines()[0]})") from None
 
 
-def _copy_teacher(prov: dict, dest: Path) -> None:
-    """Copy the CF-SRec teacher's checkpoint files (:data:`TEACHER_FILES`) into ``dest``,
-    checking the weights are the ones trained with (``prov["sasrec_sha256"]``)."""
-    import shutil
-
-    from llmsrec.precompute.llm import sha256_file
-
-    src = Path(prov["sasrec"])
-    dest.mkdir()
-    for name in TEACHER_FILES:
-        if not (src / name).is_file():
-            raise InputError(f"{src / name}: not found (the CF-SRec teacher moved during training)")
-        shutil.copyfile(src / name, dest / name)
-    if sha256_file(dest / "model.safetensors") != prov.get("sasrec_sha256"):
-        raise InputError(f"{src / 'model.safetensors'}: changed during training (its sha256 differs from the "
-                         f"one trained with)")
-
-
 def save_baseline(out, bf: BaselineFit, baseline: dict, results: dict, *, force: bool = False) -> None:
     """Write a baseline checkpoint folder atomically (trained parameters only, see module doc).
 
@@ -839,7 +821,7 @@ def save_baseline(out, bf: BaselineFit, baseline: dict, results: dict, *, force:
     prov = {**bf.data.provenance, "valid_users": fit.valid_users}
     with atomic_dir(Path(out), force=force) as tmp:
         if spec.needs_sasrec and prov.get("sasrec"):
-            _copy_teacher(prov, tmp / TEACHER_DIR)
+            copy_teacher(prov, tmp / TEACHER_DIR)
         save_heads(fit.heads, tmp, extra={"mode": "baseline", "baseline": baseline, "train": asdict(bf.config),
                                           "e2e": asdict(bf.options), "provenance": prov})
         _save_arrays(tmp / INPUTS_FILE, fit.inputs.arrays(), {"model": spec.name, "f_arch": bf.options.fi_arch})
@@ -960,14 +942,7 @@ def load_baseline_checkpoint(ds, checkpoint, *, device: str = "cpu", llm: Loaded
                          f"{ds.root} has {ds.digest[:12]}...")
     sasrec = None
     if spec.needs_sasrec:
-        sasrec = ckpt / TEACHER_DIR  # the copy saved with the checkpoint
-        if not (sasrec / "model.safetensors").is_file():  # written before the copy existed
-            sasrec = prov.get("sasrec")
-            if not sasrec:
-                raise InputError(f"{ckpt}: no CF-SRec checkpoint recorded")
-            if not (Path(sasrec) / "model.safetensors").is_file():
-                raise InputError(f"{ckpt}: no {TEACHER_DIR}/ copy of the CF-SRec teacher and the recorded "
-                                 f"{sasrec} is gone (put the teacher back there, or retrain)")
+        sasrec = checkpoint_teacher(ckpt, prov)
     if llm is None:
         llm = load_llm(e["llm"], device=device, dtype=e.get("dtype"))
     if llm.weights_digest != prov.get("model_weights_sha256"):

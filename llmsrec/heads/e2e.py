@@ -842,6 +842,8 @@ def train_e2e(ds, sasrec, out, *, cache=None, force: bool = False, progress: boo
     from llmsrec.precompute.params import write_params
 
     with atomic_dir(out, force=force) as tmp:
+        if prov.get("sasrec"):
+            copy_teacher(prov, tmp / TEACHER_DIR)
         save_heads(fit.heads, tmp, extra={"mode": "e2e", "train": asdict(cfg), "e2e": asdict(eopts),
                                           "provenance": prov})
         write_params(tmp / PARAMS_FILE, fit.inputs.arrays(), arch=eopts.fi_arch,
@@ -852,6 +854,54 @@ def train_e2e(ds, sasrec, out, *, cache=None, force: bool = False, progress: boo
         plot_history(fit.history, tmp / "training_curve.png", title="LLM-SRec e2e (f_I, tokens, heads)")
         write_json(tmp / "results.json", results)
     return results
+
+
+#: subfolder of an e2e or baseline checkpoint holding a copy of its CF-SRec teacher
+TEACHER_DIR = "teacher"
+TEACHER_FILES = ("model.safetensors", "config.json")
+
+
+def copy_teacher(prov: dict, dest: Path) -> None:
+    """Copy the CF-SRec teacher's checkpoint files (:data:`TEACHER_FILES`, a few MB) from
+    ``prov["sasrec"]`` into the new folder ``dest``, so a checkpoint keeps working when the
+    teacher's folder moves.
+
+    Raises:
+        InputError: a file is gone, or the weights differ from ``prov["sasrec_sha256"]``
+        (the teacher changed during training).
+    """
+    import shutil
+
+    from llmsrec.precompute.llm import sha256_file
+
+    src = Path(prov["sasrec"])
+    dest.mkdir()
+    for name in TEACHER_FILES:
+        if not (src / name).is_file():
+            raise InputError(f"{src / name}: not found (the CF-SRec teacher moved during training)")
+        shutil.copyfile(src / name, dest / name)
+    if sha256_file(dest / "model.safetensors") != prov.get("sasrec_sha256"):
+        raise InputError(f"{src / 'model.safetensors'}: changed during training (its sha256 differs from the "
+                         f"one trained with)")
+
+
+def checkpoint_teacher(ckpt: Path, prov: dict) -> Path:
+    """The teacher folder to load for checkpoint ``ckpt``: its own ``teacher/`` copy, else (a
+    checkpoint written before copies existed) the folder recorded in ``prov["sasrec"]``.
+
+    Raises:
+        InputError: neither exists.
+    """
+    own = ckpt / TEACHER_DIR
+    if (own / "model.safetensors").is_file():
+        return own
+    recorded = prov.get("sasrec")
+    if not recorded:
+        raise InputError(f"{ckpt}: no CF-SRec checkpoint recorded")
+    if not (Path(recorded) / "model.safetensors").is_file():
+        raise InputError(f"{ckpt}: no {TEACHER_DIR}/ copy of the CF-SRec teacher and the recorded "
+                         f"{recorded} is gone (put the teacher back there, or retrain)")
+    return Path(recorded)
 
 
 def evaluate_e2e_checkpoint(ds, checkpoint, device: str = "cpu", llm: LoadedLLM | None = None,
@@ -883,12 +933,11 @@ def evaluate_e2e_checkpoint(ds, checkpoint, device: str = "cpu", llm: LoadedLLM 
         llm = load_llm(e["llm"], device=device, dtype=e.get("dtype"))
     if llm.weights_digest != prov.get("model_weights_sha256"):
         raise InputError(f"{ckpt}: provenance field 'model_weights_sha256' differs from {llm.name}")
-    if not prov.get("sasrec"):
-        raise InputError(f"{ckpt}: no SASRec checkpoint recorded")
-    data = load_e2e_data(ds, prov["sasrec"], llm, history_window=e["history_window"], verb=prov["verb"],
+    teacher = checkpoint_teacher(ckpt, prov)
+    data = load_e2e_data(ds, teacher, llm, history_window=e["history_window"], verb=prov["verb"],
                          views=("train", "valid", "test"))
     if data.provenance["sasrec_sha256"] != prov.get("sasrec_sha256"):
-        raise InputError(f"{ckpt}: provenance field 'sasrec_sha256' differs from {prov['sasrec']}")
+        raise InputError(f"{ckpt}: provenance field 'sasrec_sha256' differs from {teacher}")
     arrays, meta = read_params(ckpt / PARAMS_FILE)
     inputs = LLMInputs.from_arrays(arrays, data.E, meta["f_I_arch"])
     cfg = TrainConfig.from_options(**doc["train"])
