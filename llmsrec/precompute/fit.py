@@ -85,13 +85,32 @@ def fit_moment_matched(x: np.ndarray, embed: np.ndarray) -> tuple[np.ndarray, np
         (``torch.nn.Linear`` convention).
     """
     x = np.asarray(x, dtype=np.float64)
-    t = np.asarray(embed, dtype=np.float64)
-    xm, tm = x.mean(0), t.mean(0)
+    xm = x.mean(0)
     _, sx, vxt = np.linalg.svd(x - xm, full_matrices=False)  # rows of vxt: E's principal axes
-    _, st, vtt = np.linalg.svd(t - tm, full_matrices=False)
-    k = min(x.shape[1], t.shape[1], int((sx > 1e-8 * sx[0]).sum()))
+    tm, st, vtt, n_t = _embedding_axes(np.asarray(embed))
+    k = min(x.shape[1], vtt.shape[1], int((sx > 1e-8 * sx[0]).sum()))
     x_std = sx[:k] / np.sqrt(max(len(x) - 1, 1))
-    t_std = st[:k] / np.sqrt(max(len(t) - 1, 1))
+    t_std = st[:k] / np.sqrt(max(n_t - 1, 1))
     w = vtt[:k].T @ np.diag(t_std / x_std) @ vxt[:k]  # (d_llm, d_cf)
     b = tm - w @ xm
     return w.astype(np.float32), b.astype(np.float32)
+
+
+_AXES: dict[str, tuple] = {}
+
+
+def _embedding_axes(embed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Mean, singular values and principal axes of the centred input-embedding matrix
+    ``(V, d_llm)``, in float64; memoised on the matrix's bytes because the SVD of a 49k x 576
+    matrix costs seconds to a minute and every baseline / e2e model asks for the same one."""
+    import hashlib
+
+    key = hashlib.blake2b(np.ascontiguousarray(embed).view(np.uint8), digest_size=16).hexdigest()
+    key += f"{embed.dtype}{embed.shape}"
+    if key not in _AXES:
+        t = np.asarray(embed, dtype=np.float64)
+        tm = t.mean(0)
+        _, st, vtt = np.linalg.svd(t - tm, full_matrices=False)
+        _AXES.clear()  # one LLM at a time is the common case; keep memory bounded
+        _AXES[key] = (tm, st, vtt, len(t))
+    return _AXES[key]
