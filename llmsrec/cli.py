@@ -50,6 +50,16 @@ def _refuse_under_torchrun(ctx: click.Context) -> None:
     sys.exit(2)
 
 
+def _refuse_distributed(message: str) -> None:
+    """Under torchrun with several processes: rank 0 prints ``error: message``, every rank exits 2."""
+    env = dist_env()
+    if env is None or env[1] == 1:
+        return
+    if env[0] == 0:
+        click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="llmsrec")
 @click.pass_context
@@ -756,8 +766,7 @@ def _train_baseline(model_name, data_dir, mode, cache, sasrec_dir, out, seed, no
         raise click.UsageError(f"{', '.join(loss)}: the baselines train with L_Retrieval (Eq. 1) only")
     if sasrec_dir is None and model_name != "tallrec":
         raise click.UsageError(f"--model {model_name} needs --sasrec (the CF-SRec for its soft tokens)")
-    if (dist_env() or (0, 1))[1] > 1:
-        raise InputError(f"--model {model_name}: runs as one process (distributed training is for --mode cache)")
+    _refuse_distributed(f"--model {model_name}: runs as one process (distributed training is for --mode cache)")
     resolve_device(e2e_kw["device"])  # fail on a bad --device before any work
     if negatives_default and opts["train_negatives"] == "all":
         opts["train_negatives"] = E2E_DEFAULT_NEGATIVES
@@ -857,8 +866,7 @@ def train(data_dir, mode, cache, sasrec_dir, out, seed, model_name, no_progress,
 
         if sasrec_dir is None:
             raise click.UsageError("--mode e2e needs --sasrec")
-        if (dist_env() or (0, 1))[1] > 1:
-            raise InputError("--mode e2e: runs as one process (distributed training is for --mode cache)")
+        _refuse_distributed("--mode e2e: runs as one process (distributed training is for --mode cache)")
         resolve_device(e2e_kw["device"])  # fail on a bad --device before any work
         if negatives_default and opts["train_negatives"] == "all":
             opts["train_negatives"] = E2E_DEFAULT_NEGATIVES

@@ -204,6 +204,18 @@ def test_one_process_commands_refused_under_torchrun(inputs, tmp_path, monkeypat
     r = CliRunner().invoke(main, ["evaluate", "--data", str(ds.root)])
     assert r.exit_code == 2 and r.output == ""  # the other ranks exit silently
     assert not (tmp_path / "s").exists()
+    # train passes the guard, but its one-process modes are refused the same way (once)
+    for extra, msg in ((["--mode", "e2e"], "--mode e2e: runs as one process"),
+                       (["--model", "tallrec"], "--model tallrec: runs as one process")):
+        train = ["train", "--data", str(ds.root), "--sasrec", str(sasrec), "--out", str(tmp_path / "t"), *extra]
+        monkeypatch.setenv("RANK", "0")
+        r = CliRunner().invoke(main, train)
+        assert r.exit_code == 2 and r.output.strip().splitlines() == [f"error: {msg} (distributed training "
+                                                                      "is for --mode cache)"], r.output
+        monkeypatch.setenv("RANK", "1")
+        r = CliRunner().invoke(main, train)
+        assert r.exit_code == 2 and r.output == ""
+    assert not (tmp_path / "t").exists()
     # precompute passes the guard (and refuses --nproc itself under torchrun)
     r = CliRunner().invoke(main, [*_args(ds, sasrec, llm, tmp_path / "x.h5"), "--nproc", "2"])
     assert r.exit_code == 2 and "already running under torchrun" in r.output
