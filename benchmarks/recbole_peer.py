@@ -192,9 +192,6 @@ def train_recbole(model_name: str, preset: str, work: Path, name: str, seed: int
         print(f"[{model_name} seed {seed}] resuming at epoch {trainer.start_epoch + 1} ({resume})", flush=True)
     best_score, _ = trainer.fit(train_data, valid_data, verbose=False, saved=True, show_progress=False)
     seconds = time.perf_counter() - t0 + done_before
-    import shutil
-
-    shutil.rmtree(resume, ignore_errors=True)  # finished: a rerun trains afresh
     model.load_state_dict(trainer.best_state)
     model.eval()
     info = {"best_epoch": trainer.best_epoch + 1, "epochs_run": len(trainer.train_loss_dict),
@@ -358,13 +355,27 @@ def run(args) -> None:
     for m in args.models:
         runs = {}
         for seed in args.seeds:
-            print(f"[{m} seed {seed}] training RecBole ({args.preset} preset) ...", flush=True)
-            model, dataset, info = train_recbole(m, args.preset, work, name, seed, args.epochs, args.stopping_step,
-                                                 args.device)
-            threads = torch.get_num_threads()
-            info["valid"] = ranking_metrics(score_candidates(model, dataset, ds, users, "valid"))
-            info["test"] = ranking_metrics(score_candidates(model, dataset, ds, users, "test"))
-            torch.set_num_threads(threads)  # numba's first parallel call resizes the shared OpenMP pool
+            # one finished (model, seed) is kept in --work, so a crash later never costs its hours again
+            key = f"{m}-{args.preset}-seed{seed}-e{args.epochs}-s{args.stopping_step}-u{len(users)}-{ds.digest[:12]}"
+            done = work / f"result-{key}.json"
+            if done.is_file():
+                info = json.loads(done.read_text())
+                print(f"[{m} seed {seed}] reusing {done}", flush=True)
+            else:
+                print(f"[{m} seed {seed}] training RecBole ({args.preset} preset) ...", flush=True)
+                model, dataset, info = train_recbole(m, args.preset, work, name, seed, args.epochs,
+                                                     args.stopping_step, args.device)
+                threads = torch.get_num_threads()
+                info["valid"] = ranking_metrics(score_candidates(model, dataset, ds, users, "valid"))
+                info["test"] = ranking_metrics(score_candidates(model, dataset, ds, users, "test"))
+                torch.set_num_threads(threads)  # numba's first parallel call resizes the shared OpenMP pool
+                tmp = done.with_name(done.name + ".tmp")
+                tmp.write_text(json.dumps(info, indent=1))
+                tmp.rename(done)
+                import shutil
+
+                shutil.rmtree(work / f"resume-{m}-{args.preset}-seed{seed}-e{args.epochs}-s{args.stopping_step}",
+                              ignore_errors=True)  # finished: its per-epoch state is no longer needed
             print(f"[{m} seed {seed}] best epoch {info['best_epoch']} of {info['epochs_run']}, "
                   f"{info['seconds']:.0f} s; test " + ", ".join(f"{k} {info['test'][k]:.4f}" for k in METRICS),
                   flush=True)
@@ -412,6 +423,9 @@ def main() -> None:
     if bad:
         ap.error(f"--models: unknown {bad} (expected {', '.join(MODELS)})")
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    # absolute before run() changes into --work (RecBole writes log/ into the working folder)
+    args.data = str(Path(args.data).resolve())
+    args.ours = str(Path(args.ours).resolve()) if args.ours else None
     venv = Path(args.venv)
     if not _in_venv(venv):
         py = ensure_venv(venv)
