@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from llmsrec.atomic import atomic_dir, write_json
+from llmsrec.devices import mark_step
 from llmsrec.errors import InputError
 from llmsrec.heads.losses import retrieval_loss, sample_negatives, total_loss
 from llmsrec.heads.model import HeadsConfig, LLMSRecHeads, load_heads, save_heads
@@ -475,13 +476,6 @@ def load_e2e_data(ds, sasrec, llm: LoadedLLM, *, history_window: int = 10, verb:
 # --- the trainer ----------------------------------------------------------------------------
 
 
-def _mark_step(dev: torch.device) -> None:
-    if dev.type == "hpu":  # Gaudi lazy mode: execute the accumulated graph
-        import habana_frameworks.torch.core as htcore
-
-        htcore.mark_step()
-
-
 @torch.no_grad()
 def score_states(heads: LLMSRecHeads, user_h: np.ndarray, item_h: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """s(u, i) = f_item(h_i) . f_user(h_u) (Eq. 9) for each row's candidates.
@@ -578,7 +572,7 @@ class E2ETrainer:
             self.llm, self.inputs, groups, lambda hs: self._loss(hs[0], hs[1], inv_t, users),
             self.opts.grad_batch_tokens, self.opts.grad_checkpointing)
         self.opt.step()
-        _mark_step(self.dev)
+        mark_step(self.dev)
         return terms
 
     # -- evaluation ----------------------------------------------------------------------
