@@ -79,6 +79,7 @@ from llmsrec.heads.e2e import (
     checkpoint_teacher,
     copy_teacher,
     fit_e2e,
+    load_run_inputs,
     score_states,
 )
 from llmsrec.heads.model import load_heads, save_heads
@@ -661,8 +662,6 @@ def fit_baseline(model: str, ds, sasrec, *, llm: str | LoadedLLM | None = None, 
 
     Args and errors: see :func:`train_baseline`. Deterministic on CPU under ``seed``.
     """
-    from llmsrec.precompute.llm import load_llm
-
     spec = get_spec(model)
     if isinstance(llm, (str, os.PathLike)):
         opts["llm"] = str(llm)
@@ -682,16 +681,8 @@ def fit_baseline(model: str, ds, sasrec, *, llm: str | LoadedLLM | None = None, 
         sasrec = None  # text only: a CF-SRec given anyway (a loop over models) is not used
     elif sasrec is None:
         raise InputError(f"--model {model}: needs a CF-SRec checkpoint (--sasrec)")
-    if isinstance(ds, (str, os.PathLike)):
-        from llmsrec.data import load_prepared
-
-        ds = load_prepared(ds)
-    if eopts.threads:
-        torch.set_num_threads(eopts.threads)
     t = time.perf_counter()
-    if not isinstance(llm, LoadedLLM):
-        llm = load_llm(eopts.llm, device=eopts.device, dtype=eopts.dtype)
-    eopts.llm = llm.name
+    ds, llm = load_run_inputs(ds, llm, eopts)
     if spec.lora:
         apply_lora(llm, lora, seed=cfg.seed)
     data = load_baseline_data(ds, sasrec, llm, model, history_window=eopts.history_window, verb=eopts.verb)
@@ -1018,31 +1009,3 @@ def evaluate_baseline_checkpoint(ds, checkpoint, device: str = "cpu", llm: Loade
     """
     scores = baseline_scores(ds, checkpoint, views, device=device, llm=llm, batch_tokens=batch_tokens, expect=expect)
     return {v: metrics_of(s.scores) for v, s in scores.items()}
-
-
-__all__ = [
-    "BASELINES",
-    "DEFAULT_VIEWS",
-    "EVAL_VIEWS",
-    "BaselineSpec",
-    "BaselineData",
-    "BaselineFit",
-    "BaselineInputs",
-    "BaselineTrainer",
-    "LoraOptions",
-    "ViewScores",
-    "apply_lora",
-    "baseline_scores",
-    "build_item_prompts",
-    "build_prompts",
-    "check_checkpoint_kind",
-    "checkpoint_kind",
-    "evaluate_baseline_checkpoint",
-    "fit_baseline",
-    "get_spec",
-    "load_baseline_checkpoint",
-    "load_baseline_data",
-    "train_baseline",
-    "user_rep_id",
-    "view_scores",
-]

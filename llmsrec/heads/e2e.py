@@ -768,6 +768,28 @@ def _initial_inputs(ds, llm: LoadedLLM, data: E2EData, opts: E2EOptions, seed: i
     return LLMInputs.from_arrays(arrays, data.E), init
 
 
+def load_run_inputs(ds, llm, eopts: E2EOptions):
+    """Shared start of an LLM-in-the-loop run (e2e mode, the LLM4Rec baselines): load the
+    dataset if given as a folder, set ``eopts.threads``, load the LLM if given by name, and
+    record its name in ``eopts.llm``.
+
+    Returns:
+        ``(PreparedDataset, LoadedLLM)``.
+    """
+    if isinstance(ds, (str, os.PathLike)):
+        from llmsrec.data import load_prepared
+
+        ds = load_prepared(ds)
+    if eopts.threads:
+        torch.set_num_threads(eopts.threads)
+    if not isinstance(llm, LoadedLLM):
+        from llmsrec.precompute.llm import load_llm
+
+        llm = load_llm(eopts.llm, device=eopts.device, dtype=eopts.dtype)
+    eopts.llm = llm.name
+    return ds, llm
+
+
 def train_e2e(ds, sasrec, out, *, cache=None, force: bool = False, progress: bool = True,
               llm: str | LoadedLLM | None = None, log: Callable[[str], None] | None = None,
               **opts: Any) -> dict:
@@ -789,8 +811,6 @@ def train_e2e(ds, sasrec, out, *, cache=None, force: bool = False, progress: boo
     Raises:
         InputError: bad options, ``out`` exists without ``force``, mismatched inputs.
     """
-    from llmsrec.precompute.llm import load_llm
-
     e2e_names = set(E2EOptions.__dataclass_fields__)
     opts = {k: v for k, v in opts.items() if v is not None}
     if isinstance(llm, (str, os.PathLike)):
@@ -802,16 +822,8 @@ def train_e2e(ds, sasrec, out, *, cache=None, force: bool = False, progress: boo
     out = Path(out)
     if out.exists() and not force:
         raise InputError(f"{out}: already exists (pass --force to overwrite)")
-    if isinstance(ds, (str, os.PathLike)):
-        from llmsrec.data import load_prepared
-
-        ds = load_prepared(ds)
-    if eopts.threads:
-        torch.set_num_threads(eopts.threads)
     t = time.perf_counter()
-    if not isinstance(llm, LoadedLLM):
-        llm = load_llm(eopts.llm, device=eopts.device, dtype=eopts.dtype)
-    eopts.llm = llm.name
+    ds, llm = load_run_inputs(ds, llm, eopts)
     data = load_e2e_data(ds, sasrec, llm, history_window=eopts.history_window, verb=eopts.verb)
     inputs, init = _initial_inputs(ds, llm, data, eopts, cfg.seed, cache)
     t_load = time.perf_counter() - t
