@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_precompute import _tiny_dataset, _tiny_llm, _tiny_sasrec, _tiny_tokenizer
+from test_precompute import _tiny_dataset, _tiny_llama_folder, _tiny_llm, _tiny_sasrec
 
 from llmsrec.baselines import (
     BASELINES,
@@ -365,18 +365,9 @@ def test_bad_options(ds, sasrec_dir, tmp_path):
 
 
 def test_cli_train_and_evaluate_a_baseline(ds, sasrec_dir, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from llmsrec.cli import main
 
-    tok = _tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    folder = tmp_path / "tiny-llm"
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = _tiny_llama_folder(tmp_path / "tiny-llm")
     out = tmp_path / "collm"
     common = ["--data", str(ds.root), "--llm", str(folder), "--history-window", str(W), "--batch-size", "4",
               "--max-steps", "2", "--hidden", "16", "--d-out", "8", "--cf-hidden", "8", "--no-progress"]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_precompute import _contents, _tiny_dataset, _tiny_sasrec, _tiny_tokenizer
+from test_precompute import _contents, _tiny_dataset, _tiny_llama_folder, _tiny_sasrec
 
 from llmsrec.cache import open_cache
 from llmsrec.cli import main
@@ -37,20 +37,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """(dataset, SASRec folder, LLM folder, the one-process reference cache)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from llmsrec.cfsrec import save_sasrec
 
     root = tmp_path_factory.mktemp("dist")
     ds = _tiny_dataset(root / "ds")
     save_sasrec(_tiny_sasrec(ds.n_items), root / "sasrec")
-    tok = _tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(root / "llm")
-    tok.save_pretrained(root / "llm")
+    _tiny_llama_folder(root / "llm")
     ref = precompute(ds.root, root / "sasrec", root / "ref.h5", llm=str(root / "llm"),
                      views=VIEWS.split(","), history_window=W, chunk_prompts=2, batch_tokens=400,
                      progress=False, log=lambda m: None)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_precompute import _tiny_dataset, _tiny_llm, _tiny_sasrec, _tiny_tokenizer
+from test_precompute import _tiny_dataset, _tiny_llama_folder, _tiny_llm, _tiny_sasrec
 
 from llmsrec.cache import open_cache
 from llmsrec.errors import InputError
@@ -227,18 +227,9 @@ def test_mlp_f_I_trains(data, llm):
 
 
 def test_cli_train_e2e_and_evaluate(ds, sasrec_dir, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from llmsrec.cli import main
 
-    tok = _tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    folder = tmp_path / "tiny-llm"
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = _tiny_llama_folder(tmp_path / "tiny-llm")
     out = tmp_path / "e2e"
     args = ["train", "--mode", "e2e", "--data", str(ds.root), "--sasrec", str(sasrec_dir), "--llm", str(folder),
             "--out", str(out), "--history-window", str(W), "--batch-size", "4", "--max-steps", "2",

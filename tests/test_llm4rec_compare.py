@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from test_analyze import run_dir  # noqa: F401  (module fixture: a tiny `llmsrec run` folder)
-from test_precompute import _tiny_llm, _tiny_tokenizer
+from test_precompute import _tiny_llama_folder, _tiny_llm
 
 from llmsrec.baselines import baseline_scores, evaluate_baseline_checkpoint
 from llmsrec.baselines.common import metrics_of
@@ -178,16 +178,7 @@ def test_compare_baselines_with_a_cache_read_its_teacher(ds, three_models, tmp_p
 
 
 def test_cli_compare_llm4rec(ds, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = _tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    folder = tmp_path / "tiny-llm"
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = _tiny_llama_folder(tmp_path / "tiny-llm", layers=1)
     out = tmp_path / "c"
     r = CliRunner().invoke(main, ["compare", "--data", str(ds.root), "--out", str(out), "--models", "tallrec",
                                   "--llm", str(folder), "--history-window", str(W), "--batch-tokens", "600",

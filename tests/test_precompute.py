@@ -42,15 +42,28 @@ def _tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>")
 
 
-def _tiny_llm():
+def _tiny_llama(tok, layers: int = 2):
+    """A random-weight LLaMA (hidden 32) over ``tok``, seeded: the same weights every call."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = _tiny_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=1024, tie_word_embeddings=True)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(cfg)
+
+
+def _tiny_llama_folder(folder, layers: int = 2):
+    """Save :func:`_tiny_llama` and the tiny tokenizer as a local Hugging Face folder (for --llm)."""
+    tok = _tiny_tokenizer()
+    _tiny_llama(tok, layers).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _tiny_llm():
+    tok = _tiny_tokenizer()
+    model = _tiny_llama(tok)
     model.config._attn_implementation = "sdpa"
     return load_llm("tiny-llama", model=model, tokenizer=tok)
 

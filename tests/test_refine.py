@@ -172,20 +172,11 @@ def test_refine_with_f_I_and_errors(ds, sasrec_dir, trained, tmp_path):
 
 def test_cli_refine_tokens(ds, sasrec_dir, tmp_path):
     from click.testing import CliRunner
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from llmsrec.cli import main
     from llmsrec.precompute.llm import load_llm
-    from test_precompute import _tiny_tokenizer
+    from test_precompute import _tiny_llama_folder
 
-    tok = _tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True)
-    torch.manual_seed(0)
-    folder = tmp_path / "tiny-llm"
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = _tiny_llama_folder(tmp_path / "tiny-llm")
     cache = precompute(ds, sasrec_dir, tmp_path / "c.h5", llm=load_llm(str(folder)), views=("train", "valid", "test"),
                        history_window=W, batch_tokens=400, progress=False, log=lambda m: None)
     train_heads(ds, cache, tmp_path / "heads", progress=False, epochs=1, batch_size=4, **SMALL)
