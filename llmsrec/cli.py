@@ -1193,6 +1193,9 @@ def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval
     model_list, seed_list = parse_models(models), parse_seeds(seeds)
     if not {"tallrec", "llara", "collm", "allmrec"} & set(model_list):
         _refuse_unused("when --models includes tallrec, llara, collm or allmrec")
+        if not ("llmsrec" in model_list and cache is None):  # the second call sees only `also`
+            _refuse_unused("when a model runs the LLM: llmsrec without --cache, tallrec, llara, collm or allmrec",
+                           also=("llm", "batch_tokens", "dtype", "fi"))
     res = run_compare(  # refuses --cache / --teacher when no asked model uses them
         data_dir, out, models=model_list, seeds=seed_list,
         cf_options=dict(epochs=epochs, patience=patience, eval_every=eval_every, batch_size=batch_size, lr=lr,

@@ -178,6 +178,13 @@ def test_cli_compare(ds, tmp_path):
     assert r.exit_code == 2 and r.output == ("error: --llm4rec-epochs, --llm4rec-max-steps: apply when --models "
                                              "includes tallrec, llara, collm or allmrec\n"), r.output
     assert not (tmp_path / "none").exists()
+    # LLM options without a model that runs the LLM do nothing either (--cache: llmsrec trains heads only)
+    for models, extra in (("sasrec", []), ("llmsrec", ["--cache", str(tmp_path / "x.h5")])):
+        r = runner.invoke(main, ["compare", "--data", str(ds.root), "--out", str(tmp_path / "none"), "--models",
+                                 models, *extra, "--dtype", "bf16", "--llm", "smollm2-135m"])
+        assert r.exit_code == 2 and r.output == ("error: --llm, --dtype: apply when a model runs the LLM: llmsrec "
+                                                 "without --cache, tallrec, llara, collm or allmrec\n"), r.output
+    assert not (tmp_path / "none").exists()
 
 
 # --- LLM-SRec with another teacher, on a tiny random LLaMA ---------------------------------------
