@@ -26,7 +26,7 @@ from llmsrec.baselines import (
     user_rep_id,
     view_scores,
 )
-from llmsrec.baselines.common import BaselineTrainer, baseline_record, initial_inputs, save_baseline
+from llmsrec.baselines.common import BaselineTrainer, baseline_record, initial_inputs, metrics_of, save_baseline
 from llmsrec.errors import InputError
 from llmsrec.heads.e2e import E2EOptions, _length_batches, backward_through_llm, forward_with_grad
 from llmsrec.heads.train import TrainConfig
@@ -296,6 +296,10 @@ def test_save_load_round_trip_gives_identical_scores(model, ds, sasrec_dir, tmp_
     fit = bf.fit
     assert fit.steps == 2 and bf.config.distill == "none" and bf.config.uniform is False
     mem = {v: view_scores(fit.trainer, v, fit.item_states) for v in ("valid", "test", "test-shuffled")}
+    # the test view fit_e2e scored once (what analyze reuses) is the one recomputed here
+    np.testing.assert_array_equal(fit.test_view[0], mem["test"].scores)
+    np.testing.assert_array_equal(fit.test_view[1], mem["test"].user)
+    assert fit.test == metrics_of(mem["test"].scores)
     results = {"test": fit.test}
     out = tmp_path / model
     save_baseline(out, bf, baseline_record(bf), results)

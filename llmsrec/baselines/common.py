@@ -80,7 +80,6 @@ from llmsrec.heads.e2e import (
     copy_teacher,
     fit_e2e,
     load_run_inputs,
-    score_states,
 )
 from llmsrec.heads.model import load_heads, save_heads
 from llmsrec.heads.train import TrainConfig, plot_history
@@ -589,15 +588,7 @@ class ViewScores:
 @torch.no_grad()
 def view_scores(tr: E2ETrainer, view: str, item_h: np.ndarray) -> ViewScores:
     """Recompute ``view``'s user states with the trainer's current state and score them."""
-    users = np.arange(1, tr.data.n_users + 1)
-    h = tr.user_states(view, users)
-    s = score_states(tr.heads, h, item_h, tr.data.candidates[view])
-    dev = next(tr.heads.parameters()).device
-    was = tr.heads.training
-    tr.heads.eval()
-    z = tr.heads.user(torch.from_numpy(h).to(dev)).float().cpu().numpy()
-    tr.heads.train(was)
-    return ViewScores(scores=s, user=z)
+    return ViewScores(*tr.view_outputs(view, item_h))
 
 
 def metrics_of(scores: np.ndarray) -> dict[str, float]:

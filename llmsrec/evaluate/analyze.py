@@ -411,7 +411,7 @@ class RunAnalysis:
         key = ("llm4rec", name, seed, shuffled_training)
         if key in self._memo:
             return self._memo[key]
-        from llmsrec.baselines import baseline_scores, fit_baseline, get_spec, view_scores
+        from llmsrec.baselines import ViewScores, baseline_scores, fit_baseline, get_spec, view_scores
         from llmsrec.baselines.common import baseline_record, metrics_of, save_baseline
         from llmsrec.evaluate.compare import fresh_llm
 
@@ -443,7 +443,8 @@ class RunAnalysis:
                        if shuffled_training else "as llmsrec train --model"}
             scores = {}
             if not shuffled_training:
-                scores = {v: view_scores(fit.trainer, v, fit.item_states) for v in views}
+                scores = {v: ViewScores(*fit.test_view) if v == "test" else view_scores(fit.trainer, v, fit.item_states)
+                          for v in views}  # fit_e2e already scored the test view
                 results["test-shuffled"] = metrics_of(scores["test-shuffled"].scores)
             save_baseline(d, bf, record, results, force=True)
             del bf, fit

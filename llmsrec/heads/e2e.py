@@ -594,23 +594,25 @@ class E2ETrainer:
     def evaluate(self, split: str, users: np.ndarray | None = None, item_h: np.ndarray | None = None):
         """(metrics, item states) of ``split`` (``valid``/``test``) on ``users`` (default all)
         with states recomputed from the current f_I and tokens (``item_h`` reused if given)."""
-        from llmsrec.evaluate.metrics import ranking_metrics
-
         users = np.arange(1, self.data.n_users + 1) if users is None else np.asarray(users)
         if item_h is None:
             item_h = self.item_states()
         s = score_states(self.heads, self.user_states(split, users), item_h,
                          self.data.candidates[split][users - 1])
-        threads = torch.get_num_threads()
-        try:
-            m = {k: float(v) for k, v in ranking_metrics(s).items()}
-        except ValueError as e:  # NaN/inf scores: training diverged
-            raise InputError(f"training diverged: {e}; lower --lr") from None
-        finally:
-            # numba's OpenMP layer resets the shared OpenMP thread count that torch reads;
-            # without this, every later LLM forward would run with numba's thread count
-            torch.set_num_threads(threads)
-        return m, item_h
+        return _metrics(s), item_h
+
+    def view_outputs(self, view: str, item_h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every user's outputs on ``view`` (a split or a shuffled view) from one LLM pass:
+        (scores float32 ``(U, 1+m)``, target first; f_user(h_u) float32 ``(U, d')``)."""
+        h = self.user_states(view, np.arange(1, self.data.n_users + 1))
+        s = score_states(self.heads, h, item_h, self.data.candidates[view])
+        dev = next(self.heads.parameters()).device
+        was = self.heads.training
+        self.heads.eval()
+        with torch.no_grad():
+            z = self.heads.user(torch.from_numpy(h).to(dev)).float().cpu().numpy()
+        self.heads.train(was)
+        return s, z
 
     def state(self) -> dict:
         return {"heads": copy.deepcopy(self.heads.state_dict()), "inputs": copy.deepcopy(self.inputs.state_dict())}
@@ -618,6 +620,21 @@ class E2ETrainer:
     def load_state(self, state: dict) -> None:
         self.heads.load_state_dict(state["heads"])
         self.inputs.load_state_dict(state["inputs"])
+
+
+def _metrics(scores: np.ndarray) -> dict[str, float]:
+    """``ranking_metrics`` as floats. InputError when a score is NaN/inf (training diverged)."""
+    from llmsrec.evaluate.metrics import ranking_metrics
+
+    threads = torch.get_num_threads()
+    try:
+        return {k: float(v) for k, v in ranking_metrics(scores).items()}
+    except ValueError as e:
+        raise InputError(f"training diverged: {e}; lower --lr") from None
+    finally:
+        # numba's OpenMP layer resets the shared OpenMP thread count that torch reads;
+        # without this, every later LLM forward would run with numba's thread count
+        torch.set_num_threads(threads)
 
 
 def eval_user_sample(n_users: int, k: int | None, seed: int) -> np.ndarray:
@@ -638,6 +655,7 @@ class E2EFit(FitResult):
     valid_users: int = 0
     trainer: "E2ETrainer" = None
     item_states: np.ndarray = None
+    test_view: tuple = None  # E2ETrainer.view_outputs("test", item_states) of the selected checkpoint
 
 
 def fit_e2e(data: E2EData, llm: LoadedLLM, inputs: LLMInputs, config: TrainConfig | None = None,
@@ -729,7 +747,10 @@ def fit_e2e(data: E2EData, llm: LoadedLLM, inputs: LLMInputs, config: TrainConfi
     tr.heads.eval()
     tr.inputs.eval()
     t = time.perf_counter()
-    test, _ = tr.evaluate("test", None, item_h=best["item_h"])  # the selected checkpoint's item states
+    # the selected checkpoint's item states; the scores and user representations are kept
+    # (small: U x (1+m) and U x d') so analyses need not run the LLM over the test view again
+    test_view = tr.view_outputs("test", best["item_h"])
+    test = _metrics(test_view[0])
     t_test = time.perf_counter() - t
     epochs_run = float(epochs_run)
     timings = {"train_steps": round(t_steps, 3), "validation": round(t_valid, 3), "test": round(t_test, 3),
@@ -739,7 +760,8 @@ def fit_e2e(data: E2EData, llm: LoadedLLM, inputs: LLMInputs, config: TrainConfi
     best_info = {k: best[k] for k in ("validation", "step", "epoch", "metrics")}
     return E2EFit(heads=tr.heads, history=history, best=best_info, steps=step, epochs_run=round(epochs_run, 4),
                   stopped_early=stopped, seconds=time.perf_counter() - t0, inputs=tr.inputs, test=test,
-                  timings=timings, valid_users=int(len(valid_users)), trainer=tr, item_states=best["item_h"])
+                  timings=timings, valid_users=int(len(valid_users)), trainer=tr, item_states=best["item_h"],
+                  test_view=test_view)
 
 
 # --- the command ----------------------------------------------------------------------------
