@@ -80,6 +80,7 @@ from llmsrec.heads.e2e import (
     copy_teacher,
     fit_e2e,
     load_run_inputs,
+    metrics_of,
 )
 from llmsrec.heads.model import load_heads, save_heads
 from llmsrec.heads.train import TrainConfig, plot_history
@@ -589,17 +590,6 @@ class ViewScores:
 def view_scores(tr: E2ETrainer, view: str, item_h: np.ndarray) -> ViewScores:
     """Recompute ``view``'s user states with the trainer's current state and score them."""
     return ViewScores(*tr.view_outputs(view, item_h))
-
-
-def metrics_of(scores: np.ndarray) -> dict[str, float]:
-    """``ranking_metrics`` as floats, keeping torch's thread count (numba resets it)."""
-    from llmsrec.evaluate.metrics import ranking_metrics
-
-    threads = torch.get_num_threads()
-    try:
-        return {k: float(v) for k, v in ranking_metrics(scores).items()}
-    finally:
-        torch.set_num_threads(threads)
 
 
 # --- train ----------------------------------------------------------------------------------

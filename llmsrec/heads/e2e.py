@@ -599,7 +599,7 @@ class E2ETrainer:
             item_h = self.item_states()
         s = score_states(self.heads, self.user_states(split, users), item_h,
                          self.data.candidates[split][users - 1])
-        return _metrics(s), item_h
+        return metrics_of(s), item_h
 
     def view_outputs(self, view: str, item_h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every user's outputs on ``view`` (a split or a shuffled view) from one LLM pass:
@@ -622,8 +622,13 @@ class E2ETrainer:
         self.inputs.load_state_dict(state["inputs"])
 
 
-def _metrics(scores: np.ndarray) -> dict[str, float]:
-    """``ranking_metrics`` as floats. InputError when a score is NaN/inf (training diverged)."""
+def metrics_of(scores: np.ndarray) -> dict[str, float]:
+    """``ranking_metrics`` of float32 scores ``(U, 1+m)`` (target in column 0) as plain floats
+    (NDCG@10/20, HR@10/20), keeping torch's thread count.
+
+    Raises:
+        InputError: a score is NaN/inf (training diverged).
+    """
     from llmsrec.evaluate.metrics import ranking_metrics
 
     threads = torch.get_num_threads()
@@ -750,7 +755,7 @@ def fit_e2e(data: E2EData, llm: LoadedLLM, inputs: LLMInputs, config: TrainConfi
     # the selected checkpoint's item states; the scores and user representations are kept
     # (small: U x (1+m) and U x d') so analyses need not run the LLM over the test view again
     test_view = tr.view_outputs("test", best["item_h"])
-    test = _metrics(test_view[0])
+    test = metrics_of(test_view[0])
     t_test = time.perf_counter() - t
     epochs_run = float(epochs_run)
     timings = {"train_steps": round(t_steps, 3), "validation": round(t_valid, 3), "test": round(t_test, 3),
