@@ -748,6 +748,7 @@ def fit_e2e(data: E2EData, llm: LoadedLLM, inputs: LLMInputs, config: TrainConfi
         if history and (stopped or (opts.max_steps is not None and step >= opts.max_steps)):
             break
         epochs_run = epoch + 1
+    seconds = time.perf_counter() - t0  # training (steps + validations), as cache mode's; the test is apart
     tr.load_state(best["state"])
     tr.heads.eval()
     tr.inputs.eval()
@@ -764,7 +765,7 @@ def fit_e2e(data: E2EData, llm: LoadedLLM, inputs: LLMInputs, config: TrainConfi
                "per_step": round(t_steps / max(step, 1), 3)}
     best_info = {k: best[k] for k in ("validation", "step", "epoch", "metrics")}
     return E2EFit(heads=tr.heads, history=history, best=best_info, steps=step, epochs_run=round(epochs_run, 4),
-                  stopped_early=stopped, seconds=time.perf_counter() - t0, inputs=tr.inputs, test=test,
+                  stopped_early=stopped, seconds=seconds, inputs=tr.inputs, test=test,
                   timings=timings, valid_users=int(len(valid_users)), trainer=tr, item_states=best["item_h"],
                   test_view=test_view)
 

@@ -439,7 +439,7 @@ class FitResult:
     steps: int
     epochs_run: float
     stopped_early: bool
-    seconds: float
+    seconds: float  # training wall time (steps and validations), s; the final test is not in it
 
 
 class _HeadsForward(torch.nn.Module):
