@@ -1181,9 +1181,10 @@ def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval
     tallrec, llara, collm, allmrec: the LLM4Rec baselines (`llmsrec train --model NAME`,
     Eq. 1 in the e2e loop, the LLM of --llm; llara/collm/allmrec read LLM-SRec's
     teacher), budgeted by the --llm4rec-* options: on 2 CPU cores one step costs ~30 s and
-    one full test ~5 min, so e.g. --llm4rec-max-steps 20 --llm4rec-eval-users 100
-    --llm4rec-evals-per-epoch 2 (one validation, at step 20) is about 20 min per model
-    and seed (steps, validation, test and test-shuffled).
+    one fully scored view ~6 min, so e.g. --llm4rec-max-steps 20 --llm4rec-eval-users 100
+    --llm4rec-evals-per-epoch 2 (one validation, at step 20) is about 25 min per model
+    and seed (steps, validation, test and test-shuffled); ~35-50 min with 1 thread each
+    when two models share the 2 cores (ml-100k, SmolLM2-135M).
     A third table gives the shuffled-inference change ratio (test vs test-shuffled) for
     every model that has it (CF-SRec, LLM4Rec, LLM-SRec when its cache has test-shuffled).
     """
