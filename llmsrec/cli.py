@@ -429,6 +429,45 @@ def _llm_options(f):
     return f
 
 
+def _parse_layers(text: str) -> tuple[int, ...] | str:
+    """``--readout-layers`` "8,16,24,30" -> (8, 16, 24, 30); "none" or "" -> (); "auto" -> "auto"."""
+    text = (text or "").strip().lower()
+    if text in ("", "none"):
+        return ()
+    if text == "auto":
+        return "auto"
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"--readout-layers {text!r}: expected comma-separated layer numbers or 'none'") from None
+    if any(x < 1 for x in out):
+        raise InputError(f"--readout-layers {text!r}: layers are numbered from 1")
+    return out
+
+
+# What the cache keeps beyond the paper's last-layer out-token state (`precompute`, `run`).
+_READOUT_DEFAULT = "auto"
+_CACHE_READOUT_OPTIONS = [
+    click.option("--readout-layers", default=_READOUT_DEFAULT, show_default=True,
+                 help="Layers whose states are also cached at the out token and at every history "
+                      "soft token, e.g. 8,16,24,30; 'auto' = 4/15, 8/15, 12/15 and all of the depth "
+                      "(8,16,24,30 of SmolLM2-135M); 'none' = the paper's last-layer "
+                      "[UserOut]/[ItemOut] state only. "
+                      "Needed by --user-readout/--item-readout other than 'out'."),
+    click.option("--template", default="llmsrec-prompt-v1", show_default=True,
+                 type=click.Choice(["llmsrec-prompt-v1", "llmsrec-prompt-v1-userrep"]),
+                 help="Prompt template: llmsrec-prompt-v1 = the paper's Table 2 (b); "
+                      "llmsrec-prompt-v1-userrep = Table 11's prompt with the CF-SRec user "
+                      "representation as a soft token up front (--prefixes 1 only)."),
+]
+
+
+def _cache_readout_options(f):
+    for opt in reversed(_CACHE_READOUT_OPTIONS):
+        f = opt(f)
+    return f
+
+
 def _train_llm_options(f):
     """``_llm_options`` with train's --device help (cache mode places only the heads there)."""
     f = _llm_options(f)
@@ -478,9 +517,14 @@ def _train_llm_options(f):
               help="With several processes: copy the shards (OUT.shards/) into OUT and delete them, "
                    "or make OUT's states HDF5 virtual datasets over them (no copy; keep OUT.shards/ "
                    "beside OUT).")
+@_cache_readout_options
+@click.option("--prefixes", default=1, show_default=True, type=click.IntRange(min=1),
+              help="K > 1 adds the view train-prefix: each user's K latest cutoffs before the "
+                   "validation target as training samples (paper F.5), run as one prompt tree per "
+                   "user (1: the paper's one sample per user).")
 def precompute(data_dir, sasrec_dir, llm, out_h5, views, history_window, verb, batch_tokens,
                chunk_prompts, device, dtype, seed, max_users, threads, fi, params_file, trust_remote_code,
-               force, load_in_8bit, hpu_graphs, nproc, assemble) -> None:
+               force, load_in_8bit, hpu_graphs, nproc, assemble, readout_layers, template, prefixes) -> None:
     """Run every item prompt and user prompt through the frozen LLM once -> HDF5 cache.
 
     Stores the last-layer state at [UserOut] per user and view, at [ItemOut] per item,
@@ -525,7 +569,8 @@ def precompute(data_dir, sasrec_dir, llm, out_h5, views, history_window, verb, b
                    history_window=history_window, verb=verb, batch_tokens=batch_tokens,
                    chunk_prompts=chunk_prompts, device=device, dtype=dtype, seed=seed,
                    force=force, max_users=max_users, num_threads=threads, fi=fi,
-                   params=params_file, trust_remote_code=trust_remote_code, assemble=assemble)
+                   params=params_file, trust_remote_code=trust_remote_code, assemble=assemble,
+                   readout_layers=_parse_layers(readout_layers), prefixes=prefixes, template=template)
 
 
 def _given_args(ctx: click.Context, drop=()) -> list[str]:
@@ -603,8 +648,23 @@ def _negatives_type(value):
 
 _HEAD_OPTIONS = [
     click.option("--paper-settings", is_flag=True,
-                 help="The paper's head schedule: 3 sampled negatives, 10 epochs, patience 10 "
-                      "(overrides --train-negatives, --epochs, --patience)."),
+                 help="The paper's heads: 3 sampled negatives, 10 epochs, patience 10, one training "
+                      "sample per user, last-layer [UserOut]/[ItemOut] readouts (overrides "
+                      "--train-negatives, --epochs, --patience, --prefixes, --user-readout, "
+                      "--item-readout)."),
+    click.option("--prefixes", default=1, show_default=True, type=click.IntRange(min=1),
+                 help="Training samples per user: its K latest cutoffs before the validation target "
+                      "(paper F.5; needs a cache precomputed with >= K; 1 = the paper's setting)."),
+    click.option("--user-readout", default="out", show_default=True,
+                 type=click.Choice(["out", "layers", "slots", "layers+slots"]),
+                 help="What f_user reads: out = last-layer [UserOut] state (paper); layers = a learned "
+                      "mix of the cached layers at [UserOut]; slots = the history soft tokens' states, "
+                      "attention-pooled; layers+slots = both."),
+    click.option("--item-readout", default="out", show_default=True,
+                 type=click.Choice(["out", "layers", "soft", "layers+soft"]),
+                 help="What f_item reads: out = last-layer [ItemOut] state (paper); layers = a mix of "
+                      "the cached layers at [ItemOut]; soft = the layers at the item's own soft token; "
+                      "layers+soft = both."),
     click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1),
                  help="Maximum epochs of the heads (one sample per user per epoch; paper: 10)."),
     click.option("--batch-size", default=20, show_default=True, type=click.IntRange(min=1),
@@ -658,14 +718,16 @@ def _head_kwargs(kw: dict) -> dict:
     """Pop the head options out of a command's kwargs into TrainConfig fields."""
     names = ["epochs", "batch_size", "lr", "beta1", "beta2", "weight_decay", "lr_decay", "evals_per_epoch",
              "patience", "select_metric", "hidden", "d_out", "cf_hidden", "retrieval_weight",
-             "distill_weight", "uniform_weight", "contrastive_temperature"]
+             "distill_weight", "uniform_weight", "contrastive_temperature", "prefixes", "user_readout",
+             "item_readout"]
     out = {n: kw.pop(n) for n in names}
     out["train_negatives"] = _negatives_type(kw.pop("train_negatives"))
     distill, no_distill, no_uniform = kw.pop("distill"), kw.pop("no_distill"), kw.pop("no_uniform")
     out["distill"] = "none" if no_distill else distill
     out["uniform"] = not no_uniform
     if kw.pop("paper_settings"):
-        out.update(train_negatives=3, epochs=10, patience=10)
+        out.update(train_negatives=3, epochs=10, patience=10, prefixes=1, user_readout="out",
+                   item_readout="out")
     return out
 
 
@@ -978,12 +1040,13 @@ def refine_tokens(data_dir, cache, heads_dir, sasrec_dir, out, llm, users, items
               help="User views to precompute (add test-shuffled for the shuffled-inference "
                    "analysis; it is then reported too).")
 @_llm_options
+@_cache_readout_options
 @_head_options
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--force", is_flag=True, help="Rebuild every stage.")
 def run(dataset, inter, item, title_field, reviews, meta, kcore, num_negatives, max_users, skip_bad_lines,
         seed, llm, out, sasrec_epochs, sasrec_patience, sasrec_eval_every, views, history_window,
-        batch_tokens, device, dtype, threads, fi, no_progress, force, **kw) -> None:
+        batch_tokens, device, dtype, threads, fi, readout_layers, template, no_progress, force, **kw) -> None:
     """prepare -> SASRec -> precompute -> train -> evaluate, reusing unchanged stages.
 
     \b
@@ -997,9 +1060,10 @@ def run(dataset, inter, item, title_field, reviews, meta, kcore, num_negatives, 
 
     head = _head_kwargs(kw)
     view_list = _parse_views(views)
-    for v in ("train", "valid", "test"):
+    # with prefix samples the heads train on the train-prefix view, not on train
+    for v in ("train", "valid", "test") if head["prefixes"] == 1 else ("valid", "test"):
         if v not in view_list:
-            raise InputError(f"--views: {v} is required by `run`")
+            raise InputError(f"--views: {v} is required by `run`" + (" with --prefixes 1" if v == "train" else ""))
     if dataset == "atomic" and not (inter and item):
         raise click.UsageError("--dataset atomic needs --inter and --item")
     if dataset == "amazon2023" and not (reviews and meta):
@@ -1013,7 +1077,9 @@ def run(dataset, inter, item, title_field, reviews, meta, kcore, num_negatives, 
         llm=llm,
         sasrec_opts=dict(epochs=sasrec_epochs, patience=sasrec_patience, eval_every=sasrec_eval_every),
         precompute_opts=dict(views=view_list, history_window=history_window, batch_tokens=batch_tokens,
-                             device=device, dtype=dtype, threads=threads, fi=fi),
+                             device=device, dtype=dtype, threads=threads, fi=fi,
+                             readout_layers=_parse_layers(readout_layers), prefixes=head["prefixes"],
+                             template=template),
         head_opts=head, seed=seed, force=force, progress=not no_progress,
         log=lambda m: click.echo(m, err=True),
     )
@@ -1194,7 +1260,7 @@ def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval
     model_list, seed_list = parse_models(models), parse_seeds(seeds)
     if not {"tallrec", "llara", "collm", "allmrec"} & set(model_list):
         _refuse_unused("when --models includes tallrec, llara, collm or allmrec")
-        if not ("llmsrec" in model_list and cache is None):  # the second call sees only `also`
+        if not (any(m.startswith("llmsrec") for m in model_list) and cache is None):  # the second call sees only `also`
             _refuse_unused("when a model runs the LLM: llmsrec without --cache, tallrec, llara, collm or allmrec",
                            also=("llm", "batch_tokens", "dtype", "fi"))
     res = run_compare(  # refuses --cache / --teacher when no asked model uses them

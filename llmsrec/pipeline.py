@@ -26,7 +26,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from llmsrec.atomic import atomic_file, write_json
+
 from llmsrec.errors import InputError
 from llmsrec.precompute.llm import sha256_file
 
@@ -40,7 +43,8 @@ SASREC_DEFAULTS = dict(epochs=200, patience=5, eval_every=5, batch_size=128, lr=
 #: precompute options of ``llmsrec run``.
 PRECOMPUTE_DEFAULTS = dict(views=("train", "valid", "test"), history_window=10, verb=None, batch_tokens=4096,
                            chunk_prompts=64, device="cpu", dtype=None, fi="moment", ridge_alpha=1e-3,
-                           trust_remote_code=False, threads=None)
+                           trust_remote_code=False, threads=None, readout_layers=(), prefixes=1,
+                           template="llmsrec-prompt-v1")
 
 
 def _jsonable(x: Any) -> Any:
@@ -148,7 +152,9 @@ def format_results_md(results: dict) -> str:
     lines = [f"# {results['dataset']}: SASRec vs LLM-SRec", "",
              f"Protocol: {results['protocol']['split']}, 1 target + {results['protocol']['negatives']} "
              f"stored negatives per user, seed {results['protocol']['seed']}.", ""]
-    for split in ("test", "valid"):
+    for split in ("test", "test-shuffled", "valid"):
+        if not all(split in models[n] for n in names):
+            continue
         lines += [f"**{split}**", "", "| Dataset | Metric | " + " | ".join(names) + " | LLM-SRec vs SASRec |",
                   "|---|---|" + "---:|" * (len(names) + 1)]
         for k in METRIC_KEYS:
@@ -175,6 +181,19 @@ def format_results_md(results: dict) -> str:
         lines += ["Wall time of this run per stage (s): "
                   + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), ""]
     return "\n".join(lines)
+
+
+def teacher_shuffled_metrics(ds, cache) -> dict:
+    """The CF-SRec teacher's test metrics on the shuffled test view: its cached O_u of the
+    permuted inputs (``/users/test-shuffled/cf``) against E on the stored candidates."""
+    from llmsrec.cache import open_cache
+    from llmsrec.evaluate.metrics import ranking_metrics
+
+    with open_cache(cache) as c:
+        o_u, e = c.user_cf("test-shuffled"), c.item_cf()
+    cand = np.asarray(ds.candidates("test"), dtype=np.int64)
+    scores = np.einsum("ud,ucd->uc", o_u[1:], e[cand])
+    return {k: float(v) for k, v in ranking_metrics(scores).items()}
 
 
 def run_pipeline(
@@ -226,6 +245,8 @@ def run_pipeline(
     s_opts = {**SASREC_DEFAULTS, **{k: v for k, v in (sasrec_opts or {}).items() if v is not None}}
     p_opts = {**PRECOMPUTE_DEFAULTS, **{k: v for k, v in (precompute_opts or {}).items() if v is not None}}
     p_opts["views"] = list(p_opts["views"])
+    if not isinstance(p_opts["readout_layers"], str):
+        p_opts["readout_layers"] = [int(x) for x in p_opts["readout_layers"]]
     h_opts = {k: v for k, v in (head_opts or {}).items() if v is not None}
     h_opts.setdefault("seed", seed)
     cfg = TrainConfig.from_options(**h_opts)  # bad head options fail before any stage runs
@@ -303,7 +324,9 @@ def run_pipeline(
                    verb=p_opts["verb"], batch_tokens=p_opts["batch_tokens"], chunk_prompts=p_opts["chunk_prompts"],
                    device=p_opts["device"], dtype=p_opts["dtype"], seed=seed, force=rebuild,
                    fi=p_opts["fi"], ridge_alpha=p_opts["ridge_alpha"], trust_remote_code=p_opts["trust_remote_code"],
-                   num_threads=p_opts["threads"], progress=progress, log=log)
+                   num_threads=p_opts["threads"], progress=progress, log=log,
+                   readout_layers=p_opts["readout_layers"], prefixes=p_opts["prefixes"],
+                   template=p_opts["template"])
         st.done(file_digest(cache), time.perf_counter() - t)
     timings["precompute"] = round(time.perf_counter() - t, 3)
 
@@ -328,7 +351,10 @@ def run_pipeline(
     from llmsrec.evaluate.full_ranking import full_ranking_cfsrec, full_ranking_heads
 
     sas_res = evaluate_sasrec(ds, sas_dir)
-    ll_res = evaluate_heads(ds, cache, heads_dir)
+    ll_res = evaluate_heads(ds, cache, heads_dir,
+                            views=("valid", "test") + (("test-shuffled",) if "test-shuffled" in p_opts["views"] else ()))
+    if "test-shuffled" in p_opts["views"]:
+        sas_res["test-shuffled"] = teacher_shuffled_metrics(ds, cache)
     sas_full = full_ranking_cfsrec(ds, sas_dir)
     ll_full = full_ranking_heads(ds, heads_dir, cache=cache)
     timings["evaluate"] = round(time.perf_counter() - t, 3)
@@ -337,8 +363,8 @@ def run_pipeline(
         "dataset": ds.stats.get("dataset", dataset),
         "protocol": {"split": "leave-last-out", "negatives": n_neg, "seed": seed},
         "models": {
-            "SASRec": {"valid": _metrics(sas_res["valid"]), "test": _metrics(sas_res["test"]), "full": sas_full},
-            "LLM-SRec": {"valid": _metrics(ll_res["valid"]), "test": _metrics(ll_res["test"]), "full": ll_full},
+            "SASRec": {**{k: _metrics(v) for k, v in sas_res.items()}, "full": sas_full},
+            "LLM-SRec": {**{k: _metrics(v) for k, v in ll_res.items()}, "full": ll_full},
         },
         "timings": timings,
     }
@@ -397,7 +423,9 @@ def extend_run_cache(run_dir: str | Path, views, *, progress: bool = True,
                history_window=opts["history_window"], verb=opts["verb"], batch_tokens=opts["batch_tokens"],
                chunk_prompts=opts["chunk_prompts"], device=opts["device"], dtype=opts["dtype"],
                seed=opts["seed"], fi=opts["fi"], ridge_alpha=opts["ridge_alpha"],
-               trust_remote_code=opts.get("trust_remote_code", False), progress=progress, log=log)
+               trust_remote_code=opts.get("trust_remote_code", False), progress=progress, log=log,
+               readout_layers=opts.get("readout_layers", ()), prefixes=opts.get("prefixes", 1),
+               template=opts.get("template", "llmsrec-prompt-v1"))
     new_digest = file_digest(cache)
     rec["options"]["views"] = have + missing
     rec["output_digest"] = new_digest

@@ -73,7 +73,8 @@ def test_train_and_evaluate_cli_on_cache(ds, tmp_path):
     assert "test-shuffled" in res
     cfg = json.loads((out / "heads_config.json").read_text())
     assert cfg["heads"] == {"d_llm": D_LLM, "d_cf": D_CF, "d_out": 16, "hidden": 32, "cf_hidden": 8,
-                            "leaky_slope": 0.01}
+                            "leaky_slope": 0.01, "user_readout": "out", "item_readout": "out", "n_layers": 0,
+                            "n_slots": 0}
     assert cfg["train"]["lr"] == 1e-2 and cfg["train"]["train_negatives"] == 3
     # evaluate reproduces the stored metrics exactly
     ev = evaluate_heads(ds, cache, out)

@@ -12,6 +12,14 @@ path                                  dtype, shape   meaning
 ``/users/<view>/target``              i8 (U+1,)      the view's target item
 ``/users/<view>/permutation``         i2 (U+1, W)    shuffled views: slot j shows window
                                                      item ``permutation[j]``; -1 pads
+``/users/train-prefix/...``         (U*K+1, ...)   prefix samples (``--prefixes K``): row
+                                                     ``1+(u-1)*K+j`` is user u's sample j;
+                                                     ``uid`` i8 gives the user; same datasets
+``<group>/out_layers``                f4 (R, nL, H)  ``--readout-layers``: the layers' states at
+                                                     the out token (R rows of the group)
+``<group>/slots``, ``n_slots``        f4 (R, S, nL, H), i8 (R,)  the same layers at the last
+                                                     S ``[HistoryEmb]`` positions, right-aligned
+                                                     (S = W for users, 1 for items)
 ``/params/f_I/weight``, ``/bias``     f4 (H, d), (H,) f_I(e) = e @ weight.T + bias
 ``/params/tokens/user_out``,          f4 (H,)        ``[UserOut]`` / ``[ItemOut]`` input
 ``/params/tokens/item_out``                          embeddings used by the forward
@@ -45,9 +53,9 @@ import h5py
 import numpy as np
 
 from llmsrec.errors import InputError
-from llmsrec.precompute.prompts import ALL_VIEWS
+from llmsrec.precompute.prompts import ALL_VIEWS, PREFIX_VIEW
 
-VIEW_ORDER = ALL_VIEWS  # the order reader.views lists views in
+VIEW_ORDER = ALL_VIEWS + (PREFIX_VIEW,)  # the order reader.views lists views in
 
 
 def tmp_path(out: str | os.PathLike) -> Path:
@@ -420,6 +428,34 @@ class CacheReader:
         """int16 ``(U+1, W)`` for shuffled views (-1 pads), None for original views."""
         g = self._view(view)
         return g["permutation"][()] if "permutation" in g else None
+
+    @property
+    def readout_layers(self) -> tuple[int, ...]:
+        """The cached readout layers (empty: the paper's last-layer out-token state only)."""
+        return tuple(int(x) for x in self.provenance.get("readout_layers", ()))
+
+    @property
+    def prefixes(self) -> int:
+        """K of the prefix view (1: the cache has none)."""
+        return int(self.provenance.get("prefixes", 1))
+
+    def readouts(self, group: str) -> dict[str, np.ndarray]:
+        """``{"out_layers", "slots", "n_slots"}`` of ``items`` or a user view.
+
+        Raises:
+            InputError: the cache was built without ``--readout-layers`` (the message names
+                the missing readout).
+        """
+        g = self.f["items"] if group == "items" else self._view(group)
+        missing = [k for k in ("out_layers", "slots", "n_slots") if k not in g]
+        if missing:
+            raise InputError(f"{self.path}: readout '{missing[0]}' missing for {group} (the cache was built "
+                             f"without --readout-layers; rebuild it with them, or train with --paper-settings)")
+        return {k: g[k][()] for k in ("out_layers", "slots", "n_slots")}
+
+    def prefix_uids(self) -> np.ndarray:
+        """int64 ``(U*K+1,)``: the user of each prefix-sample row (0: no sample)."""
+        return self._view(PREFIX_VIEW)["uid"][()]
 
     def params(self) -> dict[str, np.ndarray]:
         """``{"f_I/weight": (H, d), "f_I/bias": (H,), "tokens/user_out": (H,),

@@ -97,11 +97,12 @@ OUTPUTS_FILE = "outputs.safetensors"
 VARIANTS = {
     "LLM-SRec": {},
     "w/o L_Uniform": {"uniform": False},
+    "w/o L_Distill": {"distill": "none"},
     "w/o L_Distill, L_Uniform": {"distill": "none", "uniform": False},
     "LLM-SRec (contrastive)": {"distill": "contrastive"},
 }
-_SLUG = {"LLM-SRec": "llmsrec", "w/o L_Uniform": "no-uniform", "w/o L_Distill, L_Uniform": "no-distill-no-uniform",
-         "LLM-SRec (contrastive)": "contrastive"}
+_SLUG = {"LLM-SRec": "llmsrec", "w/o L_Uniform": "no-uniform", "w/o L_Distill": "no-distill",
+         "w/o L_Distill, L_Uniform": "no-distill-no-uniform", "LLM-SRec (contrastive)": "contrastive"}
 
 
 def parse_only(only: str | None) -> tuple[str, ...]:
@@ -234,22 +235,25 @@ class RunAnalysis:
         from llmsrec.heads.train import load_cached_tensors
 
         if self._tensors is None:
-            t = load_cached_tensors(self.ds, self.cache_path, eval_views=("valid", "test", "test-shuffled"))
+            readout = {k: self.heads_train.get(k, "out") for k in ("user_readout", "item_readout")}
+            t = load_cached_tensors(self.ds, self.cache_path, eval_views=("valid", "test", "test-shuffled"),
+                                    prefixes=int(self.heads_train.get("prefixes", 1)), **readout)
             if "test-shuffled" not in t.eval_hidden:
                 raise InputError(f"{self.cache_path}: view test-shuffled missing")
             with open_cache(self.cache_path) as c:
                 perm = c.permutation("test-shuffled")
                 extra = {}
                 if "train-shuffled" in c.views:
-                    extra = {"hidden": np.asarray(c.user_hidden("train-shuffled"), np.float32),
-                             "cf": np.asarray(c.user_cf("train-shuffled"), np.float32)}
+                    # shuffled training (Table 3): one sample per user, from the shuffled view
+                    extra = {"tensors": load_cached_tensors(self.ds, self.cache_path, eval_views=(),
+                                                            train_view="train-shuffled", **readout)}
             self._tensors = (t, perm, extra)
         return self._tensors
 
     @property
     def n(self) -> int:
         """Number of users analysed (all users, or the cache's ``--max-users``)."""
-        return int(self.tensors()[0].train_hidden.shape[0] - 1)
+        return int(self.tensors()[0].eval_hidden["test"].shape[0] - 1)
 
     def test_inputs(self, view: str) -> list:
         """SASRec inputs of users 1..n for ``test`` or ``test-shuffled`` (permuted like the prompt)."""
@@ -350,8 +354,8 @@ class RunAnalysis:
         if shuffled_training:
             if not extra:
                 raise InputError(f"{self.cache_path}: view train-shuffled missing")
-            n1 = data.train_hidden.shape[0]
-            data = replace(data, train_hidden=extra["hidden"][:n1], train_cf=extra["cf"][:n1], train_users=data.train_users)
+            data = replace(extra["tensors"], eval_hidden=data.eval_hidden)
+            cfg = replace(cfg, prefixes=1)
         self.log(f"[analyze] training heads {name}")
         t = time.perf_counter()
         train_on_tensors(data, d, cfg, force=True, progress=self.progress)

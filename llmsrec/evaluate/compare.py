@@ -51,11 +51,14 @@ __all__ = ["compare", "format_compare_md", "parse_models", "parse_seeds", "CF_MO
 CF_MODELS = ("gru4rec", "bert4rec", "nextitnet", "sasrec")
 #: the LLM4Rec baselines (``llmsrec.baselines.BASELINES``), Table 6 order.
 LLM4REC_MODELS = ("tallrec", "llara", "collm", "allmrec")
-ALL_MODELS = CF_MODELS + LLM4REC_MODELS + ("llmsrec",)
+#: LLM-SRec and its w/o-L_Distill ablation (Table 7), both heads on the same cache
+LLMSREC_MODELS = ("llmsrec", "llmsrec-nodistill")
+ALL_MODELS = CF_MODELS + LLM4REC_MODELS + LLMSREC_MODELS
 #: the models that read a CF-SRec teacher (``cache`` / ``teacher`` apply only to them)
-TEACHER_USERS = ("llmsrec", "llara", "collm", "allmrec")
+TEACHER_USERS = ("llmsrec-nodistill", "llara", "collm", "allmrec", "llmsrec")
 DISPLAY = {"gru4rec": "GRU4Rec", "bert4rec": "BERT4Rec", "nextitnet": "NextItNet", "sasrec": "SASRec",
-           "tallrec": "TALLRec", "llara": "LLaRA", "collm": "CoLLM", "allmrec": "A-LLMRec", "llmsrec": "LLM-SRec"}
+           "tallrec": "TALLRec", "llara": "LLaRA", "collm": "CoLLM", "allmrec": "A-LLMRec", "llmsrec": "LLM-SRec",
+           "llmsrec-nodistill": "LLM-SRec w/o L_Distill"}
 METRIC_KEYS = ("NDCG@10", "NDCG@20", "HR@10", "HR@20")
 #: LLM4Rec training defaults of compare (Appendix E: at most 10 epochs, early stopping with
 #: patience 10; the rest are ``llmsrec train --model NAME``'s: batch 20, lr 1e-4, 3 sampled
@@ -346,7 +349,7 @@ def compare(
         raise InputError(f"--cache {cache}: no such file")
     if teacher is not None and teacher not in CF_MODELS:
         raise InputError(f"--teacher: unknown CF-SRec {teacher!r} (expected one of {', '.join(CF_MODELS)})")
-    if "llmsrec" in models and cache is None:
+    if any(m in LLMSREC_MODELS for m in models) and cache is None:
         teacher = teacher or "sasrec"
     out.mkdir(parents=True, exist_ok=True)
     precompute_options = precompute_options or {}
@@ -404,13 +407,18 @@ def compare(
         results["models"][name] = _entry(name, runs)
 
     teacher_dir = None
-    if "llmsrec" in models:
-        teacher_dir = None if cache else run_cf(teacher, seeds[0])
-        results["llmsrec"], runs = _run_llmsrec(
-            ds, out, seeds=seeds, cache=cache, teacher=teacher, teacher_dir=teacher_dir,
-            llm=llm, precompute_options=precompute_options, head_options=head_options or {},
-            force=force, progress=progress, log=log)
-        results["models"]["llmsrec"] = _entry("llmsrec", runs)
+    ll_cache = cache
+    for name in [m for m in LLMSREC_MODELS if m in models]:
+        if teacher_dir is None and cache is None:
+            teacher_dir = run_cf(teacher, seeds[0])
+        h_opts = {**(head_options or {}), **({"distill": "none"} if name == "llmsrec-nodistill" else {})}
+        info, runs = _run_llmsrec(
+            ds, out, seeds=seeds, cache=ll_cache, teacher=teacher, teacher_dir=teacher_dir,
+            llm=llm, precompute_options=precompute_options, head_options=h_opts,
+            force=force, progress=progress, log=log, name=name)
+        results.setdefault("llmsrec", info)
+        ll_cache = ll_cache or info["cache"]  # the ablation trains on the cache LLM-SRec's run built
+        results["models"][name] = _entry(name, runs)
 
     if baselines:
         info: dict = {"llm": _llm_name(llm), "options": _jsonable(b_opts), "lora": _jsonable(b_lora),
@@ -487,8 +495,9 @@ def _run_baseline(ds, out: Path, name: str, seed: int, *, teacher_dir, llm, opti
 
 
 def _run_llmsrec(ds, out: Path, *, seeds, cache, teacher, teacher_dir, llm, precompute_options, head_options,
-                 force, progress, log) -> tuple[dict, dict]:
-    """LLM-SRec heads for every seed on one fixed cache (given, or built from ``teacher_dir``)."""
+                 force, progress, log, name: str = "llmsrec") -> tuple[dict, dict]:
+    """LLM-SRec heads (``name``: ``llmsrec`` or its ablation) for every seed on one fixed cache
+    (given, or built from ``teacher_dir``), in ``OUT/<name>-seed<k>``."""
     from dataclasses import asdict
 
     from llmsrec.cache import open_cache
@@ -501,7 +510,10 @@ def _run_llmsrec(ds, out: Path, *, seeds, cache, teacher, teacher_dir, llm, prec
 
         cache_dir = out / f"cache-{teacher}-seed{seeds[0]}"
         cache = cache_dir / "cache.h5"
-        popts = {"views": ["train", "valid", "test"], **precompute_options}
+        # what the heads read: the readout layers, the prefix samples, and test-shuffled for the
+        # shuffled-inference row
+        popts = {"views": ["train", "valid", "test", "test-shuffled"], "readout_layers": "auto",
+                 "prefixes": TrainConfig.from_options(**head_options).prefixes, **precompute_options}
         req = _jsonable({"teacher": teacher, "teacher_dir": str(teacher_dir),
                          "teacher_sha256": sha256_file(Path(teacher_dir) / "model.safetensors"),
                          "llm": _llm_name(llm), "precompute": popts, "data": ds.digest})
@@ -528,13 +540,13 @@ def _run_llmsrec(ds, out: Path, *, seeds, cache, teacher, teacher_dir, llm, prec
     runs = {}
     for seed in seeds:
         cfg = TrainConfig.from_options(**{**head_options, "seed": seed})
-        run_dir = out / f"llmsrec-seed{seed}"
-        req = _jsonable({"model": "llmsrec", "seed": seed, "heads": asdict(cfg), "cache_sha256": cache_digest,
+        run_dir = out / f"{name}-seed{seed}"
+        req = _jsonable({"model": name, "seed": seed, "heads": asdict(cfg), "cache_sha256": cache_digest,
                          "data": ds.digest})
         if not force and _reusable(run_dir, req, ("heads.safetensors", "results.json")):
-            log(f"[llmsrec seed {seed}] reused {run_dir}")
+            log(f"[{name} seed {seed}] reused {run_dir}")
         else:
-            log(f"[llmsrec seed {seed}] training heads -> {run_dir}")
+            log(f"[{name} seed {seed}] training heads -> {run_dir}")
             train_heads(ds, cache, run_dir, force=True, progress=progress, **asdict(cfg))
             write_json(run_dir / REQUEST, req)
         ev = evaluate_heads(ds, cache, run_dir, views=views)

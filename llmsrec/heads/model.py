@@ -5,6 +5,19 @@ Shapes follow the paper (Sec. 2.1.2, 3.1, Appendix E) and the authors' code:
 - f_user, f_item: Linear(d_llm -> 2048), LayerNorm, LeakyReLU, Linear(2048 -> d'), d' = 128.
 - f_CF-user:      Linear(d_cf -> 128), LayerNorm, GELU, Linear(128 -> d').
 
+Richer readouts (``user_readout`` / ``item_readout`` other than ``out``, see
+``llmsrec.precompute.readouts``): f_user / f_item first turn the cached states into one
+vector per part, then apply the same MLP to their concatenation:
+
+- ``layers``: a learned softmax mix over the readout layers' states at the out token;
+- ``slots`` (users): per history slot the same kind of layer mix, then an attention pooling
+  over the slots (content-based, no position parameters: the order a user representation
+  carries must come from the LLM's states);
+- ``soft`` (items): the layer mix of the state at the item's own soft token.
+
+Each state is layer-normalised without parameters first (middle layers' residual streams
+are ~10^4 times larger than the last layer's normed output).
+
 Checkpoints are ``heads.safetensors`` + ``heads_config.json`` (no pickle).
 """
 
@@ -35,6 +48,11 @@ class HeadsConfig:
         hidden: inner width of f_user / f_item (paper: 2048).
         cf_hidden: inner width of f_CF-user (paper: 128).
         leaky_slope: negative slope of the LeakyReLU in f_user / f_item (torch default 0.01).
+        user_readout: ``out`` (the paper: last-layer state at ``[UserOut]``), ``layers``,
+            ``slots`` or ``layers+slots``.
+        item_readout: ``out`` (the paper), ``layers``, ``soft`` or ``layers+soft``.
+        n_layers: readout layers in the cache (0 with ``out`` readouts).
+        n_slots: history slots per user sample (the history window W; 0 without slots).
     """
 
     d_llm: int
@@ -43,17 +61,102 @@ class HeadsConfig:
     hidden: int = 2048
     cf_hidden: int = 128
     leaky_slope: float = 0.01
+    user_readout: str = "out"
+    item_readout: str = "out"
+    n_layers: int = 0
+    n_slots: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name != "leaky_slope" and (not isinstance(v, (int, np.integer)) or v <= 0):
-                raise InputError(f"heads config: field '{f.name}' must be a positive integer, got {v!r}")
+            if f.name in ("leaky_slope", "user_readout", "item_readout"):
+                continue
+            low = 0 if f.name in ("n_layers", "n_slots") else 1
+            if not isinstance(v, (int, np.integer)) or v < low:
+                raise InputError(f"heads config: field '{f.name}' must be an integer >= {low}, got {v!r}")
+        if self.user_readout not in USER_READOUTS:
+            raise InputError(f"--user-readout {self.user_readout!r}: expected one of {', '.join(USER_READOUTS)}")
+        if self.item_readout not in ITEM_READOUTS:
+            raise InputError(f"--item-readout {self.item_readout!r}: expected one of {', '.join(ITEM_READOUTS)}")
+        rich = self.user_readout != "out" or self.item_readout != "out"
+        if rich and self.n_layers < 1:
+            raise InputError("heads config: a layers/slots/soft readout needs n_layers >= 1 "
+                             "(a cache built with --readout-layers)")
+        if "slots" in self.user_readout and self.n_slots < 1:
+            raise InputError("heads config: the slots readout needs n_slots >= 1")
+
+    def user_tokens(self) -> int:
+        """T_u: cached vectors per user sample (1 for ``out``)."""
+        return readout_tokens(self.user_readout, self.n_layers, self.n_slots)
+
+    def item_tokens(self) -> int:
+        """T_i: cached vectors per item (1 for ``out``)."""
+        return readout_tokens(self.item_readout, self.n_layers, 1)
 
 
-def _llm_head(cfg: HeadsConfig) -> nn.Sequential:
+USER_READOUTS = ("out", "layers", "slots", "layers+slots")
+ITEM_READOUTS = ("out", "layers", "soft", "layers+soft")
+
+
+def readout_tokens(kind: str, n_layers: int, n_slots: int) -> int:
+    """How many d_llm vectors a readout ``kind`` feeds a head per row."""
+    if kind == "out":
+        return 1
+    return (n_layers if "layers" in kind else 0) + (n_slots * n_layers if ("slots" in kind or "soft" in kind) else 0)
+
+
+class ReadoutEncoder(nn.Module):
+    """f_user / f_item on richer readouts: ``(..., T, d_llm)`` -> ``(..., d')``.
+
+    The T vectors are laid out as the cache readers build them: first the ``n_layers``
+    out-token states (``layers``), then ``n_slots x n_layers`` slot states, slot-major
+    (``slots``/``soft``). An all-zero slot (a history shorter than W) is masked out.
+    """
+
+    def __init__(self, cfg: HeadsConfig, kind: str, n_slots: int):
+        super().__init__()
+        self.n_layers, self.n_slots = cfg.n_layers, n_slots
+        self.use_out = "layers" in kind
+        self.use_slots = "slots" in kind or "soft" in kind
+        parts = int(self.use_out) + int(self.use_slots)
+        if self.use_out:
+            self.out_mix = nn.Parameter(torch.zeros(cfg.n_layers))
+        if self.use_slots:
+            self.slot_mix = nn.Parameter(torch.zeros(cfg.n_layers))
+            if n_slots > 1:
+                self.pool_key = nn.Linear(cfg.d_llm, 64)
+                self.pool_query = nn.Linear(64, 1, bias=False)
+        self.mlp = _llm_head(cfg, d_in=parts * cfg.d_llm)
+
+    @staticmethod
+    def _mix(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.layer_norm(x, x.shape[-1:])
+        return torch.einsum("...ld,l->...d", x, torch.softmax(logits, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        nl = self.n_layers
+        parts = []
+        off = 0
+        if self.use_out:
+            parts.append(self._mix(x[..., :nl, :], self.out_mix))
+            off = nl
+        if self.use_slots:
+            s = x[..., off:, :].reshape(*x.shape[:-2], self.n_slots, nl, x.shape[-1])
+            real = s.abs().sum((-1, -2)) > 0  # (..., S)
+            s = self._mix(s, self.slot_mix)  # (..., S, d)
+            if self.n_slots > 1:
+                logit = self.pool_query(torch.tanh(self.pool_key(s))).squeeze(-1)
+                logit = logit.masked_fill(~real, torch.finfo(logit.dtype).min)
+                a = torch.softmax(logit, -1) * real  # a row with no slot pools to 0
+                parts.append(torch.einsum("...s,...sd->...d", a, s))
+            else:
+                parts.append(s[..., 0, :])
+        return self.mlp(torch.cat(parts, -1))
+
+
+def _llm_head(cfg: HeadsConfig, d_in: int | None = None) -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(cfg.d_llm, cfg.hidden),
+        nn.Linear(d_in or cfg.d_llm, cfg.hidden),
         nn.LayerNorm(cfg.hidden),
         nn.LeakyReLU(cfg.leaky_slope),
         nn.Linear(cfg.hidden, cfg.d_out),
@@ -75,8 +178,10 @@ class LLMSRecHeads(nn.Module):
     def __init__(self, config: HeadsConfig):
         super().__init__()
         self.config = config
-        self.f_user = _llm_head(config)
-        self.f_item = _llm_head(config)
+        self.f_user = _llm_head(config) if config.user_readout == "out" else \
+            ReadoutEncoder(config, config.user_readout, config.n_slots)
+        self.f_item = _llm_head(config) if config.item_readout == "out" else \
+            ReadoutEncoder(config, config.item_readout, 1)
         self.f_cf_user = nn.Sequential(
             nn.Linear(config.d_cf, config.cf_hidden),
             nn.LayerNorm(config.cf_hidden),
@@ -85,11 +190,11 @@ class LLMSRecHeads(nn.Module):
         )
 
     def user(self, h_u: torch.Tensor) -> torch.Tensor:
-        """f_user: (B, d_llm) float32 -> (B, d')."""
+        """f_user: (B, d_llm) float32 -> (B, d'); richer readouts: (B, T_u, d_llm)."""
         return self.f_user(h_u)
 
     def item(self, h_i: torch.Tensor) -> torch.Tensor:
-        """f_item: (..., d_llm) float32 -> (..., d')."""
+        """f_item: (..., d_llm) float32 -> (..., d'); richer readouts: (..., T_i, d_llm)."""
         return self.f_item(h_i)
 
     def cf_user(self, o_u: torch.Tensor) -> torch.Tensor:

@@ -72,8 +72,13 @@ class CachedTensors:
             optionally ``valid-shuffled``/``test-shuffled``).
         candidates: ``valid``/``test`` -> int64 (U, 1+m), rows for uid 1..U, column 0 the
             target (a shuffled view uses the candidates of its base split).
-        train_users: int64 uids with a training sample; default: those with target > 0.
+        train_users: int64 rows with a training sample; default: those with target > 0.
+            With prefix samples (``prefixes`` > 1) the train arrays are indexed by sample
+            row, not uid (row 0 still pads).
         provenance: free-form dict recorded in the outputs (cache provenance, digests).
+        user_readout, item_readout, n_layers, n_slots: what the hidden arrays hold (see
+            ``llmsrec.heads.model.HeadsConfig``); with a readout other than ``out`` the
+            arrays are float32 ``(rows, T, d_llm)``.
     """
 
     n_items: int
@@ -86,6 +91,10 @@ class CachedTensors:
     candidates: dict
     train_users: np.ndarray | None = None
     provenance: dict = field(default_factory=dict)
+    user_readout: str = "out"
+    item_readout: str = "out"
+    n_layers: int = 0
+    n_slots: int = 0
 
     def __post_init__(self) -> None:
         if self.train_users is None:
@@ -97,24 +106,42 @@ class CachedTensors:
             ("train_cf", self.train_cf.shape[0], n_rows),
             ("train_exclude", len(self.train_exclude), n_rows),
         ]
-        checks += [(f"eval_hidden[{v}]", h.shape[0], n_rows) for v, h in self.eval_hidden.items()]
-        checks += [(f"candidates[{s}]", c.shape[0], n_rows - 1) for s, c in self.candidates.items()]
+        n_eval = {c.shape[0] for c in self.candidates.values()}
+        n_eval = n_eval.pop() + 1 if len(n_eval) == 1 else n_rows
+        checks += [(f"eval_hidden[{v}]", h.shape[0], n_eval) for v, h in self.eval_hidden.items()]
+        checks += [(f"candidates[{s}]", c.shape[0], n_eval - 1) for s, c in self.candidates.items()]
         for name, got, want in checks:
             if got != want:
                 raise InputError(f"cached tensors: field '{name}' has {got} rows, expected {want}")
-        if self.train_hidden.shape[1] != self.item_hidden.shape[1]:
+        if self.train_hidden.shape[-1] != self.item_hidden.shape[-1]:
             raise InputError("cached tensors: user and item hidden widths differ")
 
     @property
     def d_llm(self) -> int:
-        return int(self.item_hidden.shape[1])
+        return int(self.item_hidden.shape[-1])
 
     @property
     def d_cf(self) -> int:
         return int(self.train_cf.shape[1])
 
 
-def load_cached_tensors(ds, cache_path, eval_views=("valid", "test")) -> CachedTensors:
+def _features(cache, group: str, kind: str) -> np.ndarray:
+    """The cached inputs of a head: ``out`` -> float32 ``(rows, d_llm)``; else
+    ``(rows, T, d_llm)`` laid out as ``ReadoutEncoder`` reads them."""
+    if kind == "out":
+        return np.asarray(cache.item_hidden() if group == "items" else cache.user_hidden(group), dtype=np.float32)
+    r = cache.readouts(group)
+    parts = []
+    if "layers" in kind:
+        parts.append(r["out_layers"])
+    if "slots" in kind or "soft" in kind:
+        s = r["slots"]
+        parts.append(s.reshape(s.shape[0], s.shape[1] * s.shape[2], s.shape[3]))
+    return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
+
+
+def load_cached_tensors(ds, cache_path, eval_views=("valid", "test"), *, user_readout: str = "out",
+                        item_readout: str = "out", prefixes: int = 1, train_view: str | None = None) -> CachedTensors:
     """Read the cache once into memory, checked against the prepared dataset.
 
     Args:
@@ -122,30 +149,51 @@ def load_cached_tensors(ds, cache_path, eval_views=("valid", "test")) -> CachedT
         cache_path: HDF5 cache written by precompute (docs/internals.md layout).
         eval_views: views to load for evaluation; ``valid``/``test`` must exist, shuffled
             ones are loaded only if present in the cache.
+        user_readout, item_readout: which cached states feed f_user / f_item
+            (``llmsrec.heads.model.USER_READOUTS`` / ``ITEM_READOUTS``; ``out`` is the paper's).
+        prefixes: K; > 1 trains on the prefix samples ``j < K`` of the cache's
+            ``train-prefix`` view instead of the ``train`` view (paper Appendix F.5).
+        train_view: with ``prefixes`` 1, the view the training samples come from:
+            ``train`` (default) or ``train-shuffled`` (shuffled training, paper Table 3).
     Raises:
-        InputError: views or rows missing, or the cache was built for another dataset.
+        InputError: views or rows missing, a readout or prefix count the cache does not
+            have (one line naming it), or the cache was built for another dataset.
     """
     from llmsrec.cache import open_cache
+    from llmsrec.precompute.prompts import PREFIX_VIEW
 
     ds = _as_dataset(ds)
+    prefixes = int(prefixes)
     with _opened(open_cache(cache_path)) as cache:
         views = set(cache.views)
-        need = {"train", "valid", "test"} & ({"train"} | set(eval_views))
+        if train_view not in (None, "train", "train-shuffled") or (train_view and prefixes > 1):
+            raise InputError(f"train view {train_view!r}: expected train or train-shuffled, with prefixes 1")
+        train_view = PREFIX_VIEW if prefixes > 1 else (train_view or "train")
+        need = {train_view, "valid", "test"} & ({train_view} | set(eval_views))
         missing = sorted(need - views)
+        if prefixes > 1 and cache.prefixes < prefixes:
+            raise InputError(f"{cache_path}: --prefixes {prefixes} but the cache holds {cache.prefixes} prefix "
+                             f"sample(s) per user (precompute with --prefixes {prefixes})")
         if missing:
             raise InputError(f"{cache_path}: view(s) {', '.join(missing)} missing (run precompute with them)")
         _check_dataset_digest(cache_path, cache.provenance, ds)
-        item_hidden = np.asarray(cache.item_hidden(), dtype=np.float32)
-        train_hidden = np.asarray(cache.user_hidden("train"), dtype=np.float32)
-        train_cf = np.asarray(cache.user_cf("train"), dtype=np.float32)
-        train_targets = np.asarray(cache.targets("train"), dtype=np.int64)
+        layers = cache.readout_layers
+        item_hidden = _features(cache, "items", item_readout)
+        train_hidden = _features(cache, train_view, user_readout)
+        train_cf = np.asarray(cache.user_cf(train_view), dtype=np.float32)
+        train_targets = np.asarray(cache.targets(train_view), dtype=np.int64)
+        train_uid = cache.prefix_uids() if prefixes > 1 else None
+        k_cache = cache.prefixes
         eval_hidden = {
-            v: np.asarray(cache.user_hidden(v), dtype=np.float32) for v in eval_views if v in views
+            v: _features(cache, v, user_readout) for v in eval_views if v in views
         }
         provenance = cache.provenance if isinstance(cache.provenance, dict) else {}
-    if item_hidden.shape[0] != ds.n_items + 1 or train_hidden.shape[0] != ds.n_users + 1:
+    readout = dict(user_readout=user_readout, item_readout=item_readout, n_layers=len(layers),
+                   n_slots=int(provenance.get("history_window", 0)) if "slots" in user_readout else 0)
+    n_users_cached = next(iter(eval_hidden.values())).shape[0] if eval_hidden else train_hidden.shape[0]
+    if item_hidden.shape[0] != ds.n_items + 1 or n_users_cached != ds.n_users + 1:
         raise InputError(
-            f"{cache_path}: has {item_hidden.shape[0] - 1} items / {train_hidden.shape[0] - 1} users, "
+            f"{cache_path}: has {item_hidden.shape[0] - 1} items / {n_users_cached - 1} users, "
             f"dataset {ds.root} has {ds.n_items} / {ds.n_users}"
         )
     inputs, targets = ds.view("train")
@@ -154,12 +202,28 @@ def load_cached_tensors(ds, cache_path, eval_views=("valid", "test")) -> CachedT
     n = ds.n_users
     if isinstance(provenance.get("max_users"), int):
         n = min(n, int(provenance["max_users"]))
-    if not np.array_equal(np.asarray(targets[: n + 1], dtype=np.int64), train_targets[: n + 1]):
-        raise InputError(f"{cache_path}: /users/train/target differs from the dataset's train view")
-    train_users = np.array([u for u in range(1, n + 1) if len(inputs[u]) > 0 and targets[u] > 0], dtype=np.int64)
     exclude = [np.zeros(0, dtype=np.int64)] + [np.array(s[:-2], dtype=np.int64) for s in ds.seqs[1 : n + 1]]
+    if train_uid is None:
+        if not np.array_equal(np.asarray(targets[: n + 1], dtype=np.int64), train_targets[: n + 1]):
+            raise InputError(f"{cache_path}: /users/{train_view}/target differs from the dataset's train view")
+        train_users = np.array([u for u in range(1, n + 1) if len(inputs[u]) > 0 and targets[u] > 0],
+                               dtype=np.int64)
+        train_hidden, train_cf, train_targets = train_hidden[: n + 1], train_cf[: n + 1], train_targets[: n + 1]
+    else:
+        # prefix samples j < K of users 1..n; row 0 stays the padding row
+        r = np.arange(len(train_targets))
+        keep = np.concatenate([[0], r[(r > 0) & ((r - 1) % k_cache < prefixes) & (train_uid <= n)
+                                      & (train_targets > 0)]])
+        train_hidden, train_cf, train_targets = train_hidden[keep], train_cf[keep], train_targets[keep]
+        sample_uid = train_uid[keep]
+        for row in range(1, len(keep)):  # a prefix target is the user's item at its cutoff
+            u = int(sample_uid[row])
+            if train_targets[row] not in ds.seqs[u][:-2]:
+                raise InputError(f"{cache_path}: /users/{PREFIX_VIEW}/target row {keep[row]} is not in "
+                                 f"user {u}'s training sequence")
+        exclude = [exclude[int(u)] if u else exclude[0] for u in sample_uid]
+        train_users = np.arange(1, len(keep), dtype=np.int64)
     candidates = {s: np.asarray(ds.candidates(s), dtype=np.int64)[:n] for s in ("valid", "test")}
-    train_hidden, train_cf, train_targets = train_hidden[: n + 1], train_cf[: n + 1], train_targets[: n + 1]
     eval_hidden = {v: h[: n + 1] for v, h in eval_hidden.items()}
     return CachedTensors(
         n_items=ds.n_items,
@@ -172,7 +236,8 @@ def load_cached_tensors(ds, cache_path, eval_views=("valid", "test")) -> CachedT
         candidates=candidates,
         train_users=train_users,
         provenance={"cache": str(Path(cache_path).resolve()), "cache_provenance": provenance, "dataset_digest": ds.digest,
-                    "users": n},
+                    "users": n, "prefixes": prefixes, "train_samples": int(len(train_users))},
+        **readout,
     )
 
 
@@ -242,6 +307,10 @@ class TrainConfig:
         hidden, d_out, cf_hidden: head widths (paper: 2048, 128, 128).
         distill, uniform, retrieval_weight, distill_weight, uniform_weight,
         contrastive_temperature: see :class:`~llmsrec.heads.losses.LossConfig`.
+        prefixes: K prefix training samples per user (paper Appendix F.5; 1 = the paper's
+            one sample, the ``train`` view); needs a cache precomputed with >= K.
+        user_readout, item_readout: the cached states the heads read
+            (``llmsrec.heads.model.HeadsConfig``; ``out`` = the paper's).
     """
 
     seed: int = 0
@@ -265,9 +334,20 @@ class TrainConfig:
     distill_weight: float = 1.0
     uniform_weight: float = 1.0
     contrastive_temperature: float = 1.0
+    prefixes: int = 1
+    user_readout: str = "out"
+    item_readout: str = "out"
 
     def __post_init__(self) -> None:
         self._check_types()
+        from llmsrec.heads.model import ITEM_READOUTS, USER_READOUTS
+
+        if self.prefixes < 1:
+            raise InputError(f"--prefixes {self.prefixes}: must be >= 1")
+        if self.user_readout not in USER_READOUTS:
+            raise InputError(f"--user-readout {self.user_readout!r}: expected one of {', '.join(USER_READOUTS)}")
+        if self.item_readout not in ITEM_READOUTS:
+            raise InputError(f"--item-readout {self.item_readout!r}: expected one of {', '.join(ITEM_READOUTS)}")
         tn = self.train_negatives
         if isinstance(tn, str) and tn != "all":
             try:
@@ -400,7 +480,12 @@ def evaluate_heads(ds, cache, heads_dir, views=("valid", "test")) -> dict:
         InputError: missing/mismatched checkpoint or cache.
     """
     heads = load_heads(heads_dir)
-    data = load_cached_tensors(ds, cache, eval_views=tuple(views))
+    try:  # the training samples the heads had (a prefix cache may hold no train view)
+        prefixes = int(json.loads((Path(heads_dir) / "heads_config.json").read_text())["train"]["prefixes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        prefixes = 1
+    data = load_cached_tensors(ds, cache, eval_views=tuple(views), user_readout=heads.config.user_readout,
+                               item_readout=heads.config.item_readout, prefixes=prefixes)
     if heads.config.d_llm != data.d_llm or heads.config.d_cf != data.d_cf:
         raise InputError(
             f"{heads_dir}: heads expect d_llm={heads.config.d_llm}, d_cf={heads.config.d_cf}; "
@@ -583,7 +668,9 @@ def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: 
     users_all = np.asarray(data.train_users, dtype=np.int64)
     if len(users_all) == 0:
         raise InputError("train: no user has a training sample (train view empty)")
-    hcfg = HeadsConfig(d_llm=data.d_llm, d_cf=data.d_cf, d_out=cfg.d_out, hidden=cfg.hidden, cf_hidden=cfg.cf_hidden)
+    hcfg = HeadsConfig(d_llm=data.d_llm, d_cf=data.d_cf, d_out=cfg.d_out, hidden=cfg.hidden, cf_hidden=cfg.cf_hidden,
+                       user_readout=data.user_readout, item_readout=data.item_readout, n_layers=data.n_layers,
+                       n_slots=data.n_slots)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         heads = LLMSRecHeads(hcfg)
@@ -826,7 +913,8 @@ def train_heads(ds, cache_path, out, *, force: bool = False, progress: bool = Tr
         dd.init_distributed(device)
     ok = False
     try:
-        data = load_cached_tensors(ds, cache_path, eval_views=EVAL_VIEWS)
+        data = load_cached_tensors(ds, cache_path, eval_views=EVAL_VIEWS, user_readout=cfg.user_readout,
+                                   item_readout=cfg.item_readout, prefixes=cfg.prefixes)
         res = train_on_tensors(data, out, cfg, force=force, progress=progress, device=dd.local_device(device))
         ok = True
         return res

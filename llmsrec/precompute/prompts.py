@@ -41,7 +41,28 @@ TEMPLATES: dict[str, dict[str, str]] = {
         "item": "The item title and item embedding are as follows: \"Title\": \"{title}\", "
                 + HISTORY_EMB + ", then generate item representation token: " + ITEM_OUT,
     },
+    # Table 2 (c) / Table 11: the CF-SRec user representation O_u as a soft token up front
+    "llmsrec-prompt-v1-userrep": {
+        "user_open": "This is user representation from recommendation models: " + HISTORY_EMB
+                     + ", and this user has made a series of {verb} in the following order: "
+                     "(History Item List: ",
+        "user_item": "[No.{number} Time: {date} Title: \"{title}\", " + HISTORY_EMB + "]",
+        "user_sep": ", ",
+        "user_close": "). Based on this sequence of {verb} and user representation, generate user "
+                      "representation token: " + USER_OUT,
+        "item": "The item title and item embedding are as follows: \"Title\": \"{title}\", "
+                + HISTORY_EMB + ", then generate item representation token: " + ITEM_OUT,
+    },
 }
+
+#: soft item id that stands for the prompt's own CF-SRec user representation (the
+#: ``llmsrec-prompt-v1-userrep`` template); precompute replaces it by f_I(O_u)
+USER_REP_ITEM = -1
+
+
+def has_user_rep(version: str) -> bool:
+    """True when the template's user prompt carries the CF-SRec user representation."""
+    return TEMPLATES[version]["user_open"].count(HISTORY_EMB) > 0
 
 BASE_VIEWS = ("train", "valid", "test")
 ALL_VIEWS = ("train", "valid", "test", "train-shuffled", "valid-shuffled", "test-shuffled")
@@ -112,7 +133,8 @@ def user_prompt(titles, window, window_ts, *, verb: str, order=None,
     ]
     text = (t["user_open"].format(verb=verb) + t["user_sep"].join(parts)
             + t["user_close"].format(verb=verb))
-    return Prompt(text=text, soft_items=np.asarray(items, dtype=np.int64))
+    lead = [USER_REP_ITEM] * t["user_open"].count(HISTORY_EMB)
+    return Prompt(text=text, soft_items=np.asarray(lead + items, dtype=np.int64))
 
 
 def item_prompt(titles, iid: int, *, version: str = TEMPLATE_VERSION) -> Prompt:
@@ -205,3 +227,72 @@ def build_view(ds, view: str, *, history_window: int = 10, verb: str | None = No
                                    version=version)
     return ViewPrompts(view=view, prompts=prompts, targets=np.asarray(targets, dtype=np.int64),
                        cf_inputs=cf_inputs, permutation=perm)
+
+
+#: the view of prefix training samples (paper Appendix F.5); its K is in the cache provenance
+PREFIX_VIEW = "train-prefix"
+
+
+@dataclass
+class PrefixPrompts:
+    """The prefix training samples of users 1..U: K samples per user.
+
+    Sample j of user u (``j = 0..K-1``) has input ``seq[:-3-j]`` and target ``seq[-3-j]``
+    (j = 0 is the ``train`` view's target). Its row is ``1 + (u-1)*K + j`` (row 0 pads).
+    All of a user's prompts start at the first item of the earliest sample's W-item
+    window, so each is a prefix of sample 0's prompt up to its closing sentence (sample 0
+    shows up to W+K-1 items, sample K-1 shows W); a sample never shows its target or a
+    later item.
+
+    Attributes:
+        k: K.
+        prompts: list (len U+1) of lists of Prompt, sample 0 first (None: no sample).
+        targets: int64 ``(U*K+1,)`` (0: no sample in that row).
+        uids: int64 ``(U*K+1,)`` the user of each row (0 for row 0).
+        cf_inputs: list (len U*K+1) of int64 arrays: each sample's CF-SRec input.
+    """
+
+    k: int
+    prompts: list
+    targets: np.ndarray
+    uids: np.ndarray
+    cf_inputs: list
+
+
+def build_prefix_view(ds, k: int, *, history_window: int = 10, verb: str | None = None,
+                      users=None, version: str = TEMPLATE_VERSION) -> PrefixPrompts:
+    """Build the prefix training samples (:class:`PrefixPrompts`) of a PreparedDataset.
+
+    Raises:
+        InputError: ``k < 1`` or a non-positive window.
+    """
+    if k < 1:
+        raise InputError(f"--prefixes {k}: must be >= 1")
+    if history_window < 1:
+        raise InputError(f"--history-window {history_window}: must be >= 1")
+    verb = verb or default_verb(ds.stats)
+    inputs, _ = ds.view("train")
+    n = ds.n_users
+    users = range(1, n + 1) if users is None else users
+    rows = n * k + 1
+    targets = np.zeros(rows, dtype=np.int64)
+    uids = np.zeros(rows, dtype=np.int64)
+    cf_inputs: list = [np.zeros(0, dtype=np.int64) for _ in range(rows)]
+    prompts: list = [None] * (n + 1)
+    for uid in users:
+        seq = np.asarray(ds.seqs[uid], dtype=np.int64)
+        ts = np.asarray(ds.timestamps[uid])
+        base = len(inputs[uid])  # sample 0's input length (= len(seq) - 3)
+        ks = [j for j in range(k) if base - j >= 1]
+        if not ks:
+            continue
+        start = max(0, base - (len(ks) - 1) - history_window)
+        own = []
+        for j in ks:
+            end = base - j
+            row = 1 + (uid - 1) * k + j
+            targets[row], uids[row] = seq[end], uid
+            cf_inputs[row] = seq[:end]
+            own.append(user_prompt(ds.titles, seq[start:end], ts[start:end], verb=verb, version=version))
+        prompts[uid] = own
+    return PrefixPrompts(k=k, prompts=prompts, targets=targets, uids=uids, cf_inputs=cf_inputs)

@@ -17,8 +17,8 @@ from llmsrec.distributed import dist_env
 from llmsrec.errors import InputError
 from llmsrec.precompute.llm import ITEM_OUT, USER_OUT, LoadedLLM, load_llm, sha256_file
 from llmsrec.precompute.prompts import (
-    TEMPLATE_VERSION, ViewPrompts, build_view, check_view, default_verb, item_prompt,
-    template_text,
+    PREFIX_VIEW, TEMPLATE_VERSION, TEMPLATES, USER_REP_ITEM, Prompt, PrefixPrompts, ViewPrompts, build_prefix_view,
+    build_view, check_view, default_verb, has_user_rep, item_prompt, template_text,
 )
 
 DEFAULT_VIEWS = ("train", "valid", "test", "test-shuffled")
@@ -94,6 +94,9 @@ def precompute(
     log: Callable[[str], None] | None = None,
     on_chunk: Callable[[str, int], None] | None = None,
     assemble: str = "copy",
+    readout_layers=(),
+    prefixes: int = 1,
+    template: str = TEMPLATE_VERSION,
 ) -> Path:
     """Fill (or extend, or resume) the HDF5 cache of frozen-LLM states.
 
@@ -140,6 +143,19 @@ def precompute(
             chunk's within this process's shard.
         assemble: sharded runs only: ``copy`` (default) or ``virtual``, how rank 0 turns
             the shards into ``out_h5`` (``llmsrec.precompute.shards.assemble_shards``).
+        readout_layers: layers (``1..n_layers``) whose states are also cached: at the
+            out token (``out_layers``) and at every ``[HistoryEmb]`` slot (``slots``; the
+            item's own soft token in an item prompt), see ``llmsrec.precompute.readouts``;
+            ``"auto"``: ``readouts.default_layers`` of the model's depth. Empty (default):
+            the paper's last-layer out-token state only. Recorded in the
+            provenance as ``readout_layers`` when set.
+        prefixes: K; K > 1 adds the view ``train-prefix`` of K prefix training samples
+            per user (paper Appendix F.5), run as prompt trees (one forward per user).
+            Recorded in the provenance as ``prefixes`` when > 1.
+        template: the prompt template version (``llmsrec.precompute.prompts.TEMPLATES``):
+            ``llmsrec-prompt-v1`` (Table 2 (b), default) or ``llmsrec-prompt-v1-userrep``
+            (paper Table 11: the teacher's O_u of the same input, through f_I, as a soft
+            token before the history; not with ``prefixes`` > 1).
 
     Returns:
         ``Path(out_h5)``.
@@ -147,7 +163,8 @@ def precompute(
     Raises:
         InputError: bad view names, missing inputs, provenance mismatch (without
             ``force``), prompts too long for the model, device out of memory; sharded:
-            a ``cuda:N`` device or fewer devices than processes, a bad ``assemble``.
+            a ``cuda:N`` device or fewer devices than processes, a bad ``assemble``;
+            ``readout_layers`` or ``prefixes`` in a sharded run (single process only).
     """
     log = log or (lambda m: print(m, file=sys.stderr))
     if assemble not in ASSEMBLE_MODES:
@@ -156,6 +173,10 @@ def precompute(
     env = dist_env()
     if env is not None and env[1] > 1:
         from llmsrec.precompute import shards
+
+        if readout_layers or prefixes > 1 or PREFIX_VIEW in views or has_user_rep(template):
+            raise InputError("--readout-layers / --prefixes / a user-representation --template: a "
+                             "single-process precompute only for now")
 
         ctx = shards.join(device)  # process group first: it picks this process's device
         device = ctx.device
@@ -166,7 +187,7 @@ def precompute(
                        ridge_alpha=ridge_alpha, fi=fi, params=params,
                        trust_remote_code=trust_remote_code, num_threads=num_threads,
                        attention_mask=attention_mask, progress=progress, log=log,
-                       on_chunk=on_chunk)
+                       on_chunk=on_chunk, readout_layers=readout_layers, prefixes=prefixes, template=template)
         if ctx is not None:
             return shards.run_sharded(ctx, job, assemble=assemble)
         return _run_single(job)
@@ -210,11 +231,15 @@ class Job:
     log: Callable[[str], None]
     on_chunk: Callable[[str, int], None] | None
     t0: float
+    readout_layers: tuple = ()
+    prefixes: int = 1
+    template: str = TEMPLATE_VERSION
 
 
 def _prepare(ds, sasrec, out_h5, *, llm, views, history_window, verb, batch_tokens, chunk_prompts,
              device, dtype, seed, force, max_users, ridge_alpha, fi, params, trust_remote_code,
-             num_threads, attention_mask, progress, log, on_chunk) -> Job:
+             num_threads, attention_mask, progress, log, on_chunk, readout_layers=(), prefixes=1,
+             template=TEMPLATE_VERSION) -> Job:
     """Check the options, load dataset, teacher and LLM, build the provenance (``Job``)."""
     import torch
 
@@ -226,7 +251,20 @@ def _prepare(ds, sasrec, out_h5, *, llm, views, history_window, verb, batch_toke
         from llmsrec.data import load_prepared
 
         ds = load_prepared(ds)
-    views = list(dict.fromkeys(check_view(v) for v in views))
+    prefixes = int(prefixes)
+    if prefixes < 1:
+        raise InputError(f"--prefixes {prefixes}: must be >= 1")
+    if template not in TEMPLATES:
+        raise InputError(f"--template {template!r}: unknown (have {', '.join(TEMPLATES)})")
+    if has_user_rep(template) and prefixes > 1:
+        raise InputError(f"--template {template}: each prefix sample has its own user representation at the "
+                         f"start of the prompt, so prefix samples share no prompt tree; use --prefixes 1")
+    views = [v for v in dict.fromkeys(views) if v != PREFIX_VIEW]
+    views = [check_view(v) for v in views] + ([PREFIX_VIEW] if prefixes > 1 else [])
+    auto_layers = isinstance(readout_layers, str)
+    if auto_layers and readout_layers != "auto":
+        raise InputError(f"--readout-layers {readout_layers!r}: expected layer numbers or 'auto'")
+    readout_layers = () if auto_layers else tuple(sorted({int(x) for x in readout_layers}))
     if params is None and fi not in ("moment", "ridge"):
         raise InputError(f"--fi {fi!r}: expected 'moment' or 'ridge'")
     if batch_tokens < 1 or chunk_prompts < 1:
@@ -252,8 +290,8 @@ def _prepare(ds, sasrec, out_h5, *, llm, views, history_window, verb, batch_toke
         "model_weights_sha256": llm.weights_digest,
         "tokenizer_sha256": llm.tokenizer_digest,
         "dtype": str(llm.dtype).removeprefix("torch."),
-        "template_version": TEMPLATE_VERSION,
-        "template": template_text(TEMPLATE_VERSION),
+        "template_version": template,
+        "template": template_text(template),
         "verb": verb,
         "history_window": int(history_window),
         "seed": int(seed),
@@ -266,6 +304,19 @@ def _prepare(ds, sasrec, out_h5, *, llm, views, history_window, verb, batch_toke
                 if fi == "ridge" else
                 "moment-matched: PCA-whitened SASRec E onto the top principal axes of the input embeddings"),
     }
+    if auto_layers:
+        from llmsrec.precompute.readouts import default_layers, num_layers
+
+        readout_layers = default_layers(num_layers(llm))
+    if readout_layers:
+        from llmsrec.precompute.readouts import num_layers
+
+        bad = [x for x in readout_layers if not 1 <= x <= num_layers(llm)]
+        if bad:
+            raise InputError(f"--readout-layers: layer {bad[0]} outside 1..{num_layers(llm)} of {llm.name}")
+        prov["readout_layers"] = list(readout_layers)
+    if prefixes > 1:
+        prov["prefixes"] = prefixes
     if getattr(llm, "quantization", None):
         # only when set, so full-precision caches keep their provenance; an 8-bit run cannot
         # resume (or be mixed into) a full-precision cache or the reverse
@@ -279,7 +330,7 @@ def _prepare(ds, sasrec, out_h5, *, llm, views, history_window, verb, batch_toke
                verb=verb, seed=int(seed), fi=fi, ridge_alpha=ridge_alpha,
                batch_tokens=batch_tokens, chunk_prompts=chunk_prompts, force=force,
                attention_mask=attention_mask, progress=progress, log=log, on_chunk=on_chunk,
-               t0=t0)
+               t0=t0, readout_layers=readout_layers, prefixes=prefixes, template=template)
 
 
 def setup_cache(w, job: Job, *, hidden: bool = True):
@@ -321,29 +372,55 @@ def setup_cache(w, job: Job, *, hidden: bool = True):
     w.require("items/cf", E.astype(np.float32))
     if hidden:
         w.require("items/hidden", shape=(ds.n_items + 1, llm.d_llm), dtype=np.float32)
+        _require_readouts(w, job, "items", ds.n_items + 1, 1)
     users = range(1, job.n_users + 1)
     vps = {}
     for v in job.views:
         vp = view_prompts(job, v)
         g = f"users/{v}"
-        cf = np.zeros((ds.n_users + 1, E.shape[1]), dtype=np.float32)
-        cf[1 : job.n_users + 1] = _sasrec_users(job.sas, vp.cf_inputs, list(users))
-        w.require(f"{g}/cf", cf)
-        tgt = vp.targets.copy()
-        tgt[job.n_users + 1 :] = 0
-        w.require(f"{g}/target", tgt)
-        if vp.permutation is not None:
-            w.require(f"{g}/permutation", vp.permutation)
+        if isinstance(vp, PrefixPrompts):
+            n_rows = ds.n_users * vp.k + 1
+            rows = [r for r in range(1, n_rows) if vp.targets[r] > 0]
+            cf = np.zeros((n_rows, E.shape[1]), dtype=np.float32)
+            cf[rows] = _sasrec_users(job.sas, vp.cf_inputs, rows)
+            w.require(f"{g}/cf", cf)
+            w.require(f"{g}/target", vp.targets)
+            w.require(f"{g}/uid", vp.uids)
+        else:
+            n_rows = ds.n_users + 1
+            cf = np.zeros((n_rows, E.shape[1]), dtype=np.float32)
+            cf[1 : job.n_users + 1] = _sasrec_users(job.sas, vp.cf_inputs, list(users))
+            w.require(f"{g}/cf", cf)
+            tgt = vp.targets.copy()
+            tgt[job.n_users + 1 :] = 0
+            w.require(f"{g}/target", tgt)
+            if vp.permutation is not None:
+                w.require(f"{g}/permutation", vp.permutation)
         if hidden:
-            w.require(f"{g}/hidden", shape=(ds.n_users + 1, llm.d_llm), dtype=np.float32)
+            w.require(f"{g}/hidden", shape=(n_rows, llm.d_llm), dtype=np.float32)
+            _require_readouts(w, job, g, n_rows, job.history_window)
         vps[v] = vp
     return (W, b, user_out, item_out), vps
 
 
-def view_prompts(job: Job, view: str) -> ViewPrompts:
-    """The user prompts of ``view`` for users 1..n_users (``build_view``)."""
+def _require_readouts(w, job: Job, g: str, n_rows: int, n_slots: int) -> None:
+    """The readout datasets of group ``g`` (docs/internals.md, cache layout)."""
+    if not job.readout_layers:
+        return
+    nl, d = len(job.readout_layers), job.llm.d_llm
+    w.require(f"{g}/out_layers", shape=(n_rows, nl, d), dtype=np.float32)
+    w.require(f"{g}/slots", shape=(n_rows, n_slots, nl, d), dtype=np.float32)
+    w.require(f"{g}/n_slots", shape=(n_rows,), dtype=np.int64)
+
+
+def view_prompts(job: Job, view: str) -> ViewPrompts | PrefixPrompts:
+    """The user prompts of ``view`` for users 1..n_users (``build_view``; the prefix
+    view: ``build_prefix_view``)."""
+    if view == PREFIX_VIEW:
+        return build_prefix_view(job.ds, job.prefixes, history_window=job.history_window, verb=job.verb,
+                                 users=range(1, job.n_users + 1), version=job.template)
     return build_view(job.ds, view, history_window=job.history_window, verb=job.verb,
-                      seed=job.seed, users=range(1, job.n_users + 1))
+                      seed=job.seed, users=range(1, job.n_users + 1), version=job.template)
 
 
 def group_prompts(job: Job, group: str, vp: ViewPrompts | None = None):
@@ -353,13 +430,43 @@ def group_prompts(job: Job, group: str, vp: ViewPrompts | None = None):
 
     if group == "items":
         ds = job.ds
-        item_prompts = [item_prompt(ds.titles, i) for i in range(1, ds.n_items + 1)]
+        item_prompts = [item_prompt(ds.titles, i, version=job.template) for i in range(1, ds.n_items + 1)]
         return (np.arange(1, ds.n_items + 1),
                 tokenize_prompts(job.llm, item_prompts, ITEM_OUT))
     vp = vp if vp is not None else view_prompts(job, group.removeprefix("users/"))
+    if isinstance(vp, PrefixPrompts):
+        from llmsrec.precompute.readouts import tokenize_tree
+
+        users = [u for u in range(1, job.n_users + 1) if vp.prompts[u]]
+        rows = np.asarray(users, dtype=np.int64)
+        return rows, [tokenize_tree(job.llm, vp.prompts[u], USER_OUT) for u in users]
     rows = np.asarray([u for u in range(1, job.n_users + 1) if vp.prompts[u] is not None],
                       dtype=np.int64)
-    return rows, tokenize_prompts(job.llm, [vp.prompts[u] for u in rows], USER_OUT)
+    return rows, tokenize_prompts(job.llm, [_with_user_rep(vp.prompts[u], job.ds.n_items, u) for u in rows],
+                                  USER_OUT)
+
+
+def _with_user_rep(p: Prompt, n_items: int, uid: int) -> Prompt:
+    """The prompt with its user-representation soft item pointing at row ``N+1+uid`` of the
+    group's extended soft table (``run_plan``: f_I of the view's cached O_u)."""
+    if not (p.soft_items == USER_REP_ITEM).any():
+        return p
+    return Prompt(p.text, np.where(p.soft_items == USER_REP_ITEM, n_items + 1 + uid, p.soft_items))
+
+
+def prefix_sample_rows(vp: PrefixPrompts, users: np.ndarray) -> list[np.ndarray]:
+    """The dataset rows of each user's prefix samples (sample 0 first), for ``users``."""
+    out = []
+    for u in users:
+        r = 1 + (int(u) - 1) * vp.k + np.arange(vp.k)
+        out.append(r[vp.targets[r] > 0])
+    return out
+
+
+def prefix_naive_tokens(job: Job, vp: PrefixPrompts, users: np.ndarray) -> int:
+    """Tokens of one forward per prefix sample (what the prompt trees save against)."""
+    texts = [p.text for u in users for p in vp.prompts[int(u)]]
+    return int(sum(len(x) for x in job.llm.tokenizer(texts, add_special_tokens=True)["input_ids"]))
 
 
 def plan_chunks(w, group: str, toks: list, chunk_prompts: int) -> list:
@@ -373,7 +480,8 @@ def plan_chunks(w, group: str, toks: list, chunk_prompts: int) -> list:
     return [(group, c, idx) for c, idx in enumerate(chunks) if not done[c]]
 
 
-def run_plan(w, job: Job, plan: list, work: dict, fixed, *, progress: bool | None = None) -> dict:
+def run_plan(w, job: Job, plan: list, work: dict, fixed, *, progress: bool | None = None,
+             sample_rows: dict | None = None) -> dict:
     """Run the planned chunks through the frozen LLM and write them to ``w``.
 
     Args:
@@ -381,6 +489,8 @@ def run_plan(w, job: Job, plan: list, work: dict, fixed, *, progress: bool | Non
         work: group -> ``(rows, tokenized, hidden dataset name, first row)``; prompt k of
             the group is written to row ``rows[k] - first row`` of the dataset.
         fixed: ``(W, b, user_out, item_out)`` (see :func:`setup_cache`).
+        sample_rows: group -> one int64 array per prompt: the dataset rows of its samples
+            (prompt trees of the prefix view); groups not in it have one sample per prompt.
 
     Returns:
         ``{"prompts", "real", "padded", "wall"}``: prompts and real / padded tokens run,
@@ -390,6 +500,7 @@ def run_plan(w, job: Job, plan: list, work: dict, fixed, *, progress: bool | Non
     from tqdm.auto import tqdm
 
     from llmsrec.precompute.engine import forward_batch, make_batches
+    from llmsrec.precompute.readouts import TreePrompt, as_tree, forward_readouts
 
     llm = job.llm
     W, b, user_out, item_out = fixed
@@ -404,22 +515,47 @@ def run_plan(w, job: Job, plan: list, work: dict, fixed, *, progress: bool | Non
     show = job.progress if progress is None else progress
     bar = tqdm(total=total_real, unit="tok", unit_scale=True, disable=not show,
                desc="precompute", dynamic_ncols=True)
+    sample_rows = sample_rows or {}
+    soft_of = {}
+    if has_user_rep(job.template):  # f_I(O_u) rows after the items' (``_with_user_rep``)
+        for g in {g for g, _, _ in plan if g != "items"}:
+            cf = w.read(f"{g}/cf")
+            soft_of[g] = torch.cat([soft, torch.from_numpy(cf @ W.T + b).to(device=dev, dtype=llm.dtype)])
     for g, c, idx in plan:
         rows, toks, name, first = work[g]
         out_vec = outs[ITEM_OUT if g == "items" else USER_OUT]
+        soft_g = soft_of.get(g, soft)
         lengths = np.asarray([len(toks[i]) for i in idx])
         res = np.empty((len(idx), llm.d_llm), dtype=np.float32)
+        readout = bool(job.readout_layers) or g in sample_rows
+        parts: dict[str, list] = {}
         for bb in make_batches(lengths, np.arange(len(idx)), job.batch_tokens):
             batch = [toks[idx[k]] for k in bb]
-            res[bb] = forward_batch(llm, batch, soft, out_vec,
-                                    attention_mask=job.attention_mask).numpy()
+            if readout:
+                r = forward_readouts(llm, [t if isinstance(t, TreePrompt) else as_tree(t) for t in batch], soft_g,
+                                     out_vec, job.readout_layers, 1 if g == "items" else job.history_window)
+                for key, val in r.items():
+                    parts.setdefault(key, []).append(val)
+            else:
+                res[bb] = forward_batch(llm, batch, soft_g, out_vec,
+                                        attention_mask=job.attention_mask).numpy()
             n_real = int(lengths[bb].sum())
             real += n_real
             padded += int(lengths[bb].max()) * len(bb)
             done_prompts += len(bb)
             bar.update(n_real)
             bar.set_postfix_str(f"prompts {done_prompts}/{n_prompts}", refresh=False)
-        w.write_rows(name, rows[idx] - first, res)
+        if readout:
+            # batches are consecutive runs of idx, so the samples come in idx order
+            out_rows = (np.concatenate([sample_rows[g][i] for i in idx]) if g in sample_rows
+                        else rows[idx]) - first
+            w.write_rows(name, out_rows, np.concatenate(parts["hidden"]))
+            if job.readout_layers:
+                grp = name.rsplit("/", 1)[0]
+                for key in ("out_layers", "slots", "n_slots"):
+                    w.write_rows(f"{grp}/{key}", out_rows, np.concatenate(parts[key]))
+        else:
+            w.write_rows(name, rows[idx] - first, res)
         w.mark_done(g, c)
         if job.on_chunk is not None:
             job.on_chunk(g, c)
@@ -452,15 +588,21 @@ def _run_single(job: Job) -> Path:
     try:
         fixed, vps = setup_cache(w, job)
         work = {}  # group -> (rows, tokenized, hidden dataset name, first row)
+        samples = {}
         for g in job.groups:
             v = g.removeprefix("users/")
             rows, toks = group_prompts(job, g, vps.get(v))
             work[g] = (rows, toks, f"{g}/hidden", 0)
+            if v == PREFIX_VIEW:
+                samples[g] = prefix_sample_rows(vps[v], rows)
+                naive = prefix_naive_tokens(job, vps[v], rows)
+                log(f"{g}: {len(toks)} prompt trees, {sum(len(t) for t in toks)} tokens "
+                    f"(one forward per sample: {naive})")
         plan = []  # (group, chunk index, prompt indices)
         for g, (rows, toks, _, _) in work.items():
             plan += plan_chunks(w, g, toks, job.chunk_prompts)
         w.flush()  # setup complete: from here on only raw data and progress flags change
-        stats = run_plan(w, job, plan, work, fixed)
+        stats = run_plan(w, job, plan, work, fixed, sample_rows=samples)
         w.finish()
     finally:
         w.close()
