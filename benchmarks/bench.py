@@ -122,6 +122,14 @@ def bench_precompute() -> None:
     b.bench()
 
 
+def bench_prefixes() -> None:
+    """Prefix samples: one prompt tree per user vs one forward per sample (tokens, seconds)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_prefixes as b
+
+    b.bench()
+
+
 def bench_heads() -> None:
     """One LLM-SRec epoch on the cache vs the same epoch with the LLM in the loop."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -162,7 +170,7 @@ def bench_llm4rec() -> None:
     b.bench()
 
 
-BENCHES = [bench_ranking_metrics, bench_sasrec_epoch, bench_precompute, bench_heads, bench_sweep, bench_e2e,
+BENCHES = [bench_ranking_metrics, bench_sasrec_epoch, bench_precompute, bench_prefixes, bench_heads, bench_sweep, bench_e2e,
            bench_distributed, bench_llm4rec]
 
 

@@ -216,11 +216,11 @@ def load_cached_tensors(ds, cache_path, eval_views=("valid", "test"), *, user_re
                                       & (train_targets > 0)]])
         train_hidden, train_cf, train_targets = train_hidden[keep], train_cf[keep], train_targets[keep]
         sample_uid = train_uid[keep]
-        for row in range(1, len(keep)):  # a prefix target is the user's item at its cutoff
-            u = int(sample_uid[row])
-            if train_targets[row] not in ds.seqs[u][:-2]:
-                raise InputError(f"{cache_path}: /users/{PREFIX_VIEW}/target row {keep[row]} is not in "
-                                 f"user {u}'s training sequence")
+        for row in range(1, len(keep)):  # sample j's target is the user's item seq[-3-j]
+            u, j = int(sample_uid[row]), int((keep[row] - 1) % k_cache)
+            if train_targets[row] != ds.seqs[u][-3 - j]:
+                raise InputError(f"{cache_path}: /users/{PREFIX_VIEW}/target row {keep[row]} is not user {u}'s "
+                                 f"item seq[-{3 + j}] (a cache of another dataset?)")
         exclude = [exclude[int(u)] if u else exclude[0] for u in sample_uid]
         train_users = np.arange(1, len(keep), dtype=np.int64)
     candidates = {s: np.asarray(ds.candidates(s), dtype=np.int64)[:n] for s in ("valid", "test")}

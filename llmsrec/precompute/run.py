@@ -304,13 +304,11 @@ def _prepare(ds, sasrec, out_h5, *, llm, views, history_window, verb, batch_toke
                 if fi == "ridge" else
                 "moment-matched: PCA-whitened SASRec E onto the top principal axes of the input embeddings"),
     }
-    if auto_layers:
+    if readout_layers or auto_layers:
         from llmsrec.precompute.readouts import default_layers, num_layers
 
-        readout_layers = default_layers(num_layers(llm))
-    if readout_layers:
-        from llmsrec.precompute.readouts import num_layers
-
+        if auto_layers:
+            readout_layers = default_layers(num_layers(llm))
         bad = [x for x in readout_layers if not 1 <= x <= num_layers(llm)]
         if bad:
             raise InputError(f"--readout-layers: layer {bad[0]} outside 1..{num_layers(llm)} of {llm.name}")
