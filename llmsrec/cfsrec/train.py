@@ -141,19 +141,20 @@ def save_cfsrec(model: nn.Module, directory: str | Path) -> None:
 
     Works for every model of :data:`MODELS`. Each file is written atomically;
     ``directory`` is created if missing. ``config.json`` = ``{"model": name, **config
-    fields}``; the safetensors metadata also names the model.
+    fields}``; the safetensors metadata also names the model. Equal weights give equal
+    bytes (a canonical header), so the teacher's file digest identifies the weights.
 
     Raises:
         TypeError: ``model`` is not a registered CF-SRec.
     """
-    from safetensors.torch import save
+    from llmsrec.safetensors_io import save_torch
 
     name = spec_of(model).name
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     with atomic_file(directory / WEIGHTS, "wb") as f:
-        f.write(save(tensors, metadata={"format": "pt", "model": name}))
+        f.write(save_torch(tensors, metadata={"format": "pt", "model": name}))  # same model, same bytes
     write_json(directory / CONFIG, {"model": name, **model.config.to_dict()})
 
 
