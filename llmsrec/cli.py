@@ -115,9 +115,12 @@ def main(ctx: click.Context) -> None:
               help="Keep a seeded sample of N users before the k-core filter [default: all].")
 @click.option("--skip-bad-lines", is_flag=True,
               help="Skip malformed lines and count them in stats.json instead of failing.")
+@click.option("--timestamp-unit", default=None, type=click.Choice(["s", "ms"]),
+              help="Unit of the timestamps [default: ms for amazon2023, s otherwise]; dates "
+                   "outside 1900-2099 are refused with their line.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def prepare(dataset, out, inter, item, title_field, reviews, meta, kcore, seed, num_negatives,
-            max_users, skip_bad_lines, force) -> None:
+            max_users, skip_bad_lines, timestamp_unit, force) -> None:
     """Raw interactions -> leave-last-out split + stored negatives in OUT.
 
     \b
@@ -129,6 +132,8 @@ def prepare(dataset, out, inter, item, title_field, reviews, meta, kcore, seed, 
 
     opts = dict(kcore=kcore, seed=seed, num_negatives=num_negatives, max_users=max_users,
                 skip_bad_lines=skip_bad_lines, force=force)
+    if timestamp_unit:
+        opts["timestamp_unit"] = timestamp_unit
 
     def need(**kw):
         missing = [f"--{k.replace('_', '-')}" for k, v in kw.items() if v is None]
@@ -965,6 +970,8 @@ def refine_tokens(data_dir, cache, heads_dir, sasrec_dir, out, llm, users, items
 @click.option("--max-users", default=None, type=click.IntRange(min=1),
               help="Seeded sample of N users before the k-core filter (quick runs) [default: all].")
 @click.option("--skip-bad-lines", is_flag=True, help="Count malformed lines instead of failing.")
+@click.option("--timestamp-unit", default=None, type=click.Choice(["s", "ms"]),
+              help="As `llmsrec prepare --timestamp-unit` [default: ms for amazon2023, s otherwise].")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="One seed for every stage.")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Run folder [default: runs/DATASET].")
@@ -982,7 +989,7 @@ def refine_tokens(data_dir, cache, heads_dir, sasrec_dir, out, llm, users, items
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--force", is_flag=True, help="Rebuild every stage.")
 def run(dataset, inter, item, title_field, reviews, meta, kcore, num_negatives, max_users, skip_bad_lines,
-        seed, llm, out, sasrec_epochs, sasrec_patience, sasrec_eval_every, views, history_window,
+        timestamp_unit, seed, llm, out, sasrec_epochs, sasrec_patience, sasrec_eval_every, views, history_window,
         batch_tokens, device, dtype, threads, fi, no_progress, force, **kw) -> None:
     """prepare -> SASRec -> precompute -> train -> evaluate, reusing unchanged stages.
 
@@ -1009,7 +1016,7 @@ def run(dataset, inter, item, title_field, reviews, meta, kcore, num_negatives, 
     res = run_pipeline(
         out or f"runs/{dataset}", dataset=dataset, files=files,
         data_opts=dict(kcore=kcore, num_negatives=num_negatives, max_users=max_users,
-                       skip_bad_lines=skip_bad_lines),
+                       skip_bad_lines=skip_bad_lines, timestamp_unit=timestamp_unit),
         llm=llm,
         sasrec_opts=dict(epochs=sasrec_epochs, patience=sasrec_patience, eval_every=sasrec_eval_every),
         precompute_opts=dict(views=view_list, history_window=history_window, batch_tokens=batch_tokens,

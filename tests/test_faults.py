@@ -72,3 +72,71 @@ def test_params_and_baseline_arrays_are_reproducible(tmp_path):
     digests = {_sha(write_params(tmp_path / f"p{k}.safetensors", arrays, extra={"source": "test", "step": "7"}))
                for k in range(20)}
     assert len(digests) == 1
+
+
+# --- 7. millisecond timestamps ----------------------------------------------------------------
+
+
+def _atomic_files(tmp_path, scale: int):
+    """An atomic .inter/.item pair whose timestamps are 2021 dates times ``scale``."""
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    for u in range(6):
+        for t in range(5):
+            lines.append(f"u{u}\ti{(u + t) % 8}\t{(1_610_000_000 + 86_400 * t) * scale}")
+    inter, item = tmp_path / "x.inter", tmp_path / "x.item"
+    inter.write_text("\n".join(lines) + "\n")
+    item.write_text("item_id:token\ttitle:token_seq\n" + "".join(f"i{i}\tItem {i}\n" for i in range(8)))
+    return inter, item
+
+
+def test_prepare_refuses_milliseconds_read_as_seconds_with_the_line(tmp_path):
+    from click.testing import CliRunner
+
+    from llmsrec.cli import main
+
+    inter, item = _atomic_files(tmp_path, 1000)
+    args = ["prepare", "--dataset", "atomic", "--inter", str(inter), "--item", str(item), "--kcore", "1",
+            "--num-negatives", "2", "--out", str(tmp_path / "d")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [
+        f"error: {inter} line 2: field 'timestamp' 1610000000000 is not a plausible date in seconds "
+        f"(year 52988; accepted: 1900 to 2099); it looks like milliseconds: pass --timestamp-unit ms"]
+    assert not (tmp_path / "d").exists()
+    # --skip-bad-lines does not hide a wrong unit (it would skip every line)
+    assert CliRunner().invoke(main, args + ["--skip-bad-lines"]).exit_code == 2
+    res = CliRunner().invoke(main, args + ["--timestamp-unit", "ms"])
+    assert res.exit_code == 0, res.output
+    from llmsrec.data import load_prepared
+
+    ds = load_prepared(tmp_path / "d")
+    assert ds.stats["timestamp_unit"] == "ms"
+    assert ds.timestamps[1].tolist() == [1_610_000_000 + 86_400 * t for t in range(5)]
+
+
+def test_far_dates_are_refused_with_their_line(tmp_path):
+    from llmsrec.data import prepare_atomic, prepare_from_interactions
+
+    inter, item = _atomic_files(tmp_path, 1)
+    # a date no unit makes plausible is a bad line (skippable), named by its line
+    with open(inter, "a") as f:
+        f.write("u0\ti7\t1e30\n")
+    with pytest.raises(InputError, match=rf"{inter} line 32: field 'timestamp' 1e\+30 is not a plausible date"):
+        prepare_atomic(inter, item, tmp_path / "d", kcore=1, num_negatives=2)
+    ds = prepare_atomic(inter, item, tmp_path / "d", kcore=1, num_negatives=2, skip_bad_lines=True)
+    assert ds.stats["bad_lines"]["total"] == 1
+    with pytest.raises(InputError, match="interaction 1: field 'timestamp' 1700000000000 is not a plausible"):
+        prepare_from_interactions([("a", "b", 1), ("a", "c", 1_700_000_000_000)], {}, tmp_path / "e")
+
+
+def test_prompts_name_the_user_of_a_timestamp_that_is_no_date(tiny_ds):
+    from llmsrec.precompute.prompts import build_view
+
+    kept = tiny_ds.timestamps[2]
+    tiny_ds.timestamps[2] = np.full(len(tiny_ds.seqs[2]), 1_610_000_000_000, dtype=np.int64)
+    try:
+        with pytest.raises(InputError, match=rf"user '{tiny_ds.raw_users[2]}' \(uid 2\): timestamps "
+                                             r"\[1610000000000.* no dates .*--timestamp-unit ms"):
+            build_view(tiny_ds, "test", history_window=3, verb="x")
+    finally:
+        tiny_ds.timestamps[2] = kept

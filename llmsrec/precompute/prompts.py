@@ -173,7 +173,7 @@ def build_view(ds, view: str, *, history_window: int = 10, verb: str | None = No
         users: iterable of uids to build (default all 1..U).
 
     Raises:
-        InputError: unknown view or a non-positive window.
+        InputError: unknown view, a non-positive window, or a timestamp that is no date.
     """
     check_view(view)
     if history_window < 1:
@@ -201,7 +201,12 @@ def build_view(ds, view: str, *, history_window: int = 10, verb: str | None = No
             cf = inp.copy()
             cf[len(inp) - len(window):] = window[order]
             cf_inputs[uid] = cf
-        prompts[uid] = user_prompt(ds.titles, window, wts, verb=verb, order=order,
-                                   version=version)
+        try:
+            prompts[uid] = user_prompt(ds.titles, window, wts, verb=verb, order=order,
+                                       version=version)
+        except (ValueError, OverflowError, OSError):  # datetime: a "year 52672" timestamp
+            raise InputError(f"{ds.root}: user {ds.raw_users[uid]!r} (uid {uid}): timestamps "
+                             f"{wts.tolist()} are no dates in Unix seconds (milliseconds prepared as "
+                             f"seconds?); prepare the data again with --timestamp-unit ms") from None
     return ViewPrompts(view=view, prompts=prompts, targets=np.asarray(targets, dtype=np.int64),
                        cf_inputs=cf_inputs, permutation=perm)
