@@ -162,10 +162,26 @@ def check_module_shapes(build: Callable[[], Any], weights: str | os.PathLike, cf
     want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     for k, shape in want.items():
         if k not in header:
-            raise InputError(f"{weights}: tensor {k!r} missing (the checkpoint does not match {cfg_path})")
+            raise InputError(f"{weights}: weights do not match {cfg_path}: tensor {k!r} missing")
         if header[k][1] != shape:
-            raise InputError(f"{weights}: tensor {k!r} has shape {list(header[k][1])}, {cfg_path} implies "
-                             f"{list(shape)}")
+            raise InputError(f"{weights}: weights do not match {cfg_path}: tensor {k!r} has shape "
+                             f"{list(header[k][1])}, the config implies {list(shape)}")
     extra = sorted(set(header) - set(want))
     if extra:
-        raise InputError(f"{weights}: tensor {extra[0]!r} is not part of the model {cfg_path} describes")
+        raise InputError(f"{weights}: weights do not match {cfg_path}: tensor {extra[0]!r} is not part "
+                         f"of the model it describes")
+
+
+def check_checkpoint(weights: str | os.PathLike, cfg_path: str | os.PathLike, config: Mapping[str, Any],
+                     build: Callable[[], Any]) -> None:
+    """Everything a loader checks before it builds a module from a config file: the weights
+    file's header (:func:`read_header`), every integer of ``config`` against the sizes it
+    holds (:func:`check_config_ints`), then every tensor shape ``build()`` implies
+    (:func:`check_module_shapes`).
+
+    Raises:
+        InputError: one line naming the file and the field or tensor that does not fit.
+    """
+    header = read_header(weights)
+    check_config_ints(config, int_fields_bound(header), cfg_path)
+    check_module_shapes(build, weights, cfg_path, header)

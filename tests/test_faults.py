@@ -140,3 +140,73 @@ def test_prompts_name_the_user_of_a_timestamp_that_is_no_date(tiny_ds):
             build_view(tiny_ds, "test", history_window=3, verb="x")
     finally:
         tiny_ds.timestamps[2] = kept
+
+
+# --- 5. crafted checkpoint configs --------------------------------------------------------------
+
+
+@pytest.fixture()
+def sasrec_ckpt(tmp_path):
+    from llmsrec.cfsrec import SASRec, SASRecConfig, save_cfsrec
+
+    torch.manual_seed(0)
+    save_cfsrec(SASRec(SASRecConfig(n_items=N_ITEMS, hidden=8, maxlen=5)), tmp_path / "sas")
+    return tmp_path / "sas"
+
+
+def _edit_json(path, **fields):
+    doc = json.loads(path.read_text())
+    for k, v in fields.items():
+        doc[k] = v
+    path.write_text(json.dumps(doc))
+
+
+def test_crafted_sasrec_config_is_refused_before_allocating(sasrec_ckpt, tiny_ds, tmp_path):
+    from click.testing import CliRunner
+
+    from llmsrec.cfsrec import load_cfsrec
+    from llmsrec.cli import main
+
+    cfg = sasrec_ckpt / "config.json"
+    _edit_json(cfg, hidden=2 ** 40)  # 8 TiB of embeddings if built
+    with pytest.raises(InputError, match=rf"{cfg}: field 'hidden' is {2 ** 40}, more than the checkpoint's "
+                                         r"weights allow \(at most 4096\)"):
+        load_cfsrec(sasrec_ckpt)
+    _edit_json(cfg, hidden=64000)  # the case: 20 GB before the kernel killed it
+    res = CliRunner().invoke(main, ["evaluate", "--data", str(tiny_ds.root), "--model", "sasrec",
+                                    "--checkpoint", str(sasrec_ckpt)])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [
+        f"error: {cfg}: field 'hidden' is 64000, more than the checkpoint's weights allow (at most 4096)"]
+    _edit_json(cfg, hidden=16, blocks=3)  # plausible sizes, but not the stored tensors
+    with pytest.raises(InputError, match=r"model.safetensors: weights do not match .*config.json: tensor "
+                                         r"'item_emb.weight' has shape \[31, 8\], the config implies \[31, 16\]"):
+        load_cfsrec(sasrec_ckpt)
+
+
+def test_crafted_weights_header_is_refused(sasrec_ckpt):
+    from llmsrec.cfsrec import load_cfsrec
+
+    w = sasrec_ckpt / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes((10 ** 12).to_bytes(8, "little") + data[8:])  # header length beyond the file
+    with pytest.raises(InputError, match=rf"{w}: not a safetensors file \(header length 1000000000000 bytes"):
+        load_cfsrec(sasrec_ckpt)
+
+
+def test_crafted_heads_config_is_refused_before_allocating(tmp_path):
+    from llmsrec.heads.model import HeadsConfig, LLMSRecHeads, load_heads, save_heads
+
+    save_heads(LLMSRecHeads(HeadsConfig(d_llm=8, d_cf=4, d_out=4, hidden=8, cf_hidden=4)), tmp_path / "h")
+    cfg = tmp_path / "h" / "heads_config.json"
+    doc = json.loads(cfg.read_text())
+    doc["heads"]["hidden"] = 10 ** 12
+    cfg.write_text(json.dumps(doc))
+    with pytest.raises(InputError, match=rf"{cfg}: field 'hidden' is 1000000000000, more than the "
+                                         r"checkpoint's weights allow"):
+        load_heads(tmp_path / "h")
+    doc["heads"]["hidden"] = 16
+    cfg.write_text(json.dumps(doc))
+    with pytest.raises(InputError, match=r"heads.safetensors: weights do not match .*heads_config.json: tensor "
+                                         r"'.*' has shape \[8, 8\], the config implies \[16, 8\]"):
+        load_heads(tmp_path / "h")
