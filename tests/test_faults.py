@@ -210,3 +210,56 @@ def test_crafted_heads_config_is_refused_before_allocating(tmp_path):
     with pytest.raises(InputError, match=r"heads.safetensors: weights do not match .*heads_config.json: tensor "
                                          r"'.*' has shape \[8, 8\], the config implies \[16, 8\]"):
         load_heads(tmp_path / "h")
+
+
+# --- 9. a prompt too long for the model ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llm():
+    from test_precompute import _tiny_llm
+
+    return _tiny_llm()  # max_position_embeddings 1024
+
+
+def _long_title_ds(out, title_chars: int):
+    from test_precompute import _tiny_dataset
+
+    from llmsrec.data import load_prepared
+
+    ds = _tiny_dataset(out)
+    ds = load_prepared(out)
+    ds.titles[3] = "Long " * (title_chars // 5)
+    return ds
+
+
+def test_item_prompt_too_long_names_the_item_and_the_remedy(tmp_path, tiny_llm, one_torch_thread):
+    from test_precompute import _tiny_sasrec
+
+    from llmsrec.precompute import precompute
+
+    ds = _long_title_ds(tmp_path / "ds", 320_000)
+    out = tmp_path / "cache.h5"
+    with pytest.raises(InputError) as e:
+        precompute(ds, _tiny_sasrec(ds.n_items), out, llm=tiny_llm, views=("test",), history_window=4,
+                   progress=False, log=lambda m: None)
+    msg = str(e.value)
+    assert msg.startswith("item 3 (title of 319,999 characters): its prompt has ")
+    assert "tokens, more than the model's 1,024 positions; shorten this title in the dataset's item file" in msg
+    assert "--history-window does not change item prompts" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no cache.h5.tmp left behind
+
+
+def test_user_prompt_too_long_names_the_user_and_the_window(tmp_path, tiny_llm):
+    from llmsrec.precompute.engine import tokenize_prompts
+    from llmsrec.precompute.llm import USER_OUT
+    from llmsrec.precompute.prompts import build_view
+
+    ds = _long_title_ds(tmp_path / "ds", 3_000)
+    vp = build_view(ds, "test", history_window=4, verb="watched movies")
+    uid = next(u for u in range(1, ds.n_users + 1) if vp.prompts[u] is not None and 3 in vp.prompts[u].soft_items)
+    with pytest.raises(InputError, match=rf"^user '{ds.raw_users[uid]}' \(uid {uid}\), view test: its prompt has "
+                                         r"[\d,]+ tokens, more than the model's 1,024 positions; lower "
+                                         r"--history-window \(now 4\) or shorten the longest title in it "
+                                         r"\(item 3, 2,999 characters\)$"):
+        tokenize_prompts(tiny_llm, [vp.prompts[uid]], USER_OUT)

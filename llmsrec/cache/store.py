@@ -101,6 +101,8 @@ class CacheWriter:
     def __init__(self, out, provenance: dict, *, force: bool = False,
                  log: Callable[[str], None] = print):
         self.out = Path(out)
+        self._fresh = False  # True once this writer created the .tmp it writes
+        self._marked = False  # True once this writer marked a chunk done
         self.tmp = tmp_path(self.out)
         self.asked = dict(provenance)
         self.force = force
@@ -165,6 +167,7 @@ class CacheWriter:
                         f" pass --force to discard it")
                 self.tmp.unlink()
         self.tmp.parent.mkdir(parents=True, exist_ok=True)  # --out in a folder not made yet
+        self._fresh = True
         if final_ok and not self.force:
             shutil.copyfile(self.out, self.tmp)  # extend a copy; the original stays intact
             self.f = h5py.File(self.tmp, "r+")
@@ -269,12 +272,22 @@ class CacheWriter:
         """Flush the chunk's rows, then mark it done and flush again."""
         self.f.flush()
         self.f[f"progress/{group}"][chunk] = True
+        self._marked = True
         self.f.flush()
 
     def close(self) -> None:
         if self.f is not None:
             self.f.close()
             self.f = None
+
+    def discard_unstarted(self) -> None:
+        """After a failure: remove the ``.tmp`` this writer created if no chunk of it was
+        marked done (nothing to resume; e.g. a prompt too long for the model), so a rerun
+        with fixed inputs does not meet a stale unfinished build."""
+        if self._fresh and not self._marked and self.f is not None:
+            self.f.close()
+            self.f = None
+            self.tmp.unlink(missing_ok=True)
 
     def finish(self) -> Path:
         """Check every chunk is done, close, rename ``out.tmp`` -> ``out``; return ``out``."""
