@@ -1,4 +1,8 @@
-"""Write-then-rename helpers, so a killed run never leaves a half-written output."""
+"""Write-then-rename helpers, so a killed run never leaves a half-written output.
+
+A folder is written as a hidden ``.OUT.tmp-*`` beside ``OUT`` under the output's lock
+(``llmsrec.locks``).
+"""
 
 from __future__ import annotations
 
@@ -22,29 +26,33 @@ def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; rename it to ``out`` on success.
 
     Raises:
-        InputError: ``out`` exists and ``force`` is False.
-    On an exception the temporary folder is removed and ``out`` is untouched.
+        InputError: ``out`` exists and ``force`` is False; another process writes ``out``
+            (its lock, ``llmsrec.locks``, names the pid).
+    On an exception the temporary folder is removed and ``out`` is untouched. The lock of
+    ``out`` is held throughout.
     """
     from llmsrec.errors import InputError
+    from llmsrec.locks import output_lock
 
     out = Path(out)
     if out.exists() and not force:
         raise InputError(f"{out}: already exists (pass --force to overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs follow the umask
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+    with output_lock(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs follow the umask
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
 
 
 @contextlib.contextmanager

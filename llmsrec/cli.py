@@ -12,6 +12,7 @@ import sys
 import click
 
 from llmsrec import __version__
+from llmsrec.cli_guard import GuardedCommand
 from llmsrec.devices import resolve_device
 from llmsrec.distributed import dist_env
 from llmsrec.errors import InputError
@@ -19,6 +20,9 @@ from llmsrec.precompute.prompts import ALL_VIEWS
 
 
 class _Group(click.Group):
+    command_class = GuardedCommand  # holds the lock of the command's output (llmsrec.locks)
+    group_class = type  # subgroups (sasrec, cfsrec) are _Group too
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)

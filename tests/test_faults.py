@@ -263,3 +263,100 @@ def test_user_prompt_too_long_names_the_user_and_the_window(tmp_path, tiny_llm):
                                          r"--history-window \(now 4\) or shorten the longest title in it "
                                          r"\(item 3, 2,999 characters\)$"):
         tokenize_prompts(tiny_llm, [vp.prompts[uid]], USER_OUT)
+
+
+# --- 1. two writers on one output ---------------------------------------------------------------
+
+
+def _env():
+    import os
+
+    import llmsrec
+
+    root = str(__import__("pathlib").Path(llmsrec.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+
+
+def _holder(code: str):
+    """A second process that runs ``code`` (which ends holding something), then waits."""
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", code + "\nprint('held', flush=True)\nimport time; time.sleep(120)"],
+                         stdout=subprocess.PIPE, text=True, env=_env())
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def _stop(p):
+    p.kill()
+    p.wait()
+
+
+def test_second_writer_is_refused_naming_the_holder_and_a_dead_holder_is_taken_over(tmp_path):
+    from llmsrec.locks import lock_path, output_lock
+
+    out = tmp_path / "runs" / "demo"
+    p = _holder(f"from llmsrec.locks import output_lock\nlock = output_lock({str(out)!r})")
+    try:
+        assert lock_path(out).read_text().strip() == str(p.pid)
+        with pytest.raises(InputError, match=rf"^{out}: another llmsrec process \(pid {p.pid}\) is writing it; "
+                                             r"wait for it or stop it$"):
+            output_lock(out)
+    finally:
+        _stop(p)  # killed: the kernel drops its lock, its lock file stays behind
+    assert lock_path(out).read_text().strip() == str(p.pid)
+    with output_lock(out) as lock:
+        assert lock.stale_pid == str(p.pid)
+        with output_lock(out):  # re-entrant in one process
+            pass
+        assert lock_path(out).read_text().strip() == str(__import__("os").getpid())
+    assert not lock_path(out).exists()  # removed on release
+
+
+def test_second_precompute_on_one_cache_is_refused_and_leaves_the_first_build_alone(tmp_path):
+    from click.testing import CliRunner
+
+    from llmsrec.cli import main
+
+    out = tmp_path / "cache.h5"
+    # the first writer: a build in progress (its .tmp open, as precompute holds it)
+    p = _holder("from llmsrec.cache.store import CacheWriter\n"
+                f"w = CacheWriter({str(out)!r}, {{'model': 'x'}}, log=lambda m: None)\n"
+                "w.needs(['items'])\nw.require('items/cf', __import__('numpy').ones((3, 2), 'f4'))\nw.flush()")
+    try:
+        res = CliRunner().invoke(main, ["precompute", "--data", str(tmp_path / "d"), "--sasrec", str(tmp_path / "s"),
+                                        "--out", str(out)])
+        assert res.exit_code == 2
+        assert res.output.strip().splitlines() == [
+            f"error: {out}: another llmsrec process (pid {p.pid}) is writing it; wait for it or stop it"]
+        from llmsrec.cache.store import CacheWriter
+
+        with pytest.raises(InputError, match=rf"pid {p.pid}"):
+            CacheWriter(out, {"model": "x"}, log=lambda m: None)
+        assert (tmp_path / "cache.h5.tmp").exists()  # not taken for a damaged build and deleted
+    finally:
+        _stop(p)
+
+
+def test_second_writer_of_a_folder_is_refused_before_its_work(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from llmsrec import data
+    from llmsrec.cli import main
+
+    out = tmp_path / "d"
+    called = []
+    monkeypatch.setattr(data, "prepare_ml100k", lambda *a, **k: called.append(1))
+    p = _holder(f"from llmsrec.locks import output_lock\nlock = output_lock({str(out)!r})")
+    try:
+        res = CliRunner().invoke(main, ["prepare", "--dataset", "ml-100k", "--out", str(out)])
+        assert res.exit_code == 2 and f"(pid {p.pid}) is writing it" in res.output
+        assert called == []
+        from llmsrec.atomic import atomic_dir
+
+        with pytest.raises(InputError, match=rf"pid {p.pid}"):
+            with atomic_dir(out):
+                pass
+    finally:
+        _stop(p)

@@ -95,14 +95,27 @@ class CacheWriter:
 
     Raises:
         InputError: provenance mismatch without ``force`` (the message names the field),
-            or an existing file that is not an llmsrec cache.
+            an existing file that is not an llmsrec cache, or another process writing
+            ``out`` (the writer holds ``out``'s lock, ``llmsrec.locks``, until :meth:`close`,
+            :meth:`finish`, or :meth:`needs` returns False).
     """
 
     def __init__(self, out, provenance: dict, *, force: bool = False,
                  log: Callable[[str], None] = print):
-        self.out = Path(out)
+        from llmsrec.locks import output_lock
+
+        self._lock = output_lock(out)  # one writer per cache file (its .tmp included)
         self._fresh = False  # True once this writer created the .tmp it writes
         self._marked = False  # True once this writer marked a chunk done
+        try:
+            self._init(out, provenance, force=force, log=log)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _init(self, out, provenance: dict, *, force: bool = False,
+              log: Callable[[str], None] = print):
+        self.out = Path(out)
         self.tmp = tmp_path(self.out)
         self.asked = dict(provenance)
         self.force = force
@@ -145,12 +158,16 @@ class CacheWriter:
         final_ok = self._existing_final is not None and not (
             self.force and provenance_diff(self._existing_final, self.asked))
         if final_ok and not self.force and all(g in self._final_groups for g in groups):
+            self._lock.release()  # nothing to write
             return False
         if self.tmp.exists():
             try:
                 f = h5py.File(self.tmp, "r+")
                 prov = _read_provenance(f, self.tmp)
-            except (OSError, InputError):
+            except (OSError, InputError) as e:
+                if "lock" in str(e).lower() and "unable" in str(e).lower():  # HDF5's own file lock
+                    raise InputError(f"{self.tmp}: open in another process ({' '.join(str(e).split())[:120]}); "
+                                     f"wait for it or stop it") from None
                 self.log(f"{self.tmp}: unreadable unfinished build, starting over")
                 self.tmp.unlink()
             else:
@@ -276,9 +293,11 @@ class CacheWriter:
         self.f.flush()
 
     def close(self) -> None:
+        """Close the file (if open) and release ``out``'s lock."""
         if self.f is not None:
             self.f.close()
             self.f = None
+        self._lock.release()
 
     def discard_unstarted(self) -> None:
         """After a failure: remove the ``.tmp`` this writer created if no chunk of it was

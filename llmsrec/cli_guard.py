@@ -1,0 +1,63 @@
+"""What every ``llmsrec`` command does around its work: lock its output.
+
+- :class:`GuardedCommand` takes the exclusive lock of the command's output
+  (``llmsrec.locks``) before the command starts, so a second writer of the same ``--out``
+  is refused at once, not after an hour of training.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+
+def _world_size() -> int:
+    w = os.environ.get("WORLD_SIZE", "1")
+    return int(w) if w.isdigit() else 1
+
+
+def command_outputs(ctx: click.Context) -> list[Path]:
+    """The file or folder a command invocation writes (empty for read-only commands).
+
+    ``run``: ``--out`` (default ``runs/DATASET``); ``analyze``: the run folder (its report,
+    models and cache views go there); ``sweep``: ``--out`` (default ``RUN/sweep``);
+    ``evaluate``: ``--out`` (default ``CHECKPOINT/evaluation.json``); the others: ``--out``.
+    """
+    p, name = ctx.params, ctx.info_name
+    if name == "run":
+        return [Path(p.get("out") or f"runs/{p.get('dataset')}")]
+    if name == "analyze":
+        return [Path(p["run_dir"])] if p.get("run_dir") else []
+    if name == "sweep":
+        out = p.get("out") or (f"{p['run_dir']}/sweep" if p.get("run_dir") else None)
+        return [Path(out)] if out else []
+    if name == "evaluate":
+        out = p.get("out_json") or (f"{p['checkpoint']}/evaluation.json" if p.get("checkpoint") else None)
+        return [Path(out)] if out else []
+    for key in ("out", "out_h5"):
+        if p.get(key):
+            return [Path(p[key])]
+    return []
+
+
+class GuardedCommand(click.Command):
+    """A click command that holds the lock of its output (:func:`command_outputs`) while it runs.
+
+    Not under ``torchrun`` with several processes (each rank locks the files it writes
+    itself) and not for ``precompute --nproc N`` (its processes lock their files).
+    """
+
+    def invoke(self, ctx: click.Context):
+        from llmsrec.locks import output_lock
+
+        outs = [] if _world_size() > 1 or (ctx.params.get("nproc") or 1) > 1 else command_outputs(ctx)
+        held = []
+        try:
+            for out in outs:
+                held.append(output_lock(out))
+            return super().invoke(ctx)
+        finally:
+            for lock in reversed(held):
+                lock.release()
