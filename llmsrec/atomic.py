@@ -1,7 +1,8 @@
 """Write-then-rename helpers, so a killed run never leaves a half-written output.
 
 A folder is written as a hidden ``.OUT.tmp-*`` beside ``OUT`` under the output's lock
-(``llmsrec.locks``).
+(``llmsrec.locks``). An ``OSError`` while writing (a full disk,
+permissions, a read-only file system) names the output it was writing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,16 @@ def _umask() -> int:
     return mask
 
 
+def naming(e: OSError, path: str | os.PathLike) -> OSError:
+    """``e`` itself if it names a file, else the same error (errno, message) naming ``path``."""
+    if e.filename is not None:
+        return e
+    try:
+        return type(e)(e.errno, e.strerror or str(e), str(path))
+    except TypeError:  # a subclass with another constructor
+        return OSError(e.errno, e.strerror or str(e), str(path))
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; rename it to ``out`` on success.
@@ -28,6 +39,7 @@ def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     Raises:
         InputError: ``out`` exists and ``force`` is False; another process writes ``out``
             (its lock, ``llmsrec.locks``, names the pid).
+        OSError: while writing, naming ``out`` if the error named no file.
     On an exception the temporary folder is removed and ``out`` is untouched. The lock of
     ``out`` is held throughout.
     """
@@ -38,13 +50,18 @@ def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     if out.exists() and not force:
         raise InputError(f"{out}: already exists (pass --force to overwrite)")
     with output_lock(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs follow the umask
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs follow the umask
+        except OSError as e:
+            raise naming(e, out) from None
         try:
             yield tmp
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and e.filename is None:
+                raise naming(e, out) from None
             raise
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -59,16 +76,21 @@ def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
 def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     """Open a temporary file beside ``path`` for writing; rename it over ``path`` on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
+    except OSError as e:
+        raise naming(e, path) from None
     try:
         with os.fdopen(fd, mode) as f:
             yield f
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # e.g. ENOSPC from a write
+            raise naming(e, path) from None
         raise
 
 

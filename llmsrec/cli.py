@@ -12,7 +12,7 @@ import sys
 import click
 
 from llmsrec import __version__
-from llmsrec.cli_guard import GuardedCommand
+from llmsrec.cli_guard import GuardedCommand, oserror_line
 from llmsrec.devices import resolve_device
 from llmsrec.distributed import dist_env
 from llmsrec.errors import InputError
@@ -28,6 +28,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except InputError as e:
             click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except OSError as e:  # a full disk, a permission, a read-only file system: one line
+            if isinstance(e, BrokenPipeError):
+                raise
+            click.echo(f"error: {oserror_line(e)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             world = os.environ.get("WORLD_SIZE", "1")

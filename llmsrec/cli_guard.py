@@ -1,17 +1,21 @@
-"""What every ``llmsrec`` command does around its work: lock its output.
+"""What every ``llmsrec`` command does around its work: lock its output, and turn the
+failures a user can act on into one line.
 
 - :class:`GuardedCommand` takes the exclusive lock of the command's output
   (``llmsrec.locks``) before the command starts, so a second writer of the same ``--out``
   is refused at once, not after an hour of training.
+- :func:`oserror_line`: an ``OSError`` (a full disk, a permission, a read-only file
+  system) as one line naming the path.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 from pathlib import Path
 
 import click
-
 
 def _world_size() -> int:
     w = os.environ.get("WORLD_SIZE", "1")
@@ -61,3 +65,31 @@ class GuardedCommand(click.Command):
         finally:
             for lock in reversed(held):
                 lock.release()
+
+
+_H5_FILE = re.compile(r"(?:filename|name) = '([^']+)'")
+_H5_ERRNO = re.compile(r"errno = (\d+)")
+
+
+def oserror_line(e: OSError) -> str:
+    """One line for an ``OSError``: ``PATH: reason``; a full disk says so and what to do.
+
+    HDF5's errors carry the file and errno inside their message; they are read from there.
+    """
+    text = " ".join(str(e).split())
+    path, code = e.filename, e.errno
+    if e.filename is not None and e.strerror:
+        reason = e.strerror
+    else:  # e.g. h5py: "Unable to synchronously write data (file write failed: ..., errno = 28, ...)"
+        m = _H5_FILE.search(text)
+        path = m.group(1) if m else None
+        m = _H5_ERRNO.search(text)
+        code = code or (int(m.group(1)) if m else None)
+        what = text.split(" (")[0]
+        reason = f"{what}: {os.strerror(code)}" if code else text
+    line = f"{path}: {reason}" if path else reason
+    if code == errno.ENOSPC:
+        line += "; free some space and rerun the same command (unfinished outputs are resumed or redone)"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        line += "; choose an output where you can write"
+    return line

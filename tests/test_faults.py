@@ -360,3 +360,122 @@ def test_second_writer_of_a_folder_is_refused_before_its_work(tmp_path, monkeypa
                 pass
     finally:
         _stop(p)
+
+
+# --- 3. full disk, damaged unfinished builds, --force ---------------------------------------------
+
+
+def test_oserror_is_one_line_naming_the_output(tmp_path, monkeypatch, tiny_ds):
+    import errno
+
+    from click.testing import CliRunner
+
+    from llmsrec.cfsrec import train as cf_train
+    from llmsrec.cli import main
+    from llmsrec.data import dataset
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dataset, "_write_folder", full)
+    inter, item = _atomic_files(tmp_path, 1)
+    res = CliRunner().invoke(main, ["prepare", "--dataset", "atomic", "--inter", str(inter), "--item", str(item),
+                                    "--kcore", "1", "--num-negatives", "2", "--out", str(tmp_path / "d")])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [
+        f"error: {tmp_path / 'd'}: No space left on device; free some space and rerun the same command "
+        f"(unfinished outputs are resumed or redone)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.inter", "x.item"]  # no .d.tmp-* left
+    monkeypatch.setattr(cf_train, "save_cfsrec", full)
+    res = CliRunner().invoke(main, ["sasrec", "train", "--data", str(tiny_ds.root), "--out", str(tmp_path / "s"),
+                                    "--epochs", "1", "--eval-every", "1", "--hidden", "8", "--maxlen", "5"])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines()[-1].startswith(f"error: {tmp_path / 's'}: No space left on device")
+
+
+@pytest.fixture(scope="module")
+def pc_inputs(tmp_path_factory):
+    from test_precompute import _tiny_dataset, _tiny_sasrec
+
+    ds = _tiny_dataset(tmp_path_factory.mktemp("pc") / "ds")
+    return ds, _tiny_sasrec(ds.n_items)
+
+
+def _pc(inputs, llm, out, **kw):
+    from llmsrec.precompute import precompute
+
+    ds, sas = inputs
+    logs = kw.pop("logs", [])
+    return precompute(ds, sas, out, llm=llm, views=("train", "test"), history_window=4, chunk_prompts=4,
+                      batch_tokens=400, progress=False, log=logs.append, **kw)
+
+
+class _Kill(Exception):
+    pass
+
+
+def _killed_after(n):
+    count = []
+
+    def on_chunk(group, chunk):
+        count.append(1)
+        if len(count) == n:
+            raise _Kill
+
+    return on_chunk
+
+
+def _states(path):
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {k: f[k][()] for k in ("items/hidden", "users/train/hidden", "users/test/hidden")}
+
+
+@pytest.fixture(scope="module")
+def clean_states(pc_inputs, tiny_llm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "cache.h5"
+    _pc(pc_inputs, tiny_llm, out)
+    return _states(out)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_damaged_unfinished_build_is_started_over(pc_inputs, tiny_llm, clean_states, tmp_path, force, one_torch_thread):
+    import h5py
+
+    out = tmp_path / "cache.h5"
+    with pytest.raises(_Kill):
+        _pc(pc_inputs, tiny_llm, out, on_chunk=_killed_after(2))
+    with h5py.File(f"{out}.tmp", "r+") as f:  # the disk filled while the f_I parameters were written
+        del f["params/f_I/bias"]
+    logs = []
+    _pc(pc_inputs, tiny_llm, out, force=force, logs=logs)
+    want = (f"--force: discarding the unfinished build {out}.tmp" if force else
+            f"{out}.tmp: damaged unfinished build (/params/f_I/bias missing), starting over")
+    assert want in logs
+    got = _states(out)
+    for k, v in clean_states.items():
+        np.testing.assert_array_equal(got[k], v)
+
+
+def test_finished_chunks_are_kept_only_if_they_read_back(pc_inputs, tiny_llm, clean_states, tmp_path, one_torch_thread):
+    import h5py
+
+    out = tmp_path / "cache.h5"
+    with pytest.raises(_Kill):
+        _pc(pc_inputs, tiny_llm, out, on_chunk=_killed_after(3))  # items: 4 chunks, 3 done
+    tmp = f"{out}.tmp"
+    with h5py.File(tmp, "r") as f:
+        done = f["progress/items"][()].tolist()
+        info = f["items/hidden"].id.get_chunk_info(0)  # the stored bytes of rows 0..15
+    assert done == [True, True, True, False]
+    with open(tmp, "r+b") as fh:  # a torn write: part of a finished chunk's bytes lost
+        fh.seek(info.byte_offset + 64)
+        fh.write(b"\0" * 256)
+    logs = []
+    _pc(pc_inputs, tiny_llm, out, logs=logs)
+    assert any(m.startswith(f"{tmp}: the finished chunks of items do not read back") and m.endswith("redoing items")
+               for m in logs)
+    got = _states(out)
+    for k, v in clean_states.items():
+        np.testing.assert_array_equal(got[k], v)

@@ -44,6 +44,7 @@ from typing import Callable
 import h5py
 import numpy as np
 
+from llmsrec.cache.verify import checksum_options, damaged_build, read_checked, unreadable_groups
 from llmsrec.errors import InputError
 from llmsrec.precompute.prompts import ALL_VIEWS
 
@@ -160,6 +161,9 @@ class CacheWriter:
         if final_ok and not self.force and all(g in self._final_groups for g in groups):
             self._lock.release()  # nothing to write
             return False
+        if self.tmp.exists() and self.force:  # --force always starts over: it must always work
+            self.log(f"--force: discarding the unfinished build {self.tmp}")
+            self.tmp.unlink()
         if self.tmp.exists():
             try:
                 f = h5py.File(self.tmp, "r+")
@@ -172,12 +176,20 @@ class CacheWriter:
                 self.tmp.unlink()
             else:
                 field = provenance_diff(prov, self.asked)
-                if field is None:
+                damage = damaged_build(f) if field is None else None
+                if field is None and damage is None:
+                    for g, why in unreadable_groups(f):  # finished chunks are kept only if they verify
+                        self.log(f"{self.tmp}: the finished chunks of {g} do not read back ({why}); redoing {g}")
+                        for name in (g, f"progress/{g}"):
+                            if name in f:
+                                del f[name]
                     self.f, self.resumed = f, True
                     self.log(f"resuming the unfinished build {self.tmp}")
                     return True
                 f.close()
-                if not self.force:
+                if damage is not None:
+                    self.log(f"{self.tmp}: damaged unfinished build ({damage}), starting over")
+                elif not self.force:
                     raise InputError(
                         f"{self.tmp}: unfinished build differs in provenance field '{field}' "
                         f"(it: {_short(prov.get(field))}, asked: {_short(self.asked[field])});"
@@ -224,7 +236,7 @@ class CacheWriter:
             return
         if data is None:
             data = np.zeros(shape, dtype=dtype)
-        self.f.create_dataset(name, data=data, track_times=False)
+        self.f.create_dataset(name, data=data, track_times=False, **checksum_options(data.shape))
 
     def require_progress(self, group: str, n_chunks: int, chunk_size: int) -> np.ndarray:
         """Create ``/progress/<group>`` (bool, n_chunks) unless present; return its flags."""
@@ -236,7 +248,7 @@ class CacheWriter:
                                  f"pass --force to rebuild")
         else:
             ds = self.f.create_dataset(key, data=np.zeros(n_chunks, dtype=bool),
-                                       track_times=False)
+                                       track_times=False, **checksum_options((n_chunks,)))
             ds.attrs["chunk_size"] = chunk_size
         return ds[()].copy()
 
@@ -272,7 +284,7 @@ class CacheWriter:
         :meth:`require_progress` makes, so a later run extending the file accepts it)."""
         self.drop(f"progress/{group}")
         ds = self.f.create_dataset(f"progress/{group}", data=np.ones(n_chunks, dtype=bool),
-                                   track_times=False)
+                                   track_times=False, **checksum_options((n_chunks,)))
         ds.attrs["chunk_size"] = chunk_size
 
     def flush(self) -> None:
@@ -430,34 +442,34 @@ class CacheReader:
 
     def item_hidden(self) -> np.ndarray:
         """float32 ``(N+1, d_llm)``: state at ``[ItemOut]`` of every item prompt."""
-        return self.f["items/hidden"][()]
+        return read_checked(self.f["items/hidden"], self.path)
 
     def item_cf(self) -> np.ndarray:
         """float32 ``(N+1, d_cf)``: SASRec item embeddings E."""
-        return self.f["items/cf"][()]
+        return read_checked(self.f["items/cf"], self.path)
 
     def user_hidden(self, view: str) -> np.ndarray:
         """float32 ``(U+1, d_llm)``: state at ``[UserOut]``; zero rows = no prompt."""
-        return self._view(view)["hidden"][()]
+        return read_checked(self._view(view)["hidden"], self.path)
 
     def user_cf(self, view: str) -> np.ndarray:
         """float32 ``(U+1, d_cf)``: SASRec O_u of the same input sequence."""
-        return self._view(view)["cf"][()]
+        return read_checked(self._view(view)["cf"], self.path)
 
     def targets(self, view: str) -> np.ndarray:
         """int64 ``(U+1,)``: target item of each user in ``view``."""
-        return self._view(view)["target"][()]
+        return read_checked(self._view(view)["target"], self.path)
 
     def permutation(self, view: str) -> np.ndarray | None:
         """int16 ``(U+1, W)`` for shuffled views (-1 pads), None for original views."""
         g = self._view(view)
-        return g["permutation"][()] if "permutation" in g else None
+        return read_checked(g["permutation"], self.path) if "permutation" in g else None
 
     def params(self) -> dict[str, np.ndarray]:
         """``{"f_I/weight": (H, d), "f_I/bias": (H,), "tokens/user_out": (H,),
         "tokens/item_out": (H,)}`` float32."""
         p = self.f["params"]
-        return {k: p[k][()] for k in ("f_I/weight", "f_I/bias", "tokens/user_out",
+        return {k: read_checked(p[k], self.path) for k in ("f_I/weight", "f_I/bias", "tokens/user_out",
                                        "tokens/item_out")}
 
     def close(self) -> None:
