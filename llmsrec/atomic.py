@@ -1,7 +1,8 @@
 """Write-then-rename helpers, so a killed run never leaves a half-written output.
 
 A folder is written as a hidden ``.OUT.tmp-*`` beside ``OUT`` under the output's lock
-(``llmsrec.locks``). An ``OSError`` while writing (a full disk,
+(``llmsrec.locks``); the leftovers of a killed writer (``.OUT.tmp-*``, ``.OUT.old-*``) are
+removed by the next writer of ``OUT``. An ``OSError`` while writing (a full disk,
 permissions, a read-only file system) names the output it was writing.
 """
 
@@ -32,6 +33,30 @@ def naming(e: OSError, path: str | os.PathLike) -> OSError:
         return OSError(e.errno, e.strerror or str(e), str(path))
 
 
+def remove_leftovers(out: str | os.PathLike, log=None) -> list[str]:
+    """Remove the hidden ``.OUT.tmp-*`` / ``.OUT.old-*`` entries a killed writer of ``out``
+    left beside it. Call it only while holding ``out``'s lock (nobody else writes them then).
+
+    Returns:
+        the names removed.
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    gone = []
+    for p in sorted(out.parent.iterdir()):
+        if p.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-")):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            gone.append(p.name)
+    if gone and log is not None:
+        log(f"removed {', '.join(gone)} left by an interrupted writer of {out}")
+    return gone
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; rename it to ``out`` on success.
@@ -41,7 +66,7 @@ def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
             (its lock, ``llmsrec.locks``, names the pid).
         OSError: while writing, naming ``out`` if the error named no file.
     On an exception the temporary folder is removed and ``out`` is untouched. The lock of
-    ``out`` is held throughout.
+    ``out`` is held throughout; leftovers of a killed writer of ``out`` are removed first.
     """
     from llmsrec.errors import InputError
     from llmsrec.locks import output_lock
@@ -50,6 +75,7 @@ def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     if out.exists() and not force:
         raise InputError(f"{out}: already exists (pass --force to overwrite)")
     with output_lock(out):
+        remove_leftovers(out)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -12,7 +12,7 @@ import sys
 import click
 
 from llmsrec import __version__
-from llmsrec.cli_guard import GuardedCommand, oserror_line
+from llmsrec.cli_guard import GuardedCommand, interrupt_line, oserror_line
 from llmsrec.devices import resolve_device
 from llmsrec.distributed import dist_env
 from llmsrec.errors import InputError
@@ -38,6 +38,9 @@ class _Group(click.Group):
             world = os.environ.get("WORLD_SIZE", "1")
             if world.isdigit() and int(world) > 1:
                 sys.exit(130)  # one of several processes: the launcher reports the interrupt once
+            if ctx.parent is None:  # the top group reports it once: exit 130, what was kept
+                click.echo(interrupt_line(ctx), err=True)
+                sys.exit(130)
             raise
 
 

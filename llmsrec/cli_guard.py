@@ -6,6 +6,7 @@ failures a user can act on into one line.
   is refused at once, not after an hour of training.
 - :func:`oserror_line`: an ``OSError`` (a full disk, a permission, a read-only file
   system) as one line naming the path.
+- :func:`interrupt_line`: what a Ctrl-C leaves behind and how to go on.
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ import re
 from pathlib import Path
 
 import click
+
+#: commands whose rerun continues where an interrupted run stopped
+RESUMING = {"precompute": "finished chunks are kept", "run": "finished stages and chunks are kept",
+            "compare": "finished model runs are kept", "analyze": "finished models are kept",
+            "sweep": "finished variants are kept"}
+
 
 def _world_size() -> int:
     w = os.environ.get("WORLD_SIZE", "1")
@@ -56,6 +63,7 @@ class GuardedCommand(click.Command):
     def invoke(self, ctx: click.Context):
         from llmsrec.locks import output_lock
 
+        ctx.find_root().meta["llmsrec.command"] = ctx  # for the message of a Ctrl-C
         outs = [] if _world_size() > 1 or (ctx.params.get("nproc") or 1) > 1 else command_outputs(ctx)
         held = []
         try:
@@ -93,3 +101,19 @@ def oserror_line(e: OSError) -> str:
     elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
         line += "; choose an output where you can write"
     return line
+
+
+def interrupt_line(root: click.Context) -> str:
+    """The message of a Ctrl-C (exit 130): what was kept and how to go on.
+
+    Args:
+        root: the top ``llmsrec`` context (the running command's is in its ``meta``).
+    """
+    leaf = root.meta.get("llmsrec.command")
+    command = leaf.info_name if leaf is not None else root.invoked_subcommand
+    outs = command_outputs(leaf) if leaf is not None else []
+    where = f" {outs[0]}" if outs else ""
+    if command in RESUMING:
+        return f"Aborted: interrupted; {RESUMING[command]} in{where or ' the output'}: rerun the same command to resume"
+    return (f"Aborted: interrupted; nothing half-written was left{(' in' + where) if where else ''} "
+            f"(outputs are renamed into place when complete): rerun the same command to start again")

@@ -479,3 +479,44 @@ def test_finished_chunks_are_kept_only_if_they_read_back(pc_inputs, tiny_llm, cl
     got = _states(out)
     for k, v in clean_states.items():
         np.testing.assert_array_equal(got[k], v)
+
+
+# --- 10. interrupts and leftovers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command, module, func, resumes", [
+    ("prepare", "llmsrec.data", "prepare_ml100k", False),
+    ("precompute", "llmsrec.precompute", "precompute", True),
+])
+def test_ctrl_c_exits_130_saying_what_to_do(tmp_path, monkeypatch, command, module, func, resumes):
+    import importlib
+
+    from click.testing import CliRunner
+
+    from llmsrec.cli import main
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(module), func, interrupted)
+    out = tmp_path / "o"
+    args = {"prepare": ["prepare", "--dataset", "ml-100k", "--out", str(out)],
+            "precompute": ["precompute", "--data", "d", "--sasrec", "s", "--out", str(out)]}[command]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 130
+    assert res.output.strip().splitlines() == [
+        f"Aborted: interrupted; finished chunks are kept in {out}: rerun the same command to resume" if resumes else
+        f"Aborted: interrupted; nothing half-written was left in {out} (outputs are renamed into place when "
+        f"complete): rerun the same command to start again"]
+
+
+def test_leftovers_of_a_killed_writer_are_cleared_by_the_next_one(tmp_path):
+    from llmsrec.data import prepare_from_interactions
+
+    for left in (".d.tmp-k1ll3d", ".d.old-4711"):
+        (tmp_path / left).mkdir()
+        (tmp_path / left / "sequences.jsonl").write_text("half")
+    (tmp_path / ".other.tmp-x").mkdir()  # another output's: not ours to remove
+    prepare_from_interactions([("a", "x", 1), ("a", "y", 2), ("a", "z", 3), ("b", "x", 1), ("b", "y", 2),
+                               ("b", "w", 3)], {}, tmp_path / "d", kcore=1, num_negatives=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-x", "d"]
