@@ -1107,8 +1107,11 @@ def _refuse_unused(reason: str, also=()) -> None:
               help="--llm4rec: device of the LLM4Rec models' LLM (cpu, cuda[:N] or hpu).")
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="--llm4rec: torch CPU threads [default: torch's choice].")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow the run's LLM folder its own Python code when a view is added to the cache (a run "
+                   "folder cannot allow it).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def analyze(run_dir, only, seeds, out, llm4rec, device, threads, no_progress, **kw) -> None:
+def analyze(run_dir, only, seeds, out, llm4rec, device, threads, trust_remote_code, no_progress, **kw) -> None:
     """Sequence-understanding analyses of the paper on a run, gathered in report.md.
 
     \b
@@ -1145,7 +1148,8 @@ def analyze(run_dir, only, seeds, out, llm4rec, device, threads, no_progress, **
     if llm4rec:
         resolve_device(device)  # fail on a bad --device before any work
     docs = analyze_run(run_dir, out, only=only, seeds=seeds, llm4rec=llm4rec, llm4rec_options=opts,
-                       progress=not no_progress, log=lambda m: click.echo(m, err=True))
+                       progress=not no_progress, log=lambda m: click.echo(m, err=True),
+                       trust_remote_code=trust_remote_code)
     for d in docs.values():
         click.echo(f"- {d['title']}: {d['interpretation']}")
     click.echo(f"wrote {out}/report.md")
@@ -1308,7 +1312,9 @@ def sweep(run_dir, data_dir, cache, grid_path, out, jobs, no_progress) -> None:
 @click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "json"]),
               help="text for reading, json for scripts.")
 @click.option("--device", default="cpu", show_default=True, help="torch device of the LLM forward (--history).")
-def recommend(run_dir, user, history, k, fmt, device) -> None:
+@click.option("--trust-remote-code", is_flag=True,
+              help="--history: allow the run's LLM folder its own Python code (a run folder cannot allow it).")
+def recommend(run_dir, user, history, k, fmt, device, trust_remote_code) -> None:
     """Top-k unseen items from a run's LLM-SRec, for a known user or a typed history.
 
     Give exactly one of --user (a raw user id, as in sequences.jsonl; `llmsrec prompts
@@ -1324,7 +1330,7 @@ def recommend(run_dir, user, history, k, fmt, device) -> None:
     from llmsrec.heads.recommend import recommend as do_recommend
 
     resolve_device(device)
-    rec = do_recommend(run_dir, user=user, history=history, k=k, device=device)
+    rec = do_recommend(run_dir, user=user, history=history, k=k, device=device, trust_remote_code=trust_remote_code)
     click.echo(json.dumps(rec, indent=2, ensure_ascii=False) if fmt == "json" else format_recommendations(rec))
 
 

@@ -353,7 +353,7 @@ def _metrics(m: dict) -> dict:
 
 
 def extend_run_cache(run_dir: str | Path, views, *, progress: bool = True,
-                     log: Callable[[str], None] = print) -> Path:
+                     log: Callable[[str], None] = print, trust_remote_code: bool = False) -> Path:
     """Add user views to the cache of a run folder (``llmsrec analyze`` needs shuffled ones).
 
     The views missing from ``RUN/cache/cache.h5`` are computed by precompute with the
@@ -365,10 +365,14 @@ def extend_run_cache(run_dir: str | Path, views, *, progress: bool = True,
     Args:
         run_dir: a folder written by :func:`run_pipeline`.
         views: view names (``llmsrec.precompute.prompts.ALL_VIEWS``) that must be present.
+        trust_remote_code: the running command's flag; the run folder's recorded value
+            never allows the model's code by itself.
     Returns:
         The cache path.
     Raises:
-        InputError: the run folder lacks a finished precompute stage, or see ``precompute``.
+        InputError: the run folder lacks a finished precompute stage, records
+            ``trust_remote_code: true`` without the flag, names an LLM whose weights are
+            not the cache's (checked before loading), or see ``precompute``.
     """
     from llmsrec.cache import open_cache
     from llmsrec.data import load_prepared
@@ -393,11 +397,20 @@ def extend_run_cache(run_dir: str | Path, views, *, progress: bool = True,
     log(f"[precompute] adding view(s) {', '.join(missing)} to {cache}")
     ds = load_prepared(run_dir / STAGE_DIRS["prepare"])
     t = time.perf_counter()
-    precompute(ds, run_dir / STAGE_DIRS["sasrec"], cache, llm=opts["llm"], views=have + missing,
+    from llmsrec.precompute.llm import load_llm, recorded_trust
+
+    with open_cache(cache) as c:
+        weights = c.provenance.get("model_weights_sha256")
+    if not weights:
+        raise InputError(f"{cache}: provenance field 'model_weights_sha256' missing: the LLM {opts['llm']!r} "
+                         f"cannot be checked before it is loaded")
+    llm = load_llm(opts["llm"], device=opts["device"], dtype=opts["dtype"],  # checked before it is loaded
+                   trust_remote_code=recorded_trust(rec_path, opts, trust_remote_code), expect_weights_digest=weights)
+    precompute(ds, run_dir / STAGE_DIRS["sasrec"], cache, llm=llm, views=have + missing,
                history_window=opts["history_window"], verb=opts["verb"], batch_tokens=opts["batch_tokens"],
                chunk_prompts=opts["chunk_prompts"], device=opts["device"], dtype=opts["dtype"],
                seed=opts["seed"], fi=opts["fi"], ridge_alpha=opts["ridge_alpha"],
-               trust_remote_code=opts.get("trust_remote_code", False), progress=progress, log=log)
+               progress=progress, log=log)
     new_digest = file_digest(cache)
     rec["options"]["views"] = have + missing
     rec["output_digest"] = new_digest

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_analyze import run_dir  # noqa: F401  (module fixture: a tiny `llmsrec run` folder)
 
 from llmsrec.errors import InputError
 
@@ -520,3 +521,74 @@ def test_leftovers_of_a_killed_writer_are_cleared_by_the_next_one(tmp_path):
     prepare_from_interactions([("a", "x", 1), ("a", "y", 2), ("a", "z", 3), ("b", "x", 1), ("b", "y", 2),
                                ("b", "w", 3)], {}, tmp_path / "d", kcore=1, num_negatives=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-x", "d"]
+
+
+# --- 2. untrusted run folders ------------------------------------------------------------------
+
+
+def _evil_llm(folder, marker):
+    """A model folder whose config asks for its own Python code, which leaves ``marker`` when run."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "evil", "architectures": ["EvilForCausalLM"],
+                                                    "auto_map": {"AutoConfig": "evil.EvilConfig"}}))
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                    "from transformers import PretrainedConfig\n"
+                                    "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n")
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.zeros(2, np.float32)}, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.fixture()
+def crafted_run(run_dir, tmp_path):  # noqa: F811
+    """A copy of a tiny run folder whose cache stage names a model with its own code and
+    records trust_remote_code: true."""
+    import shutil
+
+    import h5py
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    marker = tmp_path / "code-ran"
+    evil = _evil_llm(tmp_path / "evil", marker)
+    (run / "cache" / "stage.json").write_text(json.dumps({
+        "stage": "precompute", "status": "done", "options": {
+            "llm": str(evil), "trust_remote_code": True, "views": ["train", "valid", "test"], "history_window": 10,
+            "verb": None, "batch_tokens": 4096, "chunk_prompts": 64, "device": "cpu", "dtype": None, "fi": "moment",
+            "ridge_alpha": 1e-3, "seed": 0}}))
+    with h5py.File(run / "cache" / "cache.h5", "r+") as f:
+        prov = json.loads(f.attrs["provenance"])
+        f.attrs["provenance"] = json.dumps({**prov, "model": str(evil), "model_weights_sha256": "0" * 64})
+    return run, marker
+
+
+def test_run_folder_cannot_make_recommend_run_code(crafted_run):
+    from click.testing import CliRunner
+
+    from llmsrec.cli import main
+
+    run, marker = crafted_run
+    res = CliRunner().invoke(main, ["recommend", "--run", str(run), "--history", "i2,i4"])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [
+        f"error: {run / 'cache' / 'stage.json'}: records trust_remote_code: true for --llm {run.parent / 'evil'}; "
+        f"a run folder cannot allow a model's own Python code to run: pass --trust-remote-code to this command "
+        f"if you trust that model"]
+    assert not marker.exists()
+    # with the flag, the weights are checked against the cache before anything of the folder is read
+    res = CliRunner().invoke(main, ["recommend", "--run", str(run), "--history", "i2,i4", "--trust-remote-code"])
+    assert res.exit_code == 2
+    assert "its weights (sha256 " in res.output and "are not the ones expected (000000000000...)" in res.output
+    assert not marker.exists()
+
+
+def test_run_folder_cannot_make_analyze_run_code(crafted_run):
+    from llmsrec.pipeline import extend_run_cache
+
+    run, marker = crafted_run
+    with pytest.raises(InputError, match="records trust_remote_code: true .* pass --trust-remote-code"):
+        extend_run_cache(run, ["valid-shuffled"], progress=False, log=lambda m: None)
+    with pytest.raises(InputError, match="are not the ones expected"):
+        extend_run_cache(run, ["valid-shuffled"], progress=False, log=lambda m: None, trust_remote_code=True)
+    assert not marker.exists()
