@@ -115,6 +115,42 @@ class Stage:
         })
 
 
+def _first_difference(recorded: dict, asked: dict) -> tuple[str, str] | None:
+    """``(where, key)`` of the first option or input of the prepare request that differs."""
+    for where in ("options", "inputs"):
+        a, b = recorded.get(where) or {}, asked[where]
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return where, k
+    return None
+
+
+def check_same_data(run_dir: Path, prepare: "Stage", force: bool, log: Callable[[str], None]) -> None:
+    """Refuse a run folder that holds a run of other data (another dataset, files, sample or
+    filter: another prepare request); with ``force`` remove its results and report first,
+    which would describe the other data until the new run ends.
+
+    Raises:
+        InputError: the recorded prepare request differs and not ``force``.
+    """
+    rec = prepare.record()
+    diff = _first_difference(rec, {"options": prepare.options, "inputs": prepare.inputs}) if rec else None
+    if diff is None:
+        return
+    where, key = diff
+    was, now = (rec.get(where) or {}).get(key), {"options": prepare.options, "inputs": prepare.inputs}[where].get(key)
+    what = f"{'option' if where == 'options' else 'input'} '{key}': {json.dumps(was)} there, {json.dumps(now)} asked"
+    if not force:
+        raise InputError(f"{run_dir}: holds a run of other data ({what}); pass --force to replace it, or choose "
+                         f"another --out")
+    import shutil
+
+    log(f"[prepare] {run_dir} held a run of other data ({what}); --force: replacing it")
+    for name in ("results.json", "results.md"):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "report", ignore_errors=True)
+
+
 def _data_inputs(dataset: str, files: dict) -> dict:
     if dataset == "ml-100k":
         from llmsrec.data import bundled_ml100k_dir
@@ -148,6 +184,11 @@ def format_results_md(results: dict) -> str:
     lines = [f"# {results['dataset']}: SASRec vs LLM-SRec", "",
              f"Protocol: {results['protocol']['split']}, 1 target + {results['protocol']['negatives']} "
              f"stored negatives per user, seed {results['protocol']['seed']}.", ""]
+    if results.get("data"):  # what was run: a 40-user slice must not read as the whole dataset
+        d = results["data"]
+        lines[3:3] = [f"Data: {d['users']:,} users, {d['items']:,} items, {d['interactions']:,} interactions "
+                      f"(--max-users {d['max_users'] if d['max_users'] is not None else 'all'}, --kcore {d['kcore']}); "
+                      f"LLM: {results.get('llm')}.", ""]
     for split in ("test", "valid"):
         lines += [f"**{split}**", "", "| Dataset | Metric | " + " | ".join(names) + " | LLM-SRec vs SASRec |",
                   "|---|---|" + "---:|" * (len(names) + 1)]
@@ -208,11 +249,12 @@ def run_pipeline(
         force: rebuild every stage.
     Returns:
         The ``results.json`` dict: ``{"dataset", "protocol": {"split", "negatives", "seed"},
-        "models": {"SASRec": {"valid", "test", "full"}, "LLM-SRec": {"valid", "test", "full"}},
+        "data": {"users", "items", "interactions", "max_users", "kcore"}, "llm", "models": {"SASRec": {"valid", "test", "full"}, "LLM-SRec": {"valid", "test", "full"}},
         "timings": {stage: seconds spent in this invocation}}``; ``full`` holds
         ``{"valid", "test"}`` full-catalogue metrics (``NDCG@K``, ``HR@K``, ``MRR``).
     Raises:
-        InputError: from any stage (bad inputs, options, or a mismatched cache).
+        InputError: from any stage (bad inputs, options, or a mismatched cache); ``out``
+            holds a run of other data (another prepare request) and not ``force``.
     """
     from dataclasses import asdict
 
@@ -240,6 +282,7 @@ def run_pipeline(
                                     "title_field": files.get("title_field")},
                _data_inputs(dataset, {k: v for k, v in files.items() if k != "title_field"}))
     data_dir = st.dir
+    check_same_data(run_dir, st, force, log)
 
     def data_digest():
         from llmsrec.data import dataset_digest
@@ -296,6 +339,8 @@ def run_pipeline(
             {k: v for k, v in prev.get("options", {}).items() if k != "views"} == \
             {k: v for k, v in st.options.items() if k != "views"}
         rebuild = force or (prev is not None and not same_but_views)
+        # done with this very request but not reusable: its output changed (or is gone) since
+        rebuild = rebuild or (prev is not None and prev.get("status") == "done" and st.same_request(prev))
         stage_header("precompute", False, f"{llm}, views {','.join(p_opts['views'])}"
                      + (" (rebuild)" if rebuild else ""))
         st.start()
@@ -333,9 +378,13 @@ def run_pipeline(
     ll_full = full_ranking_heads(ds, heads_dir, cache=cache)
     timings["evaluate"] = round(time.perf_counter() - t, 3)
     n_neg = int(ds.test_negatives.shape[1])
+    params = ds.stats.get("params", {})
     results = {
         "dataset": ds.stats.get("dataset", dataset),
         "protocol": {"split": "leave-last-out", "negatives": n_neg, "seed": seed},
+        "data": {"users": ds.n_users, "items": ds.n_items, "interactions": int(sum(len(s) for s in ds.seqs)),
+                 "max_users": params.get("max_users"), "kcore": params.get("kcore")},
+        "llm": llm,
         "models": {
             "SASRec": {"valid": _metrics(sas_res["valid"]), "test": _metrics(sas_res["test"]), "full": sas_full},
             "LLM-SRec": {"valid": _metrics(ll_res["valid"]), "test": _metrics(ll_res["test"]), "full": ll_full},

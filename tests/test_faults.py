@@ -592,3 +592,69 @@ def test_run_folder_cannot_make_analyze_run_code(crafted_run):
     with pytest.raises(InputError, match="are not the ones expected"):
         extend_run_cache(run, ["valid-shuffled"], progress=False, log=lambda m: None, trust_remote_code=True)
     assert not marker.exists()
+
+
+# --- 8. a run folder reused for other data; 4. a stage whose output changed is rebuilt ------------
+
+
+def _pipeline(out, inter, item, llm_dir, **kw):
+    from llmsrec.pipeline import run_pipeline
+
+    logs = kw.pop("logs", [])
+    res = run_pipeline(out, dataset="atomic", files={"inter": str(inter), "item": str(item)}, llm=str(llm_dir),
+                       data_opts=dict(kcore=1, num_negatives=2, max_users=kw.pop("max_users", None)),
+                       sasrec_opts=dict(epochs=2, eval_every=1, hidden=8, maxlen=6, batch_size=8),
+                       precompute_opts=dict(history_window=3, batch_tokens=800),
+                       head_opts=dict(epochs=1, hidden=16, d_out=8, cf_hidden=8, evals_per_epoch=1, batch_size=4),
+                       progress=False, log=logs.append, **kw)
+    return res, logs
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory):
+    from test_precompute import _tiny_llama_folder
+
+    return _tiny_llama_folder(tmp_path_factory.mktemp("llm") / "tiny")
+
+
+def test_run_folder_of_other_data_is_refused_and_results_say_what_ran(tmp_path, llm_dir, one_torch_thread):
+    out = tmp_path / "run"
+    a = tmp_path / "a"
+    a.mkdir()
+    inter, item = _atomic_files(a, 1)
+    res, _ = _pipeline(out, inter, item, llm_dir, max_users=5)
+    assert res["data"] == {"users": 5, "items": 8, "interactions": 25, "max_users": 5, "kcore": 1}
+    assert res["llm"] == str(llm_dir)
+    assert json.loads((out / "results.json").read_text())["data"] == res["data"]
+    md = (out / "results.md").read_text()
+    assert f"Data: 5 users, 8 items, 25 interactions (--max-users 5, --kcore 1); LLM: {llm_dir}." in md
+    before = {p: p.read_bytes() for p in (out / "results.md", out / "data" / "stage.json")}
+
+    b = tmp_path / "b"
+    b.mkdir()
+    inter_b, item_b = _atomic_files(b, 1)
+    with open(inter_b, "a") as f:
+        f.write("u9\ti1\t1610000000\nu9\ti2\t1610086400\nu9\ti3\t1610172800\n")
+    with pytest.raises(InputError, match=rf"^{out}: holds a run of other data \(input 'inter': \"sha256:[0-9a-f]+\" "
+                                         r"there, \"sha256:[0-9a-f]+\" asked\); pass --force to replace it, or "
+                                         r"choose another --out$"):
+        _pipeline(out, inter_b, item_b, llm_dir, max_users=5)
+    with pytest.raises(InputError, match=r"holds a run of other data \(option 'max_users': 5 there, null asked\)"):
+        _pipeline(out, inter, item, llm_dir)
+    assert {p: p.read_bytes() for p in before} == before  # nothing replaced
+    res, logs = _pipeline(out, inter_b, item_b, llm_dir, force=True)
+    assert any("held a run of other data" in m and "--force: replacing it" in m for m in logs)
+    assert res["data"]["users"] == 7 and res["data"]["max_users"] is None
+
+    # 4. the cache changed since it was built (a zeroed block): the stage is rebuilt, not accepted
+    import h5py
+
+    cache = out / "cache" / "cache.h5"
+    with h5py.File(cache, "r") as f:
+        info = f["items/hidden"].id.get_chunk_info(0)
+    with open(cache, "r+b") as fh:
+        fh.seek(info.byte_offset)
+        fh.write(b"\0" * info.size)
+    again, logs = _pipeline(out, inter_b, item_b, llm_dir)
+    assert "[precompute] running: " + str(llm_dir) + ", views train,valid,test (rebuild)" in logs
+    assert again["models"] == res["models"]

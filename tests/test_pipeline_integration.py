@@ -33,8 +33,11 @@ def test_run_end_to_end_and_reuse(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["run", "--dataset", "ml-100k", "--llm", "smollm2-135m", "--out", str(out), *QUICK])
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
-    assert set(res) == {"dataset", "protocol", "models", "timings"}
+    assert set(res) == {"dataset", "protocol", "data", "llm", "models", "timings"}
     assert res["dataset"] == "ml-100k"
+    # what ran: a 20-user slice, not "ml-100k"
+    assert res["data"]["users"] <= 20 and (res["data"]["max_users"], res["data"]["kcore"]) == (20, 3)
+    assert res["llm"] == "smollm2-135m"
     assert res["protocol"] == {"split": "leave-last-out", "negatives": 49, "seed": 0}
     assert set(res["models"]) == {"SASRec", "LLM-SRec"}
     for m in res["models"].values():
@@ -49,6 +52,7 @@ def test_run_end_to_end_and_reuse(tmp_path, monkeypatch):
     assert list(res["timings"]) == ["prepare", "sasrec", "precompute", "train", "evaluate"]
     md = (out / "results.md").read_text()
     assert "| ml-100k | NDCG@10 |" in md and "SASRec | LLM-SRec" in md and "**test, full ranking**" in md
+    assert f"Data: {res['data']['users']} users, " in md and "(--max-users 20, --kcore 3); LLM: smollm2-135m." in md
     assert "| ml-100k | NDCG@10 |" in r.output
     # the evaluate stage reproduces what the stages stored (test evaluated once there)
     heads_res = json.loads((out / "heads" / "results.json").read_text())
