@@ -95,6 +95,7 @@ def main(ctx: click.Context) -> None:
       llmsrec sweep         many head variants on one cache, best on validation
       llmsrec recommend     top-k unseen items for a known user or a typed history
       llmsrec doctor        versions, devices, distributed backends, bundled model and data
+      llmsrec verify        check caches, checkpoints and run folders for corruption
     """
     _refuse_under_torchrun(ctx)
 
@@ -1370,6 +1371,28 @@ def doctor(as_json) -> None:
     if not rep["ok"]:
         click.echo(f"not ready: {rep['reason']}", err=True)
         sys.exit(1)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True))
+def verify(path) -> None:
+    """Check stored data for corruption: a cache, a checkpoint file, or a whole folder.
+
+    \b
+    Reads every value of each HDF5 cache (their datasets carry HDF5 fletcher32 checksums,
+    checked on every read), every safetensors file (header against the file, every
+    tensor), and in a run folder compares each finished stage's output with the digest
+    recorded when it finished. Prints what was checked; exits 2 on the first problem
+    line (all problems are listed above it).
+    """
+    from llmsrec.cache.verify import verify_path
+
+    problems = verify_path(path, log=click.echo)
+    for p in problems:
+        click.echo(f"damaged: {p}")
+    if problems:
+        raise InputError(f"{path}: {len(problems)} problem(s); first: {problems[0]}")
+    click.echo(f"{path}: verified")
 
 
 if __name__ == "__main__":

@@ -407,7 +407,8 @@ def _pc(inputs, llm, out, **kw):
 
     ds, sas = inputs
     logs = kw.pop("logs", [])
-    return precompute(ds, sas, out, llm=llm, views=("train", "test"), history_window=4, chunk_prompts=4,
+    kw.setdefault("views", ("train", "test"))
+    return precompute(ds, sas, out, llm=llm, history_window=4, chunk_prompts=4,
                       batch_tokens=400, progress=False, log=logs.append, **kw)
 
 
@@ -459,7 +460,20 @@ def test_damaged_unfinished_build_is_started_over(pc_inputs, tiny_llm, clean_sta
         np.testing.assert_array_equal(got[k], v)
 
 
-def test_finished_chunks_are_kept_only_if_they_read_back(pc_inputs, tiny_llm, clean_states, tmp_path, one_torch_thread):
+def _zero(path, dataset, rows=None):
+    """Zero the stored bytes of ``rows`` (default all) of a contiguous dataset, behind HDF5's back."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        ds = f[dataset]
+        offset, row_bytes, n = ds.id.get_offset(), ds.dtype.itemsize * int(np.prod(ds.shape[1:])), ds.shape[0]
+    with open(path, "r+b") as fh:
+        for r in (range(n) if rows is None else rows):
+            fh.seek(offset + r * row_bytes)
+            fh.write(b"\0" * row_bytes)
+
+
+def test_finished_chunks_are_kept_only_if_they_verify(pc_inputs, tiny_llm, clean_states, tmp_path, one_torch_thread):
     import h5py
 
     out = tmp_path / "cache.h5"
@@ -468,15 +482,13 @@ def test_finished_chunks_are_kept_only_if_they_read_back(pc_inputs, tiny_llm, cl
     tmp = f"{out}.tmp"
     with h5py.File(tmp, "r") as f:
         done = f["progress/items"][()].tolist()
-        info = f["items/hidden"].id.get_chunk_info(0)  # the stored bytes of rows 0..15
     assert done == [True, True, True, False]
-    with open(tmp, "r+b") as fh:  # a torn write: part of a finished chunk's bytes lost
-        fh.seek(info.byte_offset + 64)
-        fh.write(b"\0" * 256)
+    _zero(tmp, "items/hidden")  # the finished chunks' states lost (a zeroed block)
     logs = []
     _pc(pc_inputs, tiny_llm, out, logs=logs)
-    assert any(m.startswith(f"{tmp}: the finished chunks of items do not read back") and m.endswith("redoing items")
-               for m in logs)
+    assert any(m.startswith(f"{tmp}: the finished chunks of items do not verify (/items/hidden: 12 of its 12 "
+                            f"written rows differ from their checksums") and m.endswith("redoing items")
+               for m in logs), logs
     got = _states(out)
     for k, v in clean_states.items():
         np.testing.assert_array_equal(got[k], v)
@@ -647,14 +659,79 @@ def test_run_folder_of_other_data_is_refused_and_results_say_what_ran(tmp_path, 
     assert res["data"]["users"] == 7 and res["data"]["max_users"] is None
 
     # 4. the cache changed since it was built (a zeroed block): the stage is rebuilt, not accepted
-    import h5py
-
     cache = out / "cache" / "cache.h5"
-    with h5py.File(cache, "r") as f:
-        info = f["items/hidden"].id.get_chunk_info(0)
-    with open(cache, "r+b") as fh:
-        fh.seek(info.byte_offset)
-        fh.write(b"\0" * info.size)
+    _zero(cache, "items/hidden", rows=[1, 2])
     again, logs = _pipeline(out, inter_b, item_b, llm_dir)
     assert "[precompute] running: " + str(llm_dir) + ", views train,valid,test (rebuild)" in logs
     assert again["models"] == res["models"]
+
+
+# --- 4. silent corruption -------------------------------------------------------------------------
+
+
+def test_corrupted_cache_is_refused_by_readers_and_found_by_verify(pc_inputs, tiny_llm, tmp_path, one_torch_thread):
+    import shutil
+
+    import h5py
+    from click.testing import CliRunner
+
+    from llmsrec.cache import open_cache
+    from llmsrec.cli import main
+
+    cache = tmp_path / "cache.h5"
+    _pc(pc_inputs, tiny_llm, cache, views=("train", "valid", "test"))
+    res = CliRunner().invoke(main, ["verify", str(cache)])
+    assert res.exit_code == 0, res.output
+    with h5py.File(cache, "r") as f:
+        n = sum(1 for _ in _walk(f))
+        written = int(np.count_nonzero(f["checksums/users/train/hidden"][()]))
+    assert res.output.splitlines() == [f"{cache}: {n} of {n} datasets verified by checksum", f"{cache}: verified"]
+    shutil.copy(cache, tmp_path / "clean.h5")
+    _zero(cache, "users/train/hidden", rows=[2, 3])  # 'zeroed inside a complete cache.h5'
+    with open_cache(cache) as c:
+        np.testing.assert_array_equal(c.item_hidden(), open_cache(tmp_path / "clean.h5").item_hidden())
+        with pytest.raises(InputError, match=rf"^{cache}: /users/train/hidden: 2 of its {written} written rows differ "
+                                             r"from their checksums \(first: row 2\): the file is damaged; rebuild it "
+                                             r"\(precompute --force\) or check it with `llmsrec verify`$"):
+            c.user_hidden("train")
+    ds, _ = pc_inputs
+    res = CliRunner().invoke(main, ["train", "--data", str(ds.root), "--cache", str(cache), "--out", str(tmp_path / "h"),
+                                    "--epochs", "1", "--hidden", "8", "--no-progress"])
+    assert res.exit_code == 2 and "/users/train/hidden: 2 of its" in res.output.splitlines()[-1]
+    assert not (tmp_path / "h").exists()
+    res = CliRunner().invoke(main, ["verify", str(tmp_path)])
+    assert res.exit_code == 2
+    lines = res.output.strip().splitlines()
+    assert f"damaged: {cache}: /users/train/hidden: " in "\n".join(lines)
+    assert lines[-1].startswith(f"error: {tmp_path}: 1 problem(s); first: {cache}: /users/train/hidden: ")
+
+
+def _walk(f):
+    import h5py
+
+    found = []
+    f.visititems(lambda k, v: found.append(k) if isinstance(v, h5py.Dataset) else None)
+    return found
+
+
+def test_verify_checks_run_stages_and_checkpoints(sasrec_ckpt, tmp_path):
+    from click.testing import CliRunner
+
+    from llmsrec.cli import main
+    from llmsrec.pipeline import Stage, file_digest
+
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(sasrec_ckpt, run / "sasrec")
+    Stage(run, "sasrec", {}, {}).done(file_digest(run / "sasrec" / "model.safetensors"), 1.0)
+    res = CliRunner().invoke(main, ["verify", str(run)])
+    assert res.exit_code == 0, res.output
+    assert f"{run / 'sasrec'}: output as recorded by stage sasrec" in res.output
+    w = run / "sasrec" / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-8:] = b"\0" * 8  # the last weights zeroed: a valid file with other numbers
+    w.write_bytes(bytes(data))
+    res = CliRunner().invoke(main, ["verify", str(run)])
+    assert res.exit_code == 2
+    assert f"damaged: {run / 'sasrec'}: output changed since the stage finished" in res.output

@@ -44,7 +44,9 @@ from typing import Callable
 import h5py
 import numpy as np
 
-from llmsrec.cache.verify import checksum_options, damaged_build, read_checked, unreadable_groups
+from llmsrec.cache.verify import (
+    CHECKSUMS, damaged_build, read_checked, record_written, seal, unverified_groups, write_row_checksums,
+)
 from llmsrec.errors import InputError
 from llmsrec.precompute.prompts import ALL_VIEWS
 
@@ -178,9 +180,9 @@ class CacheWriter:
                 field = provenance_diff(prov, self.asked)
                 damage = damaged_build(f) if field is None else None
                 if field is None and damage is None:
-                    for g, why in unreadable_groups(f):  # finished chunks are kept only if they verify
-                        self.log(f"{self.tmp}: the finished chunks of {g} do not read back ({why}); redoing {g}")
-                        for name in (g, f"progress/{g}"):
+                    for g, why in unverified_groups(f):  # finished chunks are kept only if they verify
+                        self.log(f"{self.tmp}: the finished chunks of {g} do not verify ({why}); redoing {g}")
+                        for name in (g, f"progress/{g}", f"{CHECKSUMS}/{g}"):
                             if name in f:
                                 del f[name]
                     self.f, self.resumed = f, True
@@ -234,9 +236,11 @@ class CacheWriter:
                 raise InputError(f"{self.tmp}: dataset /{name} has shape {ds.shape}, "
                                  f"expected {tuple(want)}; pass --force to rebuild")
             return
+        given = data is not None
         if data is None:
             data = np.zeros(shape, dtype=dtype)
-        self.f.create_dataset(name, data=data, track_times=False, **checksum_options(data.shape))
+        self.f.create_dataset(name, data=data, track_times=False)
+        record_written(self.f, name, given)  # its sha256, or row checksums for a hidden dataset
 
     def require_progress(self, group: str, n_chunks: int, chunk_size: int) -> np.ndarray:
         """Create ``/progress/<group>`` (bool, n_chunks) unless present; return its flags."""
@@ -248,7 +252,7 @@ class CacheWriter:
                                  f"pass --force to rebuild")
         else:
             ds = self.f.create_dataset(key, data=np.zeros(n_chunks, dtype=bool),
-                                       track_times=False, **checksum_options((n_chunks,)))
+                                       track_times=False)
             ds.attrs["chunk_size"] = chunk_size
         return ds[()].copy()
 
@@ -260,6 +264,8 @@ class CacheWriter:
         """Delete dataset or group ``name`` if present (setup only: rebuilding a group)."""
         if name in self.f:
             del self.f[name]
+        if f"{CHECKSUMS}/{name}" in self.f:
+            del self.f[f"{CHECKSUMS}/{name}"]
 
     def require_virtual(self, name: str, shape: tuple, dtype,
                         sources: list[tuple[str, str, int, int]]) -> None:
@@ -284,7 +290,7 @@ class CacheWriter:
         :meth:`require_progress` makes, so a later run extending the file accepts it)."""
         self.drop(f"progress/{group}")
         ds = self.f.create_dataset(f"progress/{group}", data=np.ones(n_chunks, dtype=bool),
-                                   track_times=False, **checksum_options((n_chunks,)))
+                                   track_times=False)
         ds.attrs["chunk_size"] = chunk_size
 
     def flush(self) -> None:
@@ -296,6 +302,7 @@ class CacheWriter:
         rows = np.asarray(rows)
         order = np.argsort(rows, kind="stable")
         self.f[name][rows[order]] = np.asarray(values)[order]
+        write_row_checksums(self.f, name, rows[order], np.asarray(values)[order])
 
     def mark_done(self, group: str, chunk: int) -> None:
         """Flush the chunk's rows, then mark it done and flush again."""
@@ -325,8 +332,11 @@ class CacheWriter:
         for g in self._all_groups(self.f):
             if not _complete(self.f, g):
                 raise RuntimeError(f"{self.tmp}: group {g} has chunks not done")
-        self.close()
+        seal(self.f)  # the sha256 of what changed until now (progress flags, row checksums)
+        self.f.close()
+        self.f = None
         os.replace(self.tmp, self.out)
+        self.close()  # the lock last: nobody takes over before the rename
         return self.out
 
 
