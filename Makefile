@@ -27,7 +27,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/llmsrec run --dataset ml-100k --llm smollm2-135m --views train,valid,test,test-shuffled --out runs/demo
+	$(BIN)/llmsrec run --dataset ml-100k --llm smollm2-135m --views valid,test,test-shuffled --out runs/demo
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py

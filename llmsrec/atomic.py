@@ -1,4 +1,10 @@
-"""Write-then-rename helpers, so a killed run never leaves a half-written output."""
+"""Write-then-rename helpers, so a killed run never leaves a half-written output.
+
+A folder is written as a hidden ``.OUT.tmp-*`` beside ``OUT`` under the output's lock
+(``llmsrec.locks``); the leftovers of a killed writer (``.OUT.tmp-*``, ``.OUT.old-*``) are
+removed by the next writer of ``OUT``. An ``OSError`` while writing (a full disk,
+permissions, a read-only file system) names the output it was writing.
+"""
 
 from __future__ import annotations
 
@@ -17,50 +23,100 @@ def _umask() -> int:
     return mask
 
 
+def naming(e: OSError, path: str | os.PathLike) -> OSError:
+    """``e`` itself if it names a file, else the same error (errno, message) naming ``path``."""
+    if e.filename is not None:
+        return e
+    try:
+        return type(e)(e.errno, e.strerror or str(e), str(path))
+    except TypeError:  # a subclass with another constructor
+        return OSError(e.errno, e.strerror or str(e), str(path))
+
+
+def remove_leftovers(out: str | os.PathLike, log=None) -> list[str]:
+    """Remove the hidden ``.OUT.tmp-*`` / ``.OUT.old-*`` entries a killed writer of ``out``
+    left beside it. Call it only while holding ``out``'s lock (nobody else writes them then).
+
+    Returns:
+        the names removed.
+    """
+    out = Path(out)
+    if not out.parent.is_dir():
+        return []
+    gone = []
+    for p in sorted(out.parent.iterdir()):
+        if p.name.startswith((f".{out.name}.tmp-", f".{out.name}.old-")):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            gone.append(p.name)
+    if gone and log is not None:
+        log(f"removed {', '.join(gone)} left by an interrupted writer of {out}")
+    return gone
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; rename it to ``out`` on success.
 
     Raises:
-        InputError: ``out`` exists and ``force`` is False.
-    On an exception the temporary folder is removed and ``out`` is untouched.
+        InputError: ``out`` exists and ``force`` is False; another process writes ``out``
+            (its lock, ``llmsrec.locks``, names the pid).
+        OSError: while writing, naming ``out`` if the error named no file.
+    On an exception the temporary folder is removed and ``out`` is untouched. The lock of
+    ``out`` is held throughout; leftovers of a killed writer of ``out`` are removed first.
     """
     from llmsrec.errors import InputError
+    from llmsrec.locks import output_lock
 
     out = Path(out)
     if out.exists() and not force:
         raise InputError(f"{out}: already exists (pass --force to overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs follow the umask
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+    with output_lock(out):
+        remove_leftovers(out)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs follow the umask
+        except OSError as e:
+            raise naming(e, out) from None
+        try:
+            yield tmp
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and e.filename is None:
+                raise naming(e, out) from None
+            raise
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     """Open a temporary file beside ``path`` for writing; rename it over ``path`` on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
+    except OSError as e:
+        raise naming(e, path) from None
     try:
         with os.fdopen(fd, mode) as f:
             yield f
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # e.g. ENOSPC from a write
+            raise naming(e, path) from None
         raise
 
 

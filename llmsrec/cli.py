@@ -12,6 +12,8 @@ import sys
 import click
 
 from llmsrec import __version__
+from llmsrec.cli_guard import GuardedCommand, interrupt_line, oserror_line
+from llmsrec.defaults import LLMSREC_HEADS
 from llmsrec.devices import resolve_device
 from llmsrec.distributed import dist_env
 from llmsrec.errors import InputError
@@ -19,16 +21,27 @@ from llmsrec.precompute.prompts import ALL_VIEWS
 
 
 class _Group(click.Group):
+    command_class = GuardedCommand  # holds the lock of the command's output (llmsrec.locks)
+    group_class = type  # subgroups (sasrec, cfsrec) are _Group too
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except InputError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except OSError as e:  # a full disk, a permission, a read-only file system: one line
+            if isinstance(e, BrokenPipeError):
+                raise
+            click.echo(f"error: {oserror_line(e)}", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             world = os.environ.get("WORLD_SIZE", "1")
             if world.isdigit() and int(world) > 1:
                 sys.exit(130)  # one of several processes: the launcher reports the interrupt once
+            if ctx.parent is None:  # the top group reports it once: exit 130, what was kept
+                click.echo(interrupt_line(ctx), err=True)
+                sys.exit(130)
             raise
 
 
@@ -83,6 +96,7 @@ def main(ctx: click.Context) -> None:
       llmsrec sweep         many head variants on one cache, best on validation
       llmsrec recommend     top-k unseen items for a known user or a typed history
       llmsrec doctor        versions, devices, distributed backends, bundled model and data
+      llmsrec verify        check caches, checkpoints and run folders for corruption
     """
     _refuse_under_torchrun(ctx)
 
@@ -115,9 +129,12 @@ def main(ctx: click.Context) -> None:
               help="Keep a seeded sample of N users before the k-core filter [default: all].")
 @click.option("--skip-bad-lines", is_flag=True,
               help="Skip malformed lines and count them in stats.json instead of failing.")
+@click.option("--timestamp-unit", default=None, type=click.Choice(["s", "ms"]),
+              help="Unit of the timestamps [default: ms for amazon2023, s otherwise]; dates "
+                   "outside 1900-2099 are refused with their line.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def prepare(dataset, out, inter, item, title_field, reviews, meta, kcore, seed, num_negatives,
-            max_users, skip_bad_lines, force) -> None:
+            max_users, skip_bad_lines, timestamp_unit, force) -> None:
     """Raw interactions -> leave-last-out split + stored negatives in OUT.
 
     \b
@@ -129,6 +146,8 @@ def prepare(dataset, out, inter, item, title_field, reviews, meta, kcore, seed, 
 
     opts = dict(kcore=kcore, seed=seed, num_negatives=num_negatives, max_users=max_users,
                 skip_bad_lines=skip_bad_lines, force=force)
+    if timestamp_unit:
+        opts["timestamp_unit"] = timestamp_unit
 
     def need(**kw):
         missing = [f"--{k.replace('_', '-')}" for k, v in kw.items() if v is None]
@@ -485,8 +504,9 @@ def _train_llm_options(f):
               help="SASRec checkpoint folder (model.safetensors + config.json).")
 @click.option("--out", "out_h5", required=True, type=click.Path(dir_okay=False),
               help="Cache file to create or extend (built as OUT.tmp, renamed when complete).")
-@click.option("--views", default="train,valid,test,test-shuffled", show_default=True,
-              help=f"Comma-separated user views to compute; any of {', '.join(_VIEW_NAMES)}.")
+@click.option("--views", default="valid,test,test-shuffled", show_default=True,
+              help=f"Comma-separated user views to compute; any of {', '.join(_VIEW_NAMES)} (the prefix "
+                   f"view train-prefix comes with --prefixes; add train for --paper-settings heads).")
 @click.option("--verb", default=None,
               help="Noun phrase of the prompt, e.g. 'purchases' or 'watched movies' "
                    "[default: by dataset].")
@@ -518,10 +538,10 @@ def _train_llm_options(f):
                    "or make OUT's states HDF5 virtual datasets over them (no copy; keep OUT.shards/ "
                    "beside OUT).")
 @_cache_readout_options
-@click.option("--prefixes", default=1, show_default=True, type=click.IntRange(min=1),
+@click.option("--prefixes", default=LLMSREC_HEADS["prefixes"], show_default=True, type=click.IntRange(min=1),
               help="K > 1 adds the view train-prefix: each user's K latest cutoffs before the "
                    "validation target as training samples (paper F.5), run as one prompt tree per "
-                   "user (1: the paper's one sample per user).")
+                   "user (1: the paper's one sample per user; add the train view then).")
 def precompute(data_dir, sasrec_dir, llm, out_h5, views, history_window, verb, batch_tokens,
                chunk_prompts, device, dtype, seed, max_users, threads, fi, params_file, trust_remote_code,
                force, load_in_8bit, hpu_graphs, nproc, assemble, readout_layers, template, prefixes) -> None:
@@ -652,15 +672,15 @@ _HEAD_OPTIONS = [
                       "sample per user, last-layer [UserOut]/[ItemOut] readouts (overrides "
                       "--train-negatives, --epochs, --patience, --prefixes, --user-readout, "
                       "--item-readout)."),
-    click.option("--prefixes", default=1, show_default=True, type=click.IntRange(min=1),
+    click.option("--prefixes", default=LLMSREC_HEADS["prefixes"], show_default=True, type=click.IntRange(min=1),
                  help="Training samples per user: its K latest cutoffs before the validation target "
                       "(paper F.5; needs a cache precomputed with >= K; 1 = the paper's setting)."),
-    click.option("--user-readout", default="out", show_default=True,
+    click.option("--user-readout", default=LLMSREC_HEADS["user_readout"], show_default=True,
                  type=click.Choice(["out", "layers", "slots", "layers+slots"]),
                  help="What f_user reads: out = last-layer [UserOut] state (paper); layers = a learned "
                       "mix of the cached layers at [UserOut]; slots = the history soft tokens' states, "
                       "attention-pooled; layers+slots = both."),
-    click.option("--item-readout", default="out", show_default=True,
+    click.option("--item-readout", default=LLMSREC_HEADS["item_readout"], show_default=True,
                  type=click.Choice(["out", "layers", "soft", "layers+soft"]),
                  help="What f_item reads: out = last-layer [ItemOut] state (paper); layers = a mix of "
                       "the cached layers at [ItemOut]; soft = the layers at the item's own soft token; "
@@ -1027,6 +1047,8 @@ def refine_tokens(data_dir, cache, heads_dir, sasrec_dir, out, llm, users, items
 @click.option("--max-users", default=None, type=click.IntRange(min=1),
               help="Seeded sample of N users before the k-core filter (quick runs) [default: all].")
 @click.option("--skip-bad-lines", is_flag=True, help="Count malformed lines instead of failing.")
+@click.option("--timestamp-unit", default=None, type=click.Choice(["s", "ms"]),
+              help="As `llmsrec prepare --timestamp-unit` [default: ms for amazon2023, s otherwise].")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="One seed for every stage.")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Run folder [default: runs/DATASET].")
@@ -1036,16 +1058,17 @@ def refine_tokens(data_dir, cache, heads_dir, sasrec_dir, out, llm, users, items
               help="SASRec early-stopping patience (validations).")
 @click.option("--sasrec-eval-every", default=5, show_default=True, type=click.IntRange(min=1),
               help="SASRec validation interval (epochs).")
-@click.option("--views", default="train,valid,test", show_default=True,
-              help="User views to precompute (add test-shuffled for the shuffled-inference "
-                   "analysis; it is then reported too).")
+@click.option("--views", default="valid,test,test-shuffled", show_default=True,
+              help="User views to precompute besides train-prefix (--prefixes); test-shuffled gives "
+                   "the shuffled-inference metrics of every model in results.json; add train for "
+                   "--prefixes 1 / --paper-settings.")
 @_llm_options
 @_cache_readout_options
 @_head_options
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--force", is_flag=True, help="Rebuild every stage.")
 def run(dataset, inter, item, title_field, reviews, meta, kcore, num_negatives, max_users, skip_bad_lines,
-        seed, llm, out, sasrec_epochs, sasrec_patience, sasrec_eval_every, views, history_window,
+        timestamp_unit, seed, llm, out, sasrec_epochs, sasrec_patience, sasrec_eval_every, views, history_window,
         batch_tokens, device, dtype, threads, fi, readout_layers, template, no_progress, force, **kw) -> None:
     """prepare -> SASRec -> precompute -> train -> evaluate, reusing unchanged stages.
 
@@ -1073,7 +1096,7 @@ def run(dataset, inter, item, title_field, reviews, meta, kcore, num_negatives, 
     res = run_pipeline(
         out or f"runs/{dataset}", dataset=dataset, files=files,
         data_opts=dict(kcore=kcore, num_negatives=num_negatives, max_users=max_users,
-                       skip_bad_lines=skip_bad_lines),
+                       skip_bad_lines=skip_bad_lines, timestamp_unit=timestamp_unit),
         llm=llm,
         sasrec_opts=dict(epochs=sasrec_epochs, patience=sasrec_patience, eval_every=sasrec_eval_every),
         precompute_opts=dict(views=view_list, history_window=history_window, batch_tokens=batch_tokens,
@@ -1154,8 +1177,11 @@ def _refuse_unused(reason: str, also=()) -> None:
               help="--llm4rec: device of the LLM4Rec models' LLM (cpu, cuda[:N] or hpu).")
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="--llm4rec: torch CPU threads [default: torch's choice].")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow the run's LLM folder its own Python code when a view is added to the cache (a run "
+                   "folder cannot allow it).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def analyze(run_dir, only, seeds, out, llm4rec, device, threads, no_progress, **kw) -> None:
+def analyze(run_dir, only, seeds, out, llm4rec, device, threads, trust_remote_code, no_progress, **kw) -> None:
     """Sequence-understanding analyses of the paper on a run, gathered in report.md.
 
     \b
@@ -1192,7 +1218,8 @@ def analyze(run_dir, only, seeds, out, llm4rec, device, threads, no_progress, **
     if llm4rec:
         resolve_device(device)  # fail on a bad --device before any work
     docs = analyze_run(run_dir, out, only=only, seeds=seeds, llm4rec=llm4rec, llm4rec_options=opts,
-                       progress=not no_progress, log=lambda m: click.echo(m, err=True))
+                       progress=not no_progress, log=lambda m: click.echo(m, err=True),
+                       trust_remote_code=trust_remote_code)
     for d in docs.values():
         click.echo(f"- {d['title']}: {d['interpretation']}")
     click.echo(f"wrote {out}/report.md")
@@ -1228,11 +1255,15 @@ def analyze(run_dir, only, seeds, out, llm4rec, device, threads, no_progress, **
               help="CF-SRec Adam learning rate.")
 @click.option("--maxlen", default=None, type=click.IntRange(min=1),
               help="Input window of every CF-SRec [default: 128].")
+@click.option("--paper-heads", is_flag=True,
+              help="llmsrec / llmsrec-nodistill: the paper's heads (one training sample per user, "
+                   "last-layer [UserOut]/[ItemOut] readouts) instead of llmsrec's (--prefixes 5, "
+                   "layers+slots / layers+soft readouts; the cache must hold them).")
 @_llm_options
 @_llm4rec_options
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--force", is_flag=True, help="Retrain every run even if a matching one exists.")
-def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval_every, batch_size, lr, maxlen,
+def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval_every, batch_size, lr, maxlen, paper_heads,
             llm, history_window, batch_tokens, device, dtype, threads, fi, no_progress, force, **kw) -> None:
     """Table 6 on DATA: CF-SRec and LLM4Rec baselines and LLM-SRec on the same stored candidates.
 
@@ -1272,6 +1303,7 @@ def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval
         precompute_options=dict(history_window=history_window, batch_tokens=batch_tokens, device=device,
                                 dtype=dtype, num_threads=threads, fi=fi),
         llm4rec_options=_llm4rec_kwargs(kw),
+        head_options={} if paper_heads else dict(LLMSREC_HEADS),
         force=force, progress=not no_progress, log=lambda m: click.echo(m, err=True),
     )
     click.echo(format_compare_md(res))
@@ -1355,7 +1387,9 @@ def sweep(run_dir, data_dir, cache, grid_path, out, jobs, no_progress) -> None:
 @click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "json"]),
               help="text for reading, json for scripts.")
 @click.option("--device", default="cpu", show_default=True, help="torch device of the LLM forward (--history).")
-def recommend(run_dir, user, history, k, fmt, device) -> None:
+@click.option("--trust-remote-code", is_flag=True,
+              help="--history: allow the run's LLM folder its own Python code (a run folder cannot allow it).")
+def recommend(run_dir, user, history, k, fmt, device, trust_remote_code) -> None:
     """Top-k unseen items from a run's LLM-SRec, for a known user or a typed history.
 
     Give exactly one of --user (a raw user id, as in sequences.jsonl; `llmsrec prompts
@@ -1371,7 +1405,7 @@ def recommend(run_dir, user, history, k, fmt, device) -> None:
     from llmsrec.heads.recommend import recommend as do_recommend
 
     resolve_device(device)
-    rec = do_recommend(run_dir, user=user, history=history, k=k, device=device)
+    rec = do_recommend(run_dir, user=user, history=history, k=k, device=device, trust_remote_code=trust_remote_code)
     click.echo(json.dumps(rec, indent=2, ensure_ascii=False) if fmt == "json" else format_recommendations(rec))
 
 
@@ -1411,6 +1445,28 @@ def doctor(as_json) -> None:
     if not rep["ok"]:
         click.echo(f"not ready: {rep['reason']}", err=True)
         sys.exit(1)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True))
+def verify(path) -> None:
+    """Check stored data for corruption: a cache, a checkpoint file, or a whole folder.
+
+    \b
+    Reads every value of each HDF5 cache (their datasets carry HDF5 fletcher32 checksums,
+    checked on every read), every safetensors file (header against the file, every
+    tensor), and in a run folder compares each finished stage's output with the digest
+    recorded when it finished. Prints what was checked; exits 2 on the first problem
+    line (all problems are listed above it).
+    """
+    from llmsrec.cache.verify import verify_path
+
+    problems = verify_path(path, log=click.echo)
+    for p in problems:
+        click.echo(f"damaged: {p}")
+    if problems:
+        raise InputError(f"{path}: {len(problems)} problem(s); first: {problems[0]}")
+    click.echo(f"{path}: verified")
 
 
 if __name__ == "__main__":

@@ -106,19 +106,58 @@ def init_distributed(device: str) -> str:
                              "(pip install 'llmsrec[gaudi]' on a Gaudi machine)") from e
     elif not dist.is_gloo_available():
         raise InputError("--device cpu: this torch build has no gloo backend")
+    _import_dynamo_first()
     dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
     return backend
 
 
+def _import_dynamo_first() -> None:
+    """Import ``torch._dynamo`` before any process group exists.
+
+    ``DistributedDataParallel.__init__`` imports it on first use; imported while the
+    default group exists, it keeps ten references to that group object for the life of
+    the interpreter (measured: the group's refcount goes 10 -> 20), so
+    ``destroy_process_group`` cannot free the group and its gloo worker threads live on
+    into interpreter finalization, where one of them aborted the process (see
+    :func:`shutdown_distributed`). Imported first, it holds none and the threads are
+    joined when the group is destroyed. DDP imports it anyway; this only moves the import.
+    """
+    import sys
+
+    if "torch._dynamo" not in sys.modules:
+        try:
+            import torch._dynamo.utils  # noqa: F401
+        except Exception:  # a torch build without dynamo: nothing holds the group then
+            pass
+
+
 def shutdown_distributed(barrier: bool = True) -> None:
     """Leave the process group (no-op if none): a barrier (unless ``barrier=False``, e.g.
-    after an error, when other ranks may never arrive), then ``destroy_process_group``."""
+    after an error, when other ranks may never arrive), then ``destroy_process_group``, so
+    that the groups are really gone, their worker threads joined, before this returns.
+
+    Why the last part matters: a gloo worker thread drops a finished collective (and the
+    Python tensors it holds, e.g. ``broadcast_json``'s, kept alive as "prior work" of the
+    final barrier) a moment *after* the collective's ``wait()`` returns. If the group is
+    still alive when the interpreter finalizes, that thread then needs the GIL to free the
+    tensors, Python ends it (``pthread_exit``) inside a C++ destructor, and the process
+    aborts: "terminate called without an active exception" (issue 17, item 11). The group
+    outlived ``destroy_process_group`` because ``torch._dynamo``, first imported by
+    ``DistributedDataParallel`` after the group existed, kept references to it
+    (:func:`_import_dynamo_first` prevents that); a ``DistributedDataParallel`` left in a
+    reference cycle would hold it too until the cyclic collector runs, so the garbage is
+    collected before the groups are destroyed. torch destroys a group with the GIL
+    released, which lets its threads finish."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # a DistributedDataParallel in a reference cycle holds the group
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
+        gc.collect()  # anything else that held a group: freed now, not during finalization
 
 
 def active() -> tuple[int, int] | None:

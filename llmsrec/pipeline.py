@@ -119,6 +119,42 @@ class Stage:
         })
 
 
+def _first_difference(recorded: dict, asked: dict) -> tuple[str, str] | None:
+    """``(where, key)`` of the first option or input of the prepare request that differs."""
+    for where in ("options", "inputs"):
+        a, b = recorded.get(where) or {}, asked[where]
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return where, k
+    return None
+
+
+def check_same_data(run_dir: Path, prepare: "Stage", force: bool, log: Callable[[str], None]) -> None:
+    """Refuse a run folder that holds a run of other data (another dataset, files, sample or
+    filter: another prepare request); with ``force`` remove its results and report first,
+    which would describe the other data until the new run ends.
+
+    Raises:
+        InputError: the recorded prepare request differs and not ``force``.
+    """
+    rec = prepare.record()
+    diff = _first_difference(rec, {"options": prepare.options, "inputs": prepare.inputs}) if rec else None
+    if diff is None:
+        return
+    where, key = diff
+    was, now = (rec.get(where) or {}).get(key), {"options": prepare.options, "inputs": prepare.inputs}[where].get(key)
+    what = f"{'option' if where == 'options' else 'input'} '{key}': {json.dumps(was)} there, {json.dumps(now)} asked"
+    if not force:
+        raise InputError(f"{run_dir}: holds a run of other data ({what}); pass --force to replace it, or choose "
+                         f"another --out")
+    import shutil
+
+    log(f"[prepare] {run_dir} held a run of other data ({what}); --force: replacing it")
+    for name in ("results.json", "results.md"):
+        (run_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "report", ignore_errors=True)
+
+
 def _data_inputs(dataset: str, files: dict) -> dict:
     if dataset == "ml-100k":
         from llmsrec.data import bundled_ml100k_dir
@@ -152,6 +188,11 @@ def format_results_md(results: dict) -> str:
     lines = [f"# {results['dataset']}: SASRec vs LLM-SRec", "",
              f"Protocol: {results['protocol']['split']}, 1 target + {results['protocol']['negatives']} "
              f"stored negatives per user, seed {results['protocol']['seed']}.", ""]
+    if results.get("data"):  # what was run: a 40-user slice must not read as the whole dataset
+        d = results["data"]
+        lines[3:3] = [f"Data: {d['users']:,} users, {d['items']:,} items, {d['interactions']:,} interactions "
+                      f"(--max-users {d['max_users'] if d['max_users'] is not None else 'all'}, --kcore {d['kcore']}); "
+                      f"LLM: {results.get('llm')}.", ""]
     for split in ("test", "test-shuffled", "valid"):
         if not all(split in models[n] for n in names):
             continue
@@ -227,11 +268,12 @@ def run_pipeline(
         force: rebuild every stage.
     Returns:
         The ``results.json`` dict: ``{"dataset", "protocol": {"split", "negatives", "seed"},
-        "models": {"SASRec": {"valid", "test", "full"}, "LLM-SRec": {"valid", "test", "full"}},
+        "data": {"users", "items", "interactions", "max_users", "kcore"}, "llm", "models": {"SASRec": {"valid", "test", "full"}, "LLM-SRec": {"valid", "test", "full"}},
         "timings": {stage: seconds spent in this invocation}}``; ``full`` holds
         ``{"valid", "test"}`` full-catalogue metrics (``NDCG@K``, ``HR@K``, ``MRR``).
     Raises:
-        InputError: from any stage (bad inputs, options, or a mismatched cache).
+        InputError: from any stage (bad inputs, options, or a mismatched cache); ``out``
+            holds a run of other data (another prepare request) and not ``force``.
     """
     from dataclasses import asdict
 
@@ -261,6 +303,7 @@ def run_pipeline(
                                     "title_field": files.get("title_field")},
                _data_inputs(dataset, {k: v for k, v in files.items() if k != "title_field"}))
     data_dir = st.dir
+    check_same_data(run_dir, st, force, log)
 
     def data_digest():
         from llmsrec.data import dataset_digest
@@ -317,6 +360,8 @@ def run_pipeline(
             {k: v for k, v in prev.get("options", {}).items() if k != "views"} == \
             {k: v for k, v in st.options.items() if k != "views"}
         rebuild = force or (prev is not None and not same_but_views)
+        # done with this very request but not reusable: its output changed (or is gone) since
+        rebuild = rebuild or (prev is not None and prev.get("status") == "done" and st.same_request(prev))
         stage_header("precompute", False, f"{llm}, views {','.join(p_opts['views'])}"
                      + (" (rebuild)" if rebuild else ""))
         st.start()
@@ -351,17 +396,24 @@ def run_pipeline(
     from llmsrec.evaluate.full_ranking import full_ranking_cfsrec, full_ranking_heads
 
     sas_res = evaluate_sasrec(ds, sas_dir)
-    ll_res = evaluate_heads(ds, cache, heads_dir,
-                            views=("valid", "test") + (("test-shuffled",) if "test-shuffled" in p_opts["views"] else ()))
-    if "test-shuffled" in p_opts["views"]:
+    from llmsrec.cache import open_cache
+
+    with open_cache(cache) as c:  # the cache may hold more views than asked (added by analyze)
+        shuffled = "test-shuffled" in c.views
+    ll_res = evaluate_heads(ds, cache, heads_dir, views=("valid", "test") + (("test-shuffled",) if shuffled else ()))
+    if shuffled:  # shuffled inference (paper Sec. 2.3.2) for every model the run trains
         sas_res["test-shuffled"] = teacher_shuffled_metrics(ds, cache)
     sas_full = full_ranking_cfsrec(ds, sas_dir)
     ll_full = full_ranking_heads(ds, heads_dir, cache=cache)
     timings["evaluate"] = round(time.perf_counter() - t, 3)
     n_neg = int(ds.test_negatives.shape[1])
+    params = ds.stats.get("params", {})
     results = {
         "dataset": ds.stats.get("dataset", dataset),
         "protocol": {"split": "leave-last-out", "negatives": n_neg, "seed": seed},
+        "data": {"users": ds.n_users, "items": ds.n_items, "interactions": int(sum(len(s) for s in ds.seqs)),
+                 "max_users": params.get("max_users"), "kcore": params.get("kcore")},
+        "llm": llm,
         "models": {
             "SASRec": {**{k: _metrics(v) for k, v in sas_res.items()}, "full": sas_full},
             "LLM-SRec": {**{k: _metrics(v) for k, v in ll_res.items()}, "full": ll_full},
@@ -379,7 +431,7 @@ def _metrics(m: dict) -> dict:
 
 
 def extend_run_cache(run_dir: str | Path, views, *, progress: bool = True,
-                     log: Callable[[str], None] = print) -> Path:
+                     log: Callable[[str], None] = print, trust_remote_code: bool = False) -> Path:
     """Add user views to the cache of a run folder (``llmsrec analyze`` needs shuffled ones).
 
     The views missing from ``RUN/cache/cache.h5`` are computed by precompute with the
@@ -391,10 +443,14 @@ def extend_run_cache(run_dir: str | Path, views, *, progress: bool = True,
     Args:
         run_dir: a folder written by :func:`run_pipeline`.
         views: view names (``llmsrec.precompute.prompts.ALL_VIEWS``) that must be present.
+        trust_remote_code: the running command's flag; the run folder's recorded value
+            never allows the model's code by itself.
     Returns:
         The cache path.
     Raises:
-        InputError: the run folder lacks a finished precompute stage, or see ``precompute``.
+        InputError: the run folder lacks a finished precompute stage, records
+            ``trust_remote_code: true`` without the flag, names an LLM whose weights are
+            not the cache's (checked before loading), or see ``precompute``.
     """
     from llmsrec.cache import open_cache
     from llmsrec.data import load_prepared
@@ -419,11 +475,20 @@ def extend_run_cache(run_dir: str | Path, views, *, progress: bool = True,
     log(f"[precompute] adding view(s) {', '.join(missing)} to {cache}")
     ds = load_prepared(run_dir / STAGE_DIRS["prepare"])
     t = time.perf_counter()
-    precompute(ds, run_dir / STAGE_DIRS["sasrec"], cache, llm=opts["llm"], views=have + missing,
+    from llmsrec.precompute.llm import load_llm, recorded_trust
+
+    with open_cache(cache) as c:
+        weights = c.provenance.get("model_weights_sha256")
+    if not weights:
+        raise InputError(f"{cache}: provenance field 'model_weights_sha256' missing: the LLM {opts['llm']!r} "
+                         f"cannot be checked before it is loaded")
+    llm = load_llm(opts["llm"], device=opts["device"], dtype=opts["dtype"],  # checked before it is loaded
+                   trust_remote_code=recorded_trust(rec_path, opts, trust_remote_code), expect_weights_digest=weights)
+    precompute(ds, run_dir / STAGE_DIRS["sasrec"], cache, llm=llm, views=have + missing,
                history_window=opts["history_window"], verb=opts["verb"], batch_tokens=opts["batch_tokens"],
                chunk_prompts=opts["chunk_prompts"], device=opts["device"], dtype=opts["dtype"],
                seed=opts["seed"], fi=opts["fi"], ridge_alpha=opts["ridge_alpha"],
-               trust_remote_code=opts.get("trust_remote_code", False), progress=progress, log=log,
+               progress=progress, log=log,
                readout_layers=opts.get("readout_layers", ()), prefixes=opts.get("prefixes", 1),
                template=opts.get("template", "llmsrec-prompt-v1"))
     new_digest = file_digest(cache)

@@ -164,7 +164,7 @@ def test_cli_compare(ds, tmp_path):
     for models, opt in (("sasrec", given), ("tallrec", given), ("nextitnet", ["--teacher", "gru4rec"])):
         r = runner.invoke(main, ["compare", "--data", str(ds.root), "--out", str(out), "--models", models, *opt])
         assert r.exit_code == 2 and r.output == f"error: {opt[0]} applies when --models includes llmsrec, llara, " \
-                                                "collm or allmrec\n", r.output
+                                                "collm, allmrec or llmsrec-nodistill\n", r.output
     for models in ("llmsrec", "llara"):  # the baselines read the cache's teacher: --cache is theirs too
         r = runner.invoke(main, ["compare", "--data", str(ds.root), "--out", str(out), "--models", models,
                                  "--cache", str(tmp_path / "missing.h5")])
@@ -247,3 +247,24 @@ def test_llmsrec_column_with_a_gru4rec_teacher(ds, tmp_path):
     assert given["models"]["llmsrec"]["runs"]["1"] == runs["1"]
     with pytest.raises(InputError, match="not both"):
         compare(ds, out, models=["llmsrec"], cache=cache, teacher="sasrec")
+
+
+def test_llmsrec_and_its_no_distill_ablation_share_one_cache(ds, tmp_path):
+    """``llmsrec-nodistill``: the same heads without L_Distill, on the cache LLM-SRec's run built
+    (with the readouts and prefix view llmsrec's heads read), side by side in compare.md."""
+    from llmsrec.defaults import LLMSREC_HEADS
+
+    out = tmp_path / "abl"
+    res = compare(ds, out, models=["llmsrec", "llmsrec-nodistill"], seeds=[0], teacher="gru4rec", llm=_tiny_llm(),
+                  cf_options=CF, model_options=SMALL, precompute_options={"history_window": 4},
+                  head_options={**LLMSREC_HEADS, "epochs": 2, "hidden": 32}, progress=False, log=lambda m: None)
+    assert res["columns"] == ["LLM-SRec", "LLM-SRec w/o L_Distill"]
+    assert sorted(p.name for p in out.glob("cache-*")) == ["cache-gru4rec-seed0"]  # built once
+    cfg = {m: json.loads((out / f"{m}-seed0" / "heads_config.json").read_text())["train"]
+           for m in ("llmsrec", "llmsrec-nodistill")}
+    assert cfg["llmsrec"]["distill"] == "mse" and cfg["llmsrec-nodistill"]["distill"] == "none"
+    assert {k: cfg["llmsrec-nodistill"][k] for k in LLMSREC_HEADS} == LLMSREC_HEADS
+    for m in ("llmsrec", "llmsrec-nodistill"):  # the built cache has test-shuffled: a shuffled row for both
+        assert "NDCG@10" in res["models"][m]["shuffle_change"]
+    md = (out / "compare.md").read_text()
+    assert "| LLM-SRec | LLM-SRec w/o L_Distill |" in md and "NDCG@10 change" in md

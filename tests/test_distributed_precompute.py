@@ -57,6 +57,9 @@ def _args(ds, sasrec, llm, out):
 
 def _assert_same_cache(ref, out):
     a, b = _contents(ref), _contents(out)
+    # row checksums follow the float bits of the states (other batch shapes round otherwise);
+    # a virtual cache has them in its shards
+    a, b = ({k: v for k, v in c.items() if not k.startswith("checksums/")} for c in (a, b))
     assert a.keys() == b.keys()
     assert json.loads(a.pop("@provenance")) == json.loads(b.pop("@provenance"))
     for k in a:

@@ -58,12 +58,17 @@ def run_inputs(tmp_path_factory):
 
 def torchrun(nproc: int, argv: list[str]) -> None:
     """``torchrun --standalone --nproc-per-node NPROC -m llmsrec ARGV`` through torch's launcher API."""
+    torchrun_argv(nproc, ["-m", "llmsrec", *argv])
+
+
+def torchrun_argv(nproc: int, argv: list[str]) -> None:
+    """``torchrun --standalone --nproc-per-node NPROC`` running ``python ARGV`` in each process."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                           monitor_interval=0.1, start_method="spawn")
-    elastic_launch(config, sys.executable)("-m", "llmsrec", *argv)
+    elastic_launch(config, sys.executable)(*argv)
 
 
 def to_cli(opts: dict) -> list[str]:

@@ -57,8 +57,9 @@ def write_cache(path, ds, *, views=("train", "valid", "test"), provenance=None, 
     return path
 
 
+# the cache written here holds the paper's last-layer states only: the paper's heads
 OPTS = ["--hidden", "32", "--d-out", "16", "--cf-hidden", "8", "--lr", "1e-2", "--epochs", "8",
-        "--train-negatives", "3"]
+        "--train-negatives", "3", "--prefixes", "1", "--user-readout", "out", "--item-readout", "out"]
 
 
 def test_train_and_evaluate_cli_on_cache(ds, tmp_path):
@@ -124,7 +125,8 @@ def test_diverged_training_is_a_one_line_error(ds, tmp_path):
     out = tmp_path / "heads"
     r = CliRunner().invoke(main, ["train", "--data", str(ds.root), "--cache", str(cache), "--out", str(out),
                                   "--no-progress", "--hidden", "32", "--d-out", "16", "--cf-hidden", "8",
-                                  "--lr", "1e12", "--epochs", "2", "--train-negatives", "3"])
+                                  "--lr", "1e12", "--epochs", "2", "--train-negatives", "3", "--prefixes", "1",
+                                  "--user-readout", "out", "--item-readout", "out"])
     assert r.exit_code == 2, r.output
     assert "diverged" in r.output and "lower --lr" in r.output
     assert "Traceback" not in r.output and not out.exists()

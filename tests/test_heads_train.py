@@ -101,8 +101,11 @@ def test_same_seed_same_heads_other_seed_differs():
     b = fit_heads(data, cfg, progress=False)
     sa, sb = a.heads.state_dict(), b.heads.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert a.history == [dict(h, seconds=h["seconds"]) for h in a.history]
-    assert [h["NDCG@10"] for h in a.history] == [h["NDCG@10"] for h in b.history]
+    # every recorded field of every validation equal between the two runs, wall time aside
+    no_time = lambda hist: [{k: v for k, v in h.items() if k != "seconds"} for h in hist]  # noqa: E731
+    assert len(a.history) == len(b.history) > 0
+    assert no_time(a.history) == no_time(b.history)
+    assert all(h["seconds"] >= 0 for h in a.history + b.history)
     c = fit_heads(data, TrainConfig(epochs=2, lr=1e-3, seed=8, train_negatives=4, **SMALL), progress=False)
     assert not torch.equal(c.heads.state_dict()["f_user.0.weight"], sa["f_user.0.weight"])
 

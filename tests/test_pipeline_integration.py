@@ -22,7 +22,7 @@ pytestmark = [
 ]
 
 QUICK = ["--max-users", "20", "--kcore", "3", "--num-negatives", "49", "--history-window", "3", "--sasrec-epochs", "4", "--sasrec-eval-every", "2",
-         "--epochs", "2", "--no-progress"]
+         "--epochs", "2", "--no-progress", "--views", "valid,test"]
 METRICS = {"NDCG@10", "NDCG@20", "HR@10", "HR@20"}
 
 
@@ -33,8 +33,11 @@ def test_run_end_to_end_and_reuse(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["run", "--dataset", "ml-100k", "--llm", "smollm2-135m", "--out", str(out), *QUICK])
     assert r.exit_code == 0, r.output
     res = json.loads((out / "results.json").read_text())
-    assert set(res) == {"dataset", "protocol", "models", "timings"}
+    assert set(res) == {"dataset", "protocol", "data", "llm", "models", "timings"}
     assert res["dataset"] == "ml-100k"
+    # what ran: a 20-user slice, not "ml-100k"
+    assert res["data"]["users"] <= 20 and (res["data"]["max_users"], res["data"]["kcore"]) == (20, 3)
+    assert res["llm"] == "smollm2-135m"
     assert res["protocol"] == {"split": "leave-last-out", "negatives": 49, "seed": 0}
     assert set(res["models"]) == {"SASRec", "LLM-SRec"}
     for m in res["models"].values():
@@ -49,6 +52,7 @@ def test_run_end_to_end_and_reuse(tmp_path, monkeypatch):
     assert list(res["timings"]) == ["prepare", "sasrec", "precompute", "train", "evaluate"]
     md = (out / "results.md").read_text()
     assert "| ml-100k | NDCG@10 |" in md and "SASRec | LLM-SRec" in md and "**test, full ranking**" in md
+    assert f"Data: {res['data']['users']} users, " in md and "(--max-users 20, --kcore 3); LLM: smollm2-135m." in md
     assert "| ml-100k | NDCG@10 |" in r.output
     # the evaluate stage reproduces what the stages stored (test evaluated once there)
     heads_res = json.loads((out / "heads" / "results.json").read_text())
@@ -89,6 +93,16 @@ def test_run_end_to_end_and_reuse(tmp_path, monkeypatch):
     assert r4.exit_code == 0, r4.output
     for st in ("prepare", "sasrec", "precompute", "train"):
         assert f"[{st}] reused" in r4.output
+    # the cache now has test-shuffled: results.json gives every model's shuffled-inference metrics
+    res4 = json.loads((out / "results.json").read_text())
+    for name, m in res4["models"].items():
+        assert set(m["test-shuffled"]) == METRICS and m["test-shuffled"] != m["test"], name
+    assert res4["models"]["LLM-SRec"]["test"] == res2["models"]["LLM-SRec"]["test"]  # same heads, same states
+    assert "**test-shuffled**" in (out / "results.md").read_text()
+    # llmsrec's heads by default: prefix samples and the cached readouts
+    heads_cfg = json.loads((out / "heads" / "heads_config.json").read_text())
+    assert (heads_cfg["heads"]["user_readout"], heads_cfg["heads"]["item_readout"]) == ("layers+slots", "layers+soft")
+    assert heads_cfg["train"]["prefixes"] == 5 and heads_cfg["heads"]["n_layers"] == 4
 
     # recommend: a known user from the cache; the same history typed in (with its dates)
     # runs the LLM once and reproduces the cached scores

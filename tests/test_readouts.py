@@ -519,3 +519,35 @@ def test_same_seed_same_heads(trained):
     ha = [json.loads(x) for x in (root / "a/history.jsonl").read_text().splitlines()]
     hb = [json.loads(x) for x in (root / "b/history.jsonl").read_text().splitlines()]
     assert [h["loss"] for h in ha] == [h["loss"] for h in hb]
+
+
+def test_user_representation_prompt_carries_f_I_of_O_u(llm, ds, sasrec, tmp_path):
+    """Table 11's prompt: the teacher's O_u of the same input, through f_I, is the first soft
+    token; the cached state equals a forward built here from that vector."""
+    version = "llmsrec-prompt-v1-userrep"
+    out = precompute(ds, sasrec, tmp_path / "rep.h5", llm=llm, views=("train", "valid", "test"), history_window=W,
+                     template=version, progress=False, log=lambda m: None)
+    with open_cache(out) as c:
+        assert c.provenance["template_version"] == version
+        p = c.params()
+        h, cf = c.user_hidden("test"), c.user_cf("test")
+    vp = build_view(ds, "test", history_window=W, version=version)
+    u = next(u for u in range(1, ds.n_users + 1) if vp.prompts[u] is not None)
+    prompt = vp.prompts[u]
+    assert prompt.text.startswith("This is user representation from recommendation models: [HistoryEmb], and")
+    assert "Based on this sequence of watched movies and user representation" in prompt.text
+    assert prompt.soft_items[0] == -1 and len(prompt.soft_items) == 1 + min(W, len(vp.cf_inputs[u]))
+    with torch.no_grad():
+        o_u = sasrec.user_representation(pad_left([vp.cf_inputs[u]], 20))[0].numpy()
+    np.testing.assert_allclose(cf[u], o_u, atol=1e-5)
+    E = sasrec.item_embeddings().detach().numpy()
+    table = np.concatenate([E, np.zeros((u + 1, E.shape[1]), np.float32)])
+    table[E.shape[0] + u] = o_u  # row N+1+u: the user representation
+    soft = torch.from_numpy(table @ p["f_I/weight"].T + p["f_I/bias"])
+    (t,) = tokenize_prompts(llm, [prompt], USER_OUT)
+    t = TokenizedPrompt(t.ids, t.soft_pos, np.where(t.soft_items < 0, E.shape[0] + u, t.soft_items), t.out_pos)
+    ref = forward_batch(llm, [t], soft, torch.from_numpy(p["tokens/user_out"]))[0].numpy()
+    np.testing.assert_allclose(h[u], ref, atol=1e-4)
+    with pytest.raises(InputError, match="prefix samples share no prompt tree"):
+        precompute(ds, sasrec, tmp_path / "bad.h5", llm=llm, template=version, prefixes=2, progress=False,
+                   log=lambda m: None)

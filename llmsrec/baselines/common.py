@@ -754,7 +754,7 @@ def train_baseline(model: str, ds, sasrec, out, *, force: bool = False, progress
 
 
 def _save_arrays(path: Path, arrays: dict, meta: dict) -> None:
-    from safetensors.numpy import save
+    from llmsrec.safetensors_io import save_numpy
 
     out = {}
     for k, v in arrays.items():
@@ -762,7 +762,7 @@ def _save_arrays(path: Path, arrays: dict, meta: dict) -> None:
             v = v.detach().float().cpu().numpy()
         out[k] = np.ascontiguousarray(v, dtype=np.float32)
     with atomic_file(path, "wb") as f:
-        f.write(save(out, metadata={"format": FORMAT, **{k: str(v) for k, v in meta.items()}}))
+        f.write(save_numpy(out, metadata={"format": FORMAT, **{k: str(v) for k, v in meta.items()}}))
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:

@@ -52,6 +52,9 @@ from typing import Callable
 import h5py
 import numpy as np
 
+from llmsrec.cache.verify import (
+    CHECKSUMS, damaged_build, read_checked, record_written, seal, unverified_groups, write_row_checksums,
+)
 from llmsrec.errors import InputError
 from llmsrec.precompute.prompts import ALL_VIEWS, PREFIX_VIEW
 
@@ -103,11 +106,26 @@ class CacheWriter:
 
     Raises:
         InputError: provenance mismatch without ``force`` (the message names the field),
-            or an existing file that is not an llmsrec cache.
+            an existing file that is not an llmsrec cache, or another process writing
+            ``out`` (the writer holds ``out``'s lock, ``llmsrec.locks``, until :meth:`close`,
+            :meth:`finish`, or :meth:`needs` returns False).
     """
 
     def __init__(self, out, provenance: dict, *, force: bool = False,
                  log: Callable[[str], None] = print):
+        from llmsrec.locks import output_lock
+
+        self._lock = output_lock(out)  # one writer per cache file (its .tmp included)
+        self._fresh = False  # True once this writer created the .tmp it writes
+        self._marked = False  # True once this writer marked a chunk done
+        try:
+            self._init(out, provenance, force=force, log=log)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _init(self, out, provenance: dict, *, force: bool = False,
+              log: Callable[[str], None] = print):
         self.out = Path(out)
         self.tmp = tmp_path(self.out)
         self.asked = dict(provenance)
@@ -151,28 +169,44 @@ class CacheWriter:
         final_ok = self._existing_final is not None and not (
             self.force and provenance_diff(self._existing_final, self.asked))
         if final_ok and not self.force and all(g in self._final_groups for g in groups):
+            self._lock.release()  # nothing to write
             return False
+        if self.tmp.exists() and self.force:  # --force always starts over: it must always work
+            self.log(f"--force: discarding the unfinished build {self.tmp}")
+            self.tmp.unlink()
         if self.tmp.exists():
             try:
                 f = h5py.File(self.tmp, "r+")
                 prov = _read_provenance(f, self.tmp)
-            except (OSError, InputError):
+            except (OSError, InputError) as e:
+                if "lock" in str(e).lower() and "unable" in str(e).lower():  # HDF5's own file lock
+                    raise InputError(f"{self.tmp}: open in another process ({' '.join(str(e).split())[:120]}); "
+                                     f"wait for it or stop it") from None
                 self.log(f"{self.tmp}: unreadable unfinished build, starting over")
                 self.tmp.unlink()
             else:
                 field = provenance_diff(prov, self.asked)
-                if field is None:
+                damage = damaged_build(f) if field is None else None
+                if field is None and damage is None:
+                    for g, why in unverified_groups(f):  # finished chunks are kept only if they verify
+                        self.log(f"{self.tmp}: the finished chunks of {g} do not verify ({why}); redoing {g}")
+                        for name in (g, f"progress/{g}", f"{CHECKSUMS}/{g}"):
+                            if name in f:
+                                del f[name]
                     self.f, self.resumed = f, True
                     self.log(f"resuming the unfinished build {self.tmp}")
                     return True
                 f.close()
-                if not self.force:
+                if damage is not None:
+                    self.log(f"{self.tmp}: damaged unfinished build ({damage}), starting over")
+                elif not self.force:
                     raise InputError(
                         f"{self.tmp}: unfinished build differs in provenance field '{field}' "
                         f"(it: {_short(prov.get(field))}, asked: {_short(self.asked[field])});"
                         f" pass --force to discard it")
                 self.tmp.unlink()
         self.tmp.parent.mkdir(parents=True, exist_ok=True)  # --out in a folder not made yet
+        self._fresh = True
         if final_ok and not self.force:
             shutil.copyfile(self.out, self.tmp)  # extend a copy; the original stays intact
             self.f = h5py.File(self.tmp, "r+")
@@ -210,9 +244,11 @@ class CacheWriter:
                 raise InputError(f"{self.tmp}: dataset /{name} has shape {ds.shape}, "
                                  f"expected {tuple(want)}; pass --force to rebuild")
             return
+        given = data is not None
         if data is None:
             data = np.zeros(shape, dtype=dtype)
         self.f.create_dataset(name, data=data, track_times=False)
+        record_written(self.f, name, given)  # its sha256, or row checksums for a hidden dataset
 
     def require_progress(self, group: str, n_chunks: int, chunk_size: int) -> np.ndarray:
         """Create ``/progress/<group>`` (bool, n_chunks) unless present; return its flags."""
@@ -236,6 +272,8 @@ class CacheWriter:
         """Delete dataset or group ``name`` if present (setup only: rebuilding a group)."""
         if name in self.f:
             del self.f[name]
+        if f"{CHECKSUMS}/{name}" in self.f:
+            del self.f[f"{CHECKSUMS}/{name}"]
 
     def require_virtual(self, name: str, shape: tuple, dtype,
                         sources: list[tuple[str, str, int, int]]) -> None:
@@ -272,25 +310,41 @@ class CacheWriter:
         rows = np.asarray(rows)
         order = np.argsort(rows, kind="stable")
         self.f[name][rows[order]] = np.asarray(values)[order]
+        write_row_checksums(self.f, name, rows[order], np.asarray(values)[order])
 
     def mark_done(self, group: str, chunk: int) -> None:
         """Flush the chunk's rows, then mark it done and flush again."""
         self.f.flush()
         self.f[f"progress/{group}"][chunk] = True
+        self._marked = True
         self.f.flush()
 
     def close(self) -> None:
+        """Close the file (if open) and release ``out``'s lock."""
         if self.f is not None:
             self.f.close()
             self.f = None
+        self._lock.release()
+
+    def discard_unstarted(self) -> None:
+        """After a failure: remove the ``.tmp`` this writer created if no chunk of it was
+        marked done (nothing to resume; e.g. a prompt too long for the model), so a rerun
+        with fixed inputs does not meet a stale unfinished build."""
+        if self._fresh and not self._marked and self.f is not None:
+            self.f.close()
+            self.f = None
+            self.tmp.unlink(missing_ok=True)
 
     def finish(self) -> Path:
         """Check every chunk is done, close, rename ``out.tmp`` -> ``out``; return ``out``."""
         for g in self._all_groups(self.f):
             if not _complete(self.f, g):
                 raise RuntimeError(f"{self.tmp}: group {g} has chunks not done")
-        self.close()
+        seal(self.f)  # the sha256 of what changed until now (progress flags, row checksums)
+        self.f.close()
+        self.f = None
         os.replace(self.tmp, self.out)
+        self.close()  # the lock last: nobody takes over before the rename
         return self.out
 
 
@@ -406,28 +460,28 @@ class CacheReader:
 
     def item_hidden(self) -> np.ndarray:
         """float32 ``(N+1, d_llm)``: state at ``[ItemOut]`` of every item prompt."""
-        return self.f["items/hidden"][()]
+        return read_checked(self.f["items/hidden"], self.path)
 
     def item_cf(self) -> np.ndarray:
         """float32 ``(N+1, d_cf)``: SASRec item embeddings E."""
-        return self.f["items/cf"][()]
+        return read_checked(self.f["items/cf"], self.path)
 
     def user_hidden(self, view: str) -> np.ndarray:
         """float32 ``(U+1, d_llm)``: state at ``[UserOut]``; zero rows = no prompt."""
-        return self._view(view)["hidden"][()]
+        return read_checked(self._view(view)["hidden"], self.path)
 
     def user_cf(self, view: str) -> np.ndarray:
         """float32 ``(U+1, d_cf)``: SASRec O_u of the same input sequence."""
-        return self._view(view)["cf"][()]
+        return read_checked(self._view(view)["cf"], self.path)
 
     def targets(self, view: str) -> np.ndarray:
         """int64 ``(U+1,)``: target item of each user in ``view``."""
-        return self._view(view)["target"][()]
+        return read_checked(self._view(view)["target"], self.path)
 
     def permutation(self, view: str) -> np.ndarray | None:
         """int16 ``(U+1, W)`` for shuffled views (-1 pads), None for original views."""
         g = self._view(view)
-        return g["permutation"][()] if "permutation" in g else None
+        return read_checked(g["permutation"], self.path) if "permutation" in g else None
 
     @property
     def readout_layers(self) -> tuple[int, ...]:
@@ -451,17 +505,17 @@ class CacheReader:
         if missing:
             raise InputError(f"{self.path}: readout '{missing[0]}' missing for {group} (the cache was built "
                              f"without --readout-layers; rebuild it with them, or train with --paper-settings)")
-        return {k: g[k][()] for k in ("out_layers", "slots", "n_slots")}
+        return {k: read_checked(g[k], self.path) for k in ("out_layers", "slots", "n_slots")}
 
     def prefix_uids(self) -> np.ndarray:
         """int64 ``(U*K+1,)``: the user of each prefix-sample row (0: no sample)."""
-        return self._view(PREFIX_VIEW)["uid"][()]
+        return read_checked(self._view(PREFIX_VIEW)["uid"], self.path)
 
     def params(self) -> dict[str, np.ndarray]:
         """``{"f_I/weight": (H, d), "f_I/bias": (H,), "tokens/user_out": (H,),
         "tokens/item_out": (H,)}`` float32."""
         p = self.f["params"]
-        return {k: p[k][()] for k in ("f_I/weight", "f_I/bias", "tokens/user_out",
+        return {k: read_checked(p[k], self.path) for k in ("f_I/weight", "f_I/bias", "tokens/user_out",
                                        "tokens/item_out")}
 
     def close(self) -> None:

@@ -141,19 +141,20 @@ def save_cfsrec(model: nn.Module, directory: str | Path) -> None:
 
     Works for every model of :data:`MODELS`. Each file is written atomically;
     ``directory`` is created if missing. ``config.json`` = ``{"model": name, **config
-    fields}``; the safetensors metadata also names the model.
+    fields}``; the safetensors metadata also names the model. Equal weights give equal
+    bytes (a canonical header), so the teacher's file digest identifies the weights.
 
     Raises:
         TypeError: ``model`` is not a registered CF-SRec.
     """
-    from safetensors.torch import save
+    from llmsrec.safetensors_io import save_torch
 
     name = spec_of(model).name
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     with atomic_file(directory / WEIGHTS, "wb") as f:
-        f.write(save(tensors, metadata={"format": "pt", "model": name}))
+        f.write(save_torch(tensors, metadata={"format": "pt", "model": name}))  # same model, same bytes
     write_json(directory / CONFIG, {"model": name, **model.config.to_dict()})
 
 
@@ -183,10 +184,14 @@ def load_cfsrec(directory: str | Path, device: str | torch.device = "cpu", expec
     Raises:
         InputError: a missing or malformed ``config.json`` / ``model.safetensors``, an
             unknown or unexpected ``model`` field, or weights that do not match the config
-            (the message names the file).
+            (the message names the file); sizes are checked against the safetensors header
+            before the model is built, so a crafted config cannot allocate more than the
+            file holds.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from llmsrec.safetensors_io import check_checkpoint
 
     directory = Path(directory)
     cfg_path, w_path = directory / CONFIG, directory / WEIGHTS
@@ -212,6 +217,8 @@ def load_cfsrec(directory: str | Path, device: str | torch.device = "cpu", expec
         config = spec.config_cls(**{k: v for k, v in raw.items() if k in names})
     except (TypeError, ValueError) as e:
         raise InputError(f"{cfg_path}: {e}") from None
+    # sizes checked against the stored tensors before anything is allocated (a crafted config)
+    check_checkpoint(w_path, cfg_path, raw, lambda: spec.model_cls(config))
     model = spec.model_cls(config)
     try:
         state = load_file(str(w_path))

@@ -64,6 +64,32 @@ _SPLITS = ("train", "valid", "test")
 _SAMPLE_STREAM = 1
 _NEGATIVE_STREAM = 2
 _UNITS = {"s": 1, "ms": 1000}
+_UNIT_NAMES = {"s": "seconds", "ms": "milliseconds"}
+#: interaction dates accepted by prepare, in Unix seconds: 1900-01-01 (incl.) .. 2100-01-01 (excl.)
+PLAUSIBLE_SECONDS = (-2_208_988_800, 4_102_444_800)
+
+
+def implausible_timestamp(ts, unit: str) -> tuple[str, str | None] | None:
+    """Check one raw timestamp in ``unit`` (``s`` or ``ms``) against :data:`PLAUSIBLE_SECONDS`.
+
+    Returns:
+        None for a date in 1900..2099; else ``(message, other unit or None)``: the message
+        says what date the value would be, and names the unit in which it *is* plausible
+        (e.g. milliseconds read as seconds: ``--timestamp-unit ms``).
+    """
+    if unit not in _UNITS:
+        raise InputError(f"timestamp unit must be one of {sorted(_UNITS)}, got {unit!r}")
+    lo, hi = PLAUSIBLE_SECONDS
+    sec = float(ts) / _UNITS[unit]
+    if lo <= sec < hi:
+        return None
+    year = int(1970 + sec // 31_556_952)
+    msg = (f"field 'timestamp' {ts!r} is not a plausible date in {_UNIT_NAMES[unit]} "
+           f"(year {year}; accepted: 1900 to 2099)")
+    for other, div in _UNITS.items():
+        if other != unit and lo <= float(ts) / div < hi:
+            return f"{msg}; it looks like {_UNIT_NAMES[other]}: pass --timestamp-unit {other}", other
+    return msg, None
 
 
 class PreparedDataset:
@@ -209,7 +235,8 @@ def prepare_from_interactions(
         The written dataset, as :func:`load_prepared` would read it.
 
     Raises:
-        InputError: bad options, no interactions, a bad timestamp, nothing left after the
+        InputError: bad options, no interactions, a bad timestamp (not a finite number, or
+            a date outside 1900..2099 in ``timestamp_unit``), nothing left after the
             k-core filter, a user with fewer than ``num_negatives`` items outside its
             sequence, or ``out`` exists and not ``force``.
     """
@@ -239,6 +266,9 @@ def prepare_from_interactions(
         if isinstance(ts, bool) or not isinstance(ts, (int, float, np.integer, np.floating)) \
                 or not math.isfinite(ts):
             raise InputError(f"interaction {n}: field 'timestamp' is not a finite number: {ts!r}")
+        bad_date = implausible_timestamp(ts, timestamp_unit)
+        if bad_date is not None:
+            raise InputError(f"interaction {n}: {bad_date[0]}")
         ru, ri = str(ru), str(ri)
         u_list.append(user_code.setdefault(ru, len(user_code)))
         i_list.append(item_code.setdefault(ri, len(item_code)))

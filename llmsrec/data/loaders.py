@@ -27,7 +27,7 @@ from typing import Iterator
 
 from tqdm.auto import tqdm
 
-from llmsrec.data.dataset import PreparedDataset, prepare_from_interactions
+from llmsrec.data.dataset import PreparedDataset, implausible_timestamp, prepare_from_interactions
 from llmsrec.errors import InputError
 
 _MAX_EXAMPLES = 10
@@ -89,8 +89,13 @@ def _lines(path: Path, bad: _BadLines) -> Iterator[tuple[int, str]]:
         raise InputError(f"{path}: empty file")
 
 
-def _timestamp(value, path: Path, n: int, field: str, bad: _BadLines):
-    """A finite number from a JSON number or numeric string; None after a (skipped) bad line."""
+def _timestamp(value, path: Path, n: int, field: str, bad: _BadLines, unit: str = "s"):
+    """A finite number from a JSON number or numeric string; None after a (skipped) bad line.
+
+    A date outside 1900..2099 in ``unit`` is a bad line; one that is plausible in the other
+    unit (milliseconds read as seconds, or the reverse) is an error even with
+    ``skip_bad_lines``: every line of the file would be skipped for the same reason.
+    """
     if isinstance(value, str):
         s = value.strip()
         try:
@@ -103,6 +108,14 @@ def _timestamp(value, path: Path, n: int, field: str, bad: _BadLines):
                 return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         bad(path, n, f"field {field!r} is not a finite number: {value!r}")
+        return None
+    implausible = implausible_timestamp(value, unit)
+    if implausible is not None:
+        msg, other_unit = implausible
+        msg = msg.replace("field 'timestamp'", f"field {field!r}")
+        if other_unit is not None:
+            raise InputError(f"{path} line {n}: {msg}")
+        bad(path, n, msg)
         return None
     return value
 
@@ -164,7 +177,8 @@ def prepare_atomic(inter, item, out, *, title_field: str | None = None,
         user_field, item_field, time_field: columns of ``inter`` (``item_field`` also keys
             ``item``).
         description_field: optional description column of ``item`` ("" when None).
-        timestamp_unit: ``"s"`` or ``"ms"``.
+        timestamp_unit: ``"s"`` or ``"ms"``; a timestamp that is no date in 1900..2099 in
+            this unit is refused with its line (and the other unit named when it fits).
         skip_bad_lines: count bad rows in ``stats.json`` instead of raising.
         dataset_name: ``stats.json["dataset"]``.
         **opts: ``kcore``, ``seed``, ``num_negatives``, ``max_users``, ``force`` of
@@ -211,7 +225,7 @@ def prepare_atomic(inter, item, out, *, title_field: str | None = None,
             if not ri:
                 bad(inter, n, f"field {item_field!r} is empty")
                 continue
-            ts = _timestamp(row[time_field], inter, n, time_field, bad)
+            ts = _timestamp(row[time_field], inter, n, time_field, bad, timestamp_unit)
             if ts is not None:
                 yield ru, ri, ts
         # prepare_from_interactions merges stats_extra only after exhausting this generator
@@ -292,7 +306,7 @@ def _first_text(value) -> str:
     return ""
 
 
-def prepare_amazon2023(reviews, meta, out, *, skip_bad_lines: bool = False,
+def prepare_amazon2023(reviews, meta, out, *, skip_bad_lines: bool = False, timestamp_unit: str = "ms",
                        **opts) -> PreparedDataset:
     """Prepare Amazon Reviews 2023 files (jsonl or jsonl.gz, detected by content).
 
@@ -306,6 +320,7 @@ def prepare_amazon2023(reviews, meta, out, *, skip_bad_lines: bool = False,
         reviews, meta: paths.
         out: folder to write.
         skip_bad_lines: count bad lines in ``stats.json`` instead of raising.
+        timestamp_unit: ``"ms"`` (the dataset's own) or ``"s"``.
         **opts: ``kcore``, ``seed``, ``num_negatives``, ``max_users``, ``force`` of
             :func:`prepare_from_interactions`.
 
@@ -326,7 +341,7 @@ def prepare_amazon2023(reviews, meta, out, *, skip_bad_lines: bool = False,
         if "timestamp" not in obj or obj["timestamp"] is None:
             bad(reviews, n, "field 'timestamp' missing")
             continue
-        ts = _timestamp(obj["timestamp"], reviews, n, "timestamp", bad)
+        ts = _timestamp(obj["timestamp"], reviews, n, "timestamp", bad, timestamp_unit)
         if ts is not None:
             records.append((ru, ri, ts))
     if not records:
@@ -345,4 +360,4 @@ def prepare_amazon2023(reviews, meta, out, *, skip_bad_lines: bool = False,
              "sources": {"reviews": str(reviews), "meta": str(meta)},
              "bad_lines": bad.stats()}
     return prepare_from_interactions(records, titles, out, descriptions=descriptions,
-                                     stats_extra=extra, timestamp_unit="ms", **opts)
+                                     stats_extra=extra, timestamp_unit=timestamp_unit, **opts)

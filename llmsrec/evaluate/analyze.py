@@ -177,12 +177,14 @@ class RunAnalysis:
             the history window is always the run's.
         llm: their LLM: a name or folder (default: the run's, from the cache provenance) or
             a ``LoadedLLM`` (deep-copied for every model: LoRA is injected in place).
+        trust_remote_code: the running command's flag, for the run's LLM when a cached view
+            is added (the run folder's recorded value never allows it by itself).
     Raises:
         InputError: the run folder is incomplete, or bad LLM4Rec options.
     """
 
     def __init__(self, run, out, seeds, *, progress: bool = True, log: Callable[[str], None] = print,
-                 llm4rec=(), llm4rec_options: dict | None = None, llm=None):
+                 llm4rec=(), llm4rec_options: dict | None = None, llm=None, trust_remote_code: bool = False):
         from llmsrec.cache import open_cache
         from llmsrec.data import load_prepared
 
@@ -215,6 +217,7 @@ class RunAnalysis:
                              f"{self.b_opts['history_window']}")
         self.b_opts["history_window"] = self.window
         self.llm = llm if llm is not None else self.provenance.get("model")
+        self.trust_remote_code = trust_remote_code
         self._tensors = None
         self._memo: dict = {}
         self.seconds: dict[str, float] = {}
@@ -227,7 +230,8 @@ class RunAnalysis:
         with open_cache(self.cache_path) as c:
             missing = [v for v in views if v not in c.views]
         if missing:
-            extend_run_cache(self.run, missing, progress=self.progress, log=self.log)
+            extend_run_cache(self.run, missing, progress=self.progress, log=self.log,
+                             trust_remote_code=self.trust_remote_code)
             self._tensors = None
 
     def tensors(self):
@@ -486,7 +490,11 @@ class RunAnalysis:
         return self.llmsrec(name, seed, shuffled_training)
 
     def raw_user_hidden(self, view: str) -> np.ndarray:
-        return self.tensors()[0].eval_hidden[view][1:]
+        """The frozen LLM's own last-layer [UserOut] states of users 1..n (whatever the heads read)."""
+        from llmsrec.cache import open_cache
+
+        with open_cache(self.cache_path) as c:
+            return np.asarray(c.user_hidden(view), dtype=np.float32)[1 : self.n + 1]
 
 
 def _read_json(path: Path):
@@ -890,7 +898,8 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 
 def analyze_run(run, out=None, *, only=None, seeds=None, llm4rec=None, llm4rec_options: dict | None = None,
-                llm=None, progress: bool = True, log: Callable[[str], None] = print) -> dict:
+                llm=None, progress: bool = True, log: Callable[[str], None] = print,
+                trust_remote_code: bool = False) -> dict:
     """Run the asked analyses on a run folder and write the report (``llmsrec analyze``).
 
     Args:
@@ -903,6 +912,7 @@ def analyze_run(run, out=None, *, only=None, seeds=None, llm4rec=None, llm4rec_o
             ``all``) added to shuffled inference, shuffled training and similarity
             (:data:`LLM4REC_SECTIONS`); default none.
         llm4rec_options, llm: their budget/device options and LLM (see :class:`RunAnalysis`).
+        trust_remote_code: the command's ``--trust-remote-code`` (see :class:`RunAnalysis`).
     Returns:
         ``{analysis: its JSON document}``; also written to ``OUT/<analysis>.json``.
     Raises:
@@ -918,7 +928,7 @@ def analyze_run(run, out=None, *, only=None, seeds=None, llm4rec=None, llm4rec_o
     out = Path(out) if out else run / "report"
     out.mkdir(parents=True, exist_ok=True)
     ra = RunAnalysis(run, out, [], progress=progress, log=log, llm4rec=baselines,
-                     llm4rec_options=llm4rec_options, llm=llm)
+                     llm4rec_options=llm4rec_options, llm=llm, trust_remote_code=trust_remote_code)
     ra.seeds = parse_seeds(seeds, ra.run_seed)
     views = ["test-shuffled"] + (["train-shuffled"] if {"shuffled-training", "ablations"} & set(names) else [])
     ra.ensure_views(views)

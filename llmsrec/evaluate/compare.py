@@ -55,7 +55,7 @@ LLM4REC_MODELS = ("tallrec", "llara", "collm", "allmrec")
 LLMSREC_MODELS = ("llmsrec", "llmsrec-nodistill")
 ALL_MODELS = CF_MODELS + LLM4REC_MODELS + LLMSREC_MODELS
 #: the models that read a CF-SRec teacher (``cache`` / ``teacher`` apply only to them)
-TEACHER_USERS = ("llmsrec-nodistill", "llara", "collm", "allmrec", "llmsrec")
+TEACHER_USERS = ("llmsrec", "llara", "collm", "allmrec", "llmsrec-nodistill")
 DISPLAY = {"gru4rec": "GRU4Rec", "bert4rec": "BERT4Rec", "nextitnet": "NextItNet", "sasrec": "SASRec",
            "tallrec": "TALLRec", "llara": "LLaRA", "collm": "CoLLM", "allmrec": "A-LLMRec", "llmsrec": "LLM-SRec",
            "llmsrec-nodistill": "LLM-SRec w/o L_Distill"}

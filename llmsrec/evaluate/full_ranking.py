@@ -148,10 +148,12 @@ def full_ranking_heads(ds, checkpoint, device: str = "cpu", cache=None, splits=(
         if prov.get("dataset_sha256") not in (None, ds.digest):
             raise InputError(f"{cache}: built for another dataset (provenance field 'dataset_sha256')")
         n = ds.n_users if not isinstance(prov.get("max_users"), int) else min(ds.n_users, prov["max_users"])
-        item_h = torch.from_numpy(np.asarray(c.item_hidden(), dtype=np.float32))
-        user_h = {s: torch.from_numpy(np.asarray(c.user_hidden(s), dtype=np.float32)[1 : n + 1]) for s in splits}
-    if item_h.shape[1] != heads.config.d_llm:
-        raise InputError(f"{checkpoint}: heads expect d_llm={heads.config.d_llm}, cache {cache} has {item_h.shape[1]}")
+        from llmsrec.heads.train import cached_features
+
+        item_h = torch.from_numpy(cached_features(c, "items", heads.config.item_readout))
+        user_h = {s: torch.from_numpy(cached_features(c, s, heads.config.user_readout)[1 : n + 1]) for s in splits}
+    if item_h.shape[-1] != heads.config.d_llm:
+        raise InputError(f"{checkpoint}: heads expect d_llm={heads.config.d_llm}, cache {cache} has {item_h.shape[-1]}")
     out = {}
     with torch.no_grad():
         items = heads.item(item_h)

@@ -261,7 +261,8 @@ def load_heads(heads_dir: str | Path) -> LLMSRecHeads:
     """Load heads saved by :func:`save_heads`, in eval mode.
 
     Raises:
-        InputError: the folder lacks the files, or the config/weights do not match.
+        InputError: the folder lacks the files, or the config/weights do not match (sizes
+            are checked against the safetensors header before any module is built).
     """
     from safetensors.torch import load_file
 
@@ -275,6 +276,9 @@ def load_heads(heads_dir: str | Path) -> LLMSRecHeads:
         cfg = HeadsConfig(**doc["heads"])
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"{cfg_path}: field 'heads' unreadable ({e})") from None
+    from llmsrec.safetensors_io import check_checkpoint
+
+    check_checkpoint(w_path, cfg_path, doc["heads"], lambda: LLMSRecHeads(cfg))  # before allocating
     heads = LLMSRecHeads(cfg)
     try:
         heads.load_state_dict(load_file(str(w_path)))

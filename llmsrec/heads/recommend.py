@@ -66,34 +66,53 @@ def parse_history(text: str, ds, default_ts: int) -> tuple[np.ndarray, np.ndarra
     return np.asarray(iids, dtype=np.int64), np.asarray(ts, dtype=np.int64)
 
 
-def _user_state_from_llm(run: Path, ds, cache, iids, ts, device: str = "cpu") -> tuple[torch.Tensor, str]:
-    from llmsrec.precompute.engine import forward_batch, tokenize_prompts
-    from llmsrec.precompute.llm import USER_OUT, load_llm
+def _user_state_from_llm(run: Path, ds, cache, iids, ts, device: str = "cpu", trust_remote_code: bool = False,
+                         readout: str = "out") -> tuple[torch.Tensor, str]:
+    """f_user's input for a typed history: one LLM forward of its prompt, read as the
+    cache was (``readout``: the heads' user readout; the cache's readout layers)."""
+    from llmsrec.heads.train import readout_features
+    from llmsrec.precompute.engine import tokenize_prompts
+    from llmsrec.precompute.readouts import as_tree, forward_readouts
+    from llmsrec.precompute.llm import USER_OUT, load_llm, recorded_trust
     from llmsrec.precompute.prompts import user_prompt
 
     prov = cache.provenance
     opts = {}
+    record = run / "cache" / "stage.json"
     try:
-        opts = json.loads((run / "cache" / "stage.json").read_text())["options"]
+        opts = json.loads(record.read_text())["options"]
     except (OSError, ValueError, KeyError):
         pass
-    llm = load_llm(opts.get("llm", prov.get("model")), device=device, dtype=opts.get("dtype"),
-                   trust_remote_code=bool(opts.get("trust_remote_code", False)))
-    if prov.get("model_weights_sha256") not in (None, llm.weights_digest):
-        raise InputError(f"{run}: the cache was built from other LLM weights than {llm.name!r} "
-                         f"(provenance field 'model_weights_sha256')")
+    if not isinstance(opts, dict):
+        raise InputError(f"{record}: field 'options' is not an object")
+    name = opts.get("llm", prov.get("model"))
+    if not prov.get("model_weights_sha256"):
+        raise InputError(f"{cache.path}: provenance field 'model_weights_sha256' missing: the LLM {name!r} cannot "
+                         f"be checked before it is loaded")
+    # the run folder names the model; only this command's flag may let its code run, and
+    # the weights must be the ones the cache was built from (checked before loading)
+    llm = load_llm(name, device=device, dtype=opts.get("dtype"),
+                   trust_remote_code=recorded_trust(record, {**opts, "llm": name}, trust_remote_code),
+                   expect_weights_digest=prov["model_weights_sha256"])
     w = int(prov.get("history_window", 10))
-    prompt = user_prompt(ds.titles, iids[-w:], ts[-w:], verb=prov.get("verb") or "purchases")
+    prompt = user_prompt(ds.titles, iids[-w:], ts[-w:], verb=prov.get("verb") or "purchases",
+                         version=prov.get("template_version", "llmsrec-prompt-v1"))
+    if (prompt.soft_items < 0).any():
+        raise InputError(f"{cache.path}: its prompts carry the CF-SRec user representation "
+                         f"(template {prov.get('template_version')}); --history needs the default template")
     p = cache.params()
     e = np.asarray(cache.item_cf(), dtype=np.float32)
     soft = torch.from_numpy(e @ p["f_I/weight"].T + p["f_I/bias"]).to(llm.device, llm.dtype)
     out_vec = torch.from_numpy(np.asarray(p["tokens/user_out"], np.float32)).to(llm.device, llm.dtype)
     toks = tokenize_prompts(llm, [prompt], USER_OUT)
-    return forward_batch(llm, toks, soft, out_vec)[0], prompt.text
+    layers = tuple(int(x) for x in prov.get("readout_layers", ()))
+    r = forward_readouts(llm, [as_tree(toks[0])], soft, out_vec, layers, w)
+    feats = readout_features(readout, r["hidden"], r["out_layers"], r["slots"])
+    return torch.from_numpy(feats[0]), prompt.text
 
 
 def recommend(run, *, user: str | None = None, history: str | None = None, k: int = 10, device: str = "cpu",
-              show_last: int = 10) -> dict:
+              show_last: int = 10, trust_remote_code: bool = False) -> dict:
     """Top-k unseen items of a run's LLM-SRec for a known user or a typed history.
 
     Args:
@@ -102,13 +121,16 @@ def recommend(run, *, user: str | None = None, history: str | None = None, k: in
         history: comma-separated raw item ids, oldest first, each optionally ``@YYYY-MM-DD``
             (default date: the dataset's last interaction day); the LLM runs once.
         k: number of items; show_last: history entries listed in the output.
+        trust_remote_code: allow the LLM folder's own code (``--history``); a run folder's
+            recorded ``true`` is refused without it.
     Returns:
         ``{"source", "user", "history": [{"item", "title"}], "recommendations": [{"rank",
         "item", "title", "score"}], "held_out": {...} (known users: the test item and its
         rank among all unseen items)}``; items are raw ids, scores f_user . f_item (float).
     Raises:
         InputError: not exactly one of ``user``/``history``, an unknown user or item id,
-            a user without a cached prompt, k < 1.
+            a user without a cached prompt, k < 1; ``--history``: a recorded
+            ``trust_remote_code`` without the flag, LLM weights other than the cache's.
     """
     from llmsrec.cache import open_cache
     from llmsrec.data import load_prepared
@@ -125,14 +147,16 @@ def recommend(run, *, user: str | None = None, history: str | None = None, k: in
     ds = load_prepared(run / "data")
     heads = load_heads(run / "heads")
     held = None
+    from llmsrec.heads.train import cached_features
+
     with open_cache(run / "cache" / "cache.h5") as cache:
-        items_h = torch.from_numpy(np.asarray(cache.item_hidden(), dtype=np.float32))
+        items_h = torch.from_numpy(cached_features(cache, "items", heads.config.item_readout))
         if user is not None:
             try:
                 uid = ds.raw_users.index(str(user), 1)
             except ValueError:
                 raise InputError(f"--user {user!r}: not a user of {ds.root} (raw ids as in sequences.jsonl)") from None
-            h = np.asarray(cache.user_hidden("test")[uid], dtype=np.float32)
+            h = cached_features(cache, "test", heads.config.user_readout)[uid]
             if not np.any(h):
                 raise InputError(f"--user {user!r}: no cached test prompt (cache built with --max-users?)")
             h_u = torch.from_numpy(h)
@@ -143,7 +167,9 @@ def recommend(run, *, user: str | None = None, history: str | None = None, k: in
         else:
             last_ts = max(int(t[-1]) for t in ds.timestamps[1:])
             iids, ts = parse_history(history, ds, last_ts)
-            h_u, prompt_text = _user_state_from_llm(run, ds, cache, iids, ts, device=device)
+            h_u, prompt_text = _user_state_from_llm(run, ds, cache, iids, ts, device=device,
+                                                    trust_remote_code=trust_remote_code,
+                                                    readout=heads.config.user_readout)
             source = "LLM forward of this history"
     with torch.no_grad():
         scores = heads.item(items_h) @ heads.user(h_u[None])[0]

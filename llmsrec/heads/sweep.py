@@ -108,25 +108,37 @@ def _key(cfg: TrainConfig) -> str:
     return json.dumps(asdict(cfg), sort_keys=True)
 
 
-# worker state of a --jobs pool: the cached tensors, loaded once per process
-_DATA = None
+# worker state (one process, or each of a --jobs pool): where the cache is, and its tensors,
+# loaded once per (readouts, prefix samples) a variant asks for
+_SOURCE: tuple | None = None
+_DATA: dict = {}
 
 
-def _init_worker(ds_root: str, cache: str, threads: int) -> None:
-    global _DATA
+def _init_worker(ds_root, cache: str, threads: int, eval_views=("valid",)) -> None:
+    global _SOURCE, _DATA
     import torch
 
+    torch.set_num_threads(threads)
+    _SOURCE, _DATA = (ds_root, cache, tuple(eval_views)), {}
+
+
+def _data_for(cfg: TrainConfig):
+    """The cached tensors ``cfg`` trains on (its readouts and prefix samples), loaded once."""
     from llmsrec.heads.train import load_cached_tensors
 
-    torch.set_num_threads(threads)
-    _DATA = load_cached_tensors(ds_root, cache, eval_views=("valid",))
+    key = (cfg.user_readout, cfg.item_readout, cfg.prefixes)
+    if key not in _DATA:
+        ds, cache, views = _SOURCE
+        _DATA[key] = load_cached_tensors(ds, cache, eval_views=views, user_readout=cfg.user_readout,
+                                         item_readout=cfg.item_readout, prefixes=cfg.prefixes)
+    return _DATA[key]
 
 
 def _fit_one(cfg_dict: dict) -> dict:
     from llmsrec.heads.train import fit_heads
 
     cfg = TrainConfig(**cfg_dict)
-    fit = fit_heads(_DATA, cfg, progress=False)
+    fit = fit_heads(_data_for(cfg), cfg, progress=False)
     return {"best_validation": fit.best["validation"], "best_step": fit.best["step"],
             "best_epoch": fit.best["epoch"], "steps": fit.steps, "epochs_run": fit.epochs_run,
             "stopped_early": fit.stopped_early, "valid": fit.best["metrics"],
@@ -152,7 +164,7 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
     from tqdm.auto import tqdm
 
     from llmsrec.data import load_prepared
-    from llmsrec.heads.train import load_cached_tensors, train_on_tensors
+    from llmsrec.heads.train import train_on_tensors
 
     ds = load_prepared(ds) if isinstance(ds, (str, os.PathLike)) else ds
     grid, fixed = load_grid(grid_path)
@@ -176,7 +188,7 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
     select = variants[0][1].select_metric
     log(f"sweep: {len(variants)} variants, {len(variants) - len(todo)} already in {lines_path.name}, "
         f"{len(todo)} to train ({jobs} process{'es' if jobs > 1 else ''})")
-    data = None
+    global _SOURCE, _DATA
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc="sweep", unit="variant", disable=not progress)
 
@@ -190,15 +202,10 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
         bar.update(1)
         bar.set_postfix({select: f"{res['valid'][select]:.4f}"})
 
+    _SOURCE, _DATA = (ds, cache, ("valid", "test")), {}
     if todo and jobs == 1:
-        global _DATA
-        data = load_cached_tensors(ds, cache, eval_views=("valid", "test"))
-        _DATA = data
-        try:
-            for varied, cfg in todo:
-                record(varied, cfg, _fit_one(asdict(cfg)))
-        finally:
-            _DATA = None
+        for varied, cfg in todo:
+            record(varied, cfg, _fit_one(asdict(cfg)))
     elif todo:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -224,8 +231,9 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
         test = None
     if test is None:
         log(f"sweep: retraining the best variant {best['options']} and testing it once")
-        data = data or load_cached_tensors(ds, cache, eval_views=("valid", "test"))
-        res = train_on_tensors(data, best_dir, best_cfg, force=True, progress=False)
+        _SOURCE = (ds, cache, ("valid", "test"))  # the best is tested once: load test too
+        _DATA = {k: v for k, v in _DATA.items() if "test" in v.eval_hidden}
+        res = train_on_tensors(_data_for(best_cfg), best_dir, best_cfg, force=True, progress=False)
         test = res["test"]
     summary = {"variants": len(variants), "trained": len(todo), "select_metric": select,
                "best": {**best, "test": test}, "seconds": round(train_seconds, 2),

@@ -125,19 +125,40 @@ class CachedTensors:
         return int(self.train_cf.shape[1])
 
 
-def _features(cache, group: str, kind: str) -> np.ndarray:
-    """The cached inputs of a head: ``out`` -> float32 ``(rows, d_llm)``; else
-    ``(rows, T, d_llm)`` laid out as ``ReadoutEncoder`` reads them."""
+def readout_features(kind: str, hidden, out_layers=None, slots=None) -> np.ndarray:
+    """The inputs of f_user / f_item for readout ``kind`` from the states of R rows.
+
+    Args:
+        kind: ``out``, ``layers``, ``slots``/``soft`` or ``layers+slots``/``layers+soft``.
+        hidden: float ``(R, H)`` last-layer out-token states (``out``).
+        out_layers: float ``(R, nL, H)``; slots: float ``(R, S, nL, H)`` (the cache's
+            ``out_layers`` / ``slots``, or ``forward_readouts``'s).
+    Returns:
+        float32 ``(R, H)`` for ``out``, else ``(R, T, H)`` laid out as
+        ``llmsrec.heads.model.ReadoutEncoder`` reads it: the nL out-token states, then the
+        S x nL slot states, slot-major.
+    """
     if kind == "out":
-        return np.asarray(cache.item_hidden() if group == "items" else cache.user_hidden(group), dtype=np.float32)
-    r = cache.readouts(group)
+        return np.asarray(hidden, dtype=np.float32)
     parts = []
     if "layers" in kind:
-        parts.append(r["out_layers"])
+        parts.append(np.asarray(out_layers))
     if "slots" in kind or "soft" in kind:
-        s = r["slots"]
+        s = np.asarray(slots)
         parts.append(s.reshape(s.shape[0], s.shape[1] * s.shape[2], s.shape[3]))
     return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
+
+
+def cached_features(cache, group: str, kind: str) -> np.ndarray:
+    """:func:`readout_features` of every row of ``items`` or a user view of an open cache.
+
+    Raises:
+        InputError: the cache lacks the readout (``CacheReader.readouts``).
+    """
+    if kind == "out":
+        return readout_features(kind, cache.item_hidden() if group == "items" else cache.user_hidden(group))
+    r = cache.readouts(group)
+    return readout_features(kind, None, r["out_layers"], r["slots"])
 
 
 def load_cached_tensors(ds, cache_path, eval_views=("valid", "test"), *, user_readout: str = "out",
@@ -178,14 +199,14 @@ def load_cached_tensors(ds, cache_path, eval_views=("valid", "test"), *, user_re
             raise InputError(f"{cache_path}: view(s) {', '.join(missing)} missing (run precompute with them)")
         _check_dataset_digest(cache_path, cache.provenance, ds)
         layers = cache.readout_layers
-        item_hidden = _features(cache, "items", item_readout)
-        train_hidden = _features(cache, train_view, user_readout)
+        item_hidden = cached_features(cache, "items", item_readout)
+        train_hidden = cached_features(cache, train_view, user_readout)
         train_cf = np.asarray(cache.user_cf(train_view), dtype=np.float32)
         train_targets = np.asarray(cache.targets(train_view), dtype=np.int64)
         train_uid = cache.prefix_uids() if prefixes > 1 else None
         k_cache = cache.prefixes
         eval_hidden = {
-            v: _features(cache, v, user_readout) for v in eval_views if v in views
+            v: cached_features(cache, v, user_readout) for v in eval_views if v in views
         }
         provenance = cache.provenance if isinstance(cache.provenance, dict) else {}
     readout = dict(user_readout=user_readout, item_readout=item_readout, n_layers=len(layers),

@@ -60,8 +60,8 @@ def tokenize_prompts(llm: LoadedLLM, prompts: list[Prompt], out_token: str) -> l
                              f"{len(p.soft_items)} items and {len(outs)} {out_token}: "
                              f"{p.text[:80]!r}...")
         if len(ids) > llm.max_positions:
-            raise InputError(f"a prompt has {len(ids)} tokens, more than the model's "
-                             f"{llm.max_positions} positions; lower --history-window")
+            raise InputError(f"{p.who or 'a prompt'}: its prompt has {len(ids):,} tokens, more than the "
+                             f"model's {llm.max_positions:,} positions; {p.remedy}")
         out.append(TokenizedPrompt(ids, soft_pos, np.asarray(p.soft_items), int(outs[0])))
     return out
 

@@ -49,6 +49,29 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def recorded_trust(record, options: dict, given: bool) -> bool:
+    """``trust_remote_code`` for a model named by a recorded file (a run folder's
+    ``stage.json``): only the running command's own flag can allow it.
+
+    Args:
+        record: the file the options were read from (for the message).
+        options: the recorded options (``llm``, ``trust_remote_code``).
+        given: the running command's ``--trust-remote-code``.
+
+    Returns:
+        ``given``.
+
+    Raises:
+        InputError: the record says ``trust_remote_code: true`` and the flag is not given:
+            a folder someone else wrote must not make this program run the model's code.
+    """
+    if options.get("trust_remote_code") and not given:
+        raise InputError(f"{record}: records trust_remote_code: true for --llm {options.get('llm')}; a run folder "
+                         f"cannot allow a model's own Python code to run: pass --trust-remote-code to this "
+                         f"command if you trust that model")
+    return bool(given)
+
+
 def _weights_digest(folder: Path) -> str:
     """sha256 over the weight files of a HF folder (names + bytes, sorted by name)."""
     files = sorted(
@@ -219,6 +242,7 @@ def load_llm(
     tokenizer=None,
     load_in_8bit: bool = False,
     hpu_graphs: bool = False,
+    expect_weights_digest: str | None = None,
 ) -> LoadedLLM:
     """Load a frozen causal LM and add the special tokens.
 
@@ -248,6 +272,9 @@ def load_llm(
         load_in_8bit: 8-bit weights via bitsandbytes (CUDA only).
         hpu_graphs: capture the decoder's forward as HPU Graphs (``hpu`` only; for
             inference callers such as precompute, never for training through the LLM).
+        expect_weights_digest: the weights digest (``LoadedLLM.weights_digest``) the model
+            must have, e.g. a cache's ``model_weights_sha256``: checked on the files before
+            anything of the folder (config, code, weights) is read by transformers.
 
     Returns:
         LoadedLLM. ``[HistoryEmb]``, ``[UserOut]``, ``[ItemOut]`` are added as single special
@@ -256,7 +283,8 @@ def load_llm(
 
     Raises:
         InputError: unknown name / missing folder, a folder that is not a causal LM, a
-            tokenizer that splits a special token, or see :func:`check_llm_options`.
+            tokenizer that splits a special token, weights other than
+            ``expect_weights_digest``, or see :func:`check_llm_options`.
     """
     import torch
 
@@ -286,6 +314,9 @@ def load_llm(
             if not (folder / "config.json").exists():
                 raise InputError(f"--llm {llm}: {folder / 'config.json'} is missing")
             digest = _weights_digest(folder)
+        if expect_weights_digest is not None and digest != expect_weights_digest:
+            raise InputError(f"--llm {llm}: its weights (sha256 {digest[:12]}...) are not the ones expected "
+                             f"({str(expect_weights_digest)[:12]}...); not loading them")
         try:
             config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code,
                                                 local_files_only=True)
@@ -322,6 +353,9 @@ def load_llm(
             h.update(k.encode())
             h.update(v.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
         digest = h.hexdigest()
+        if expect_weights_digest is not None and digest != expect_weights_digest:
+            raise InputError(f"--llm {llm}: its weights (sha256 {digest[:12]}...) are not the ones expected "
+                             f"({str(expect_weights_digest)[:12]}...)")
 
     model.eval().requires_grad_(False)
     embed = model.get_input_embeddings().weight.detach().to(torch.float32).cpu().clone()

@@ -47,9 +47,8 @@ def write_params(path: str | os.PathLike, arrays: dict[str, np.ndarray], *, arch
     Raises:
         InputError: a required key is missing or ``arch`` is unknown.
     """
-    from safetensors.numpy import save
-
     from llmsrec.atomic import atomic_file
+    from llmsrec.safetensors_io import save_numpy
 
     if arch not in ("linear", "mlp"):
         raise InputError(f"params: f_I arch {arch!r}: expected 'linear' or 'mlp'")
@@ -64,7 +63,7 @@ def write_params(path: str | os.PathLike, arrays: dict[str, np.ndarray], *, arch
         out[k] = np.ascontiguousarray(v, dtype=np.float32)
     meta = {"format": FORMAT, "f_I_arch": arch, **(extra or {})}
     with atomic_file(path, "wb") as f:
-        f.write(save(out, metadata=meta))
+        f.write(save_numpy(out, metadata=meta))
     return Path(path)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -104,10 +104,15 @@ class Prompt:
         text: the exact text given to the tokenizer.
         soft_items: int64 ``(n_soft,)`` iids, in the order the ``[HistoryEmb]`` tokens
             appear in ``text``; each is replaced by f_I(E_iid).
+        who: whose prompt it is, for messages (``item 17 (title of 320,000 characters)``,
+            ``user 'A2' (uid 5), view test``); "" when unknown.
+        remedy: what shortens it, for the "prompt too long" message.
     """
 
     text: str
     soft_items: np.ndarray
+    who: str = field(default="", compare=False)
+    remedy: str = field(default="lower --history-window", compare=False)
 
 
 def user_prompt(titles, window, window_ts, *, verb: str, order=None,
@@ -139,8 +144,12 @@ def user_prompt(titles, window, window_ts, *, verb: str, order=None,
 
 def item_prompt(titles, iid: int, *, version: str = TEMPLATE_VERSION) -> Prompt:
     """Build the item prompt of ``iid`` (Table 2 (b)): title, ``[HistoryEmb]``, ``[ItemOut]``."""
-    text = TEMPLATES[version]["item"].format(title=clean_title(titles[iid]))
-    return Prompt(text=text, soft_items=np.asarray([iid], dtype=np.int64))
+    title = clean_title(titles[iid])
+    text = TEMPLATES[version]["item"].format(title=title)
+    return Prompt(text=text, soft_items=np.asarray([iid], dtype=np.int64),
+                  who=f"item {iid} (title of {len(title):,} characters)",
+                  remedy="shorten this title in the dataset's item file and prepare it again "
+                         "(--history-window does not change item prompts)")
 
 
 def view_permutation(seed: int, view: str, uid: int, k: int) -> np.ndarray:
@@ -195,7 +204,7 @@ def build_view(ds, view: str, *, history_window: int = 10, verb: str | None = No
         users: iterable of uids to build (default all 1..U).
 
     Raises:
-        InputError: unknown view or a non-positive window.
+        InputError: unknown view, a non-positive window, or a timestamp that is no date.
     """
     check_view(view)
     if history_window < 1:
@@ -223,8 +232,17 @@ def build_view(ds, view: str, *, history_window: int = 10, verb: str | None = No
             cf = inp.copy()
             cf[len(inp) - len(window):] = window[order]
             cf_inputs[uid] = cf
-        prompts[uid] = user_prompt(ds.titles, window, wts, verb=verb, order=order,
-                                   version=version)
+        try:
+            p = user_prompt(ds.titles, window, wts, verb=verb, order=order, version=version)
+            longest = max(window.tolist(), key=lambda i: len(ds.titles[i]))
+            chars = len(clean_title(ds.titles[longest]))
+            prompts[uid] = Prompt(p.text, p.soft_items, who=f"user {ds.raw_users[uid]!r} (uid {uid}), view {view}",
+                                  remedy=f"lower --history-window (now {history_window}) or shorten the "
+                                         f"longest title in it (item {longest}, {chars:,} characters)")
+        except (ValueError, OverflowError, OSError):  # datetime: a "year 52672" timestamp
+            raise InputError(f"{ds.root}: user {ds.raw_users[uid]!r} (uid {uid}): timestamps "
+                             f"{wts.tolist()} are no dates in Unix seconds (milliseconds prepared as "
+                             f"seconds?); prepare the data again with --timestamp-unit ms") from None
     return ViewPrompts(view=view, prompts=prompts, targets=np.asarray(targets, dtype=np.int64),
                        cf_inputs=cf_inputs, permutation=perm)
 

@@ -602,6 +602,9 @@ def _run_single(job: Job) -> Path:
         w.flush()  # setup complete: from here on only raw data and progress flags change
         stats = run_plan(w, job, plan, work, fixed, sample_rows=samples)
         w.finish()
+    except BaseException:
+        w.discard_unstarted()  # no chunk done: leave no .tmp behind (e.g. a prompt too long)
+        raise
     finally:
         w.close()
     log(summary(stats, job))

@@ -163,11 +163,15 @@ class Context:
         dist.barrier(group=self.group)
 
     def leave(self) -> None:
-        """Destroy the process group if :func:`join` created it (no collective call)."""
+        """Destroy the process group if :func:`join` created it (no collective call), its
+        worker threads joined before this returns (``shutdown_distributed``)."""
         import torch.distributed as dist
 
+        from llmsrec.distributed import shutdown_distributed
+
         if self.owns and dist.is_initialized():
-            dist.destroy_process_group()
+            self.group = None  # our reference would keep the coordination group (and its threads) alive
+            shutdown_distributed(barrier=False)
 
 
 def join(device: str) -> Context:
