@@ -103,7 +103,8 @@ def test_two_gloo_processes_equal_one_process(run_inputs, tmp_path, monkeypatch,
 
     one = train_heads(ds, cache, tmp_path / "one", progress=False, **opts)
     torchrun(2, ["train", "--data", str(ds.root), "--cache", str(cache), "--out", str(tmp_path / "two"),
-                 "--no-progress", *to_cli(opts)])
+                 "--no-progress", *to_cli(opts), "--prefixes", "1", "--user-readout", "out",
+                 "--item-readout", "out"])  # train_heads' (TrainConfig's) defaults: the paper's heads
 
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two["distributed"] == {"world_size": 2, "backend": "gloo"}

@@ -696,7 +696,8 @@ def test_corrupted_cache_is_refused_by_readers_and_found_by_verify(pc_inputs, ti
             c.user_hidden("train")
     ds, _ = pc_inputs
     res = CliRunner().invoke(main, ["train", "--data", str(ds.root), "--cache", str(cache), "--out", str(tmp_path / "h"),
-                                    "--epochs", "1", "--hidden", "8", "--no-progress"])
+                                    "--epochs", "1", "--hidden", "8", "--no-progress", "--prefixes", "1",
+                                    "--user-readout", "out", "--item-readout", "out"])  # a paper-readout cache
     assert res.exit_code == 2 and "/users/train/hidden: 2 of its" in res.output.splitlines()[-1]
     assert not (tmp_path / "h").exists()
     res = CliRunner().invoke(main, ["verify", str(tmp_path)])

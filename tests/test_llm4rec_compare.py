@@ -173,7 +173,7 @@ def test_compare_baselines_with_a_cache_read_its_teacher(ds, three_models, tmp_p
     assert logs == [f"[llara seed 0] reused {out / 'llara-seed0'}"]
     assert given["llm4rec"]["teacher"] == f"SASRec ({out / 'sasrec-seed0'}), the checkpoint that built LLM-SRec's cache"
     assert given["models"]["llara"]["runs"] == res["models"]["llara"]["runs"]
-    with pytest.raises(InputError, match="^--cache applies when --models includes llmsrec, llara, collm or allmrec$"):
+    with pytest.raises(InputError, match="^--cache applies when --models includes llmsrec, llara, collm, allmrec or llmsrec-nodistill$"):
         compare(ds, out, **{**kw, "models": ["tallrec"], "cache": cache})
 
 

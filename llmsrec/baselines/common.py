@@ -85,7 +85,7 @@ from llmsrec.heads.e2e import (
 from llmsrec.heads.model import load_heads, save_heads
 from llmsrec.heads.train import TrainConfig, plot_history
 from llmsrec.precompute.llm import HISTORY_EMB, ITEM_OUT, USER_OUT, LoadedLLM
-from llmsrec.precompute.prompts import TEMPLATES, Prompt
+from llmsrec.precompute.prompts import TEMPLATES, USER_REP_ITEM, Prompt
 
 #: the ``--model`` names, in the paper's order
 BASELINES = ("tallrec", "llara", "collm", "allmrec")
@@ -296,7 +296,9 @@ def adapt_prompt(spec: BaselineSpec, p: Prompt, rep_id: int | None = None) -> Pr
     No item slots (TALLRec): no soft ids. A user-representation slot (CoLLM, A-LLMRec):
     ``rep_id`` first (the slot precedes the history in Table 2 (c)), then the items.
     """
-    items = np.asarray(p.soft_items, dtype=np.int64) if spec.item_soft else np.zeros(0, dtype=np.int64)
+    items = np.asarray(p.soft_items, dtype=np.int64)
+    items = items[items != USER_REP_ITEM]  # the template's own placeholder: the slot is placed here
+    items = items if spec.item_soft else np.zeros(0, dtype=np.int64)
     if rep_id is not None and spec.user_rep:
         items = np.concatenate([[rep_id], items]).astype(np.int64)
     return Prompt(text=p.text, soft_items=items)

@@ -176,7 +176,8 @@ def precompute(
 
         if readout_layers or prefixes > 1 or PREFIX_VIEW in views or has_user_rep(template):
             raise InputError("--readout-layers / --prefixes / a user-representation --template: a "
-                             "single-process precompute only for now")
+                             "single-process precompute only for now; with several processes pass "
+                             "--readout-layers none --prefixes 1 (the paper's heads then: train --paper-settings)")
 
         ctx = shards.join(device)  # process group first: it picks this process's device
         device = ctx.device
