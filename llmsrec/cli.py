@@ -420,6 +420,15 @@ def _parse_views(views: str) -> list[str]:
     return view_list
 
 
+def _with_options(options: list):
+    """A decorator that adds the click ``options`` to a command, in list order."""
+    def add(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return add
+
+
 # Options of the frozen-LLM forward, shared by `precompute` and `run`.
 _LLM_OPTIONS = [
     click.option("--llm", default="smollm2-135m", show_default=True,
@@ -442,10 +451,7 @@ _LLM_OPTIONS = [
 ]
 
 
-def _llm_options(f):
-    for opt in reversed(_LLM_OPTIONS):
-        f = opt(f)
-    return f
+_llm_options = _with_options(_LLM_OPTIONS)
 
 
 def _parse_layers(text: str) -> tuple[int, ...] | str:
@@ -481,10 +487,7 @@ _CACHE_READOUT_OPTIONS = [
 ]
 
 
-def _cache_readout_options(f):
-    for opt in reversed(_CACHE_READOUT_OPTIONS):
-        f = opt(f)
-    return f
+_cache_readout_options = _with_options(_CACHE_READOUT_OPTIONS)
 
 
 def _train_llm_options(f):
@@ -728,10 +731,7 @@ _HEAD_OPTIONS = [
 ]
 
 
-def _head_options(f):
-    for opt in reversed(_HEAD_OPTIONS):
-        f = opt(f)
-    return f
+_head_options = _with_options(_HEAD_OPTIONS)
 
 
 def _head_kwargs(kw: dict) -> dict:
@@ -1132,10 +1132,7 @@ _LLM4REC_OPTIONS = [
 ]
 
 
-def _llm4rec_options(f):
-    for opt in reversed(_LLM4REC_OPTIONS):
-        f = opt(f)
-    return f
+_llm4rec_options = _with_options(_LLM4REC_OPTIONS)
 
 
 def _llm4rec_kwargs(kw: dict) -> dict:

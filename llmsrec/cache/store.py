@@ -53,7 +53,7 @@ import h5py
 import numpy as np
 
 from llmsrec.cache.verify import (
-    CHECKSUMS, damaged_build, read_checked, record_written, seal, unverified_groups, write_row_checksums,
+    CHECKSUMS, damaged_build, progress_groups, read_checked, record_written, seal, unverified_groups, write_row_checksums,
 )
 from llmsrec.errors import InputError
 from llmsrec.precompute.prompts import ALL_VIEWS, PREFIX_VIEW
@@ -153,12 +153,7 @@ class CacheWriter:
 
     @staticmethod
     def _all_groups(f: h5py.File) -> list[str]:
-        groups = []
-        if "progress/items" in f:
-            groups.append("items")
-        if "progress/users" in f:
-            groups += [f"users/{v}" for v in f["progress/users"]]
-        return groups
+        return progress_groups(f)
 
     def needs(self, groups: list[str]) -> bool:
         """Open the file to write ``groups`` (``items``, ``users/<view>``).

@@ -151,7 +151,7 @@ def damaged_build(f: h5py.File) -> str | None:
             why = _problem(f[p], f[p][()])
             if why:
                 return f"/{p}: {why}"
-        for g in _progress_groups(f):
+        for g in progress_groups(f):
             flags = f[f"progress/{g}"]
             if "chunk_size" not in flags.attrs:
                 return f"/progress/{g} has no chunk size"
@@ -162,7 +162,8 @@ def damaged_build(f: h5py.File) -> str | None:
     return None
 
 
-def _progress_groups(f: h5py.File) -> list[str]:
+def progress_groups(f: h5py.File) -> list[str]:
+    """The groups a cache tracks in ``/progress``: ``items`` and ``users/<view>``."""
     groups = []
     if "progress/items" in f:
         groups.append("items")
@@ -175,7 +176,7 @@ def unverified_groups(f: h5py.File) -> list[tuple[str, str]]:
     """Groups with chunks marked done whose data does not match its checksums (or does not
     read back): ``[(group, reason)]``. Their finished chunks cannot be trusted."""
     bad = []
-    for g in _progress_groups(f):
+    for g in progress_groups(f):
         if not np.any(f[f"progress/{g}"][()]) or g not in f or not isinstance(f[g], h5py.Group):
             continue
         for ds in _datasets(f[g]):
