@@ -26,28 +26,13 @@ from llmsrec.precompute.prompts import (
 from llmsrec.precompute.readouts import (
     as_tree, build_tree, forward_readouts, tokenize_tree, tree_mask,
 )
-from test_precompute import W, _contents, _tiny_dataset, _tiny_llm, _tiny_sasrec
+from test_precompute import W, _contents, ds, llm, sasrec  # noqa: F401 (ds, llm, sasrec: fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 K = 3
 LAYERS = (1, 2)
 SMALL = dict(hidden=32, d_out=8, cf_hidden=8)
-
-
-@pytest.fixture(scope="module")
-def llm():
-    return _tiny_llm()
-
-
-@pytest.fixture(scope="module")
-def ds(tmp_path_factory):
-    return _tiny_dataset(tmp_path_factory.mktemp("data") / "ds")
-
-
-@pytest.fixture(scope="module")
-def sasrec(ds):
-    return _tiny_sasrec(ds.n_items)
 
 
 def _precompute(ds, sasrec, llm, out, **kw):
