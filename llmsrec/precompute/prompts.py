@@ -311,6 +311,13 @@ def build_prefix_view(ds, k: int, *, history_window: int = 10, verb: str | None 
             row = 1 + (uid - 1) * k + j
             targets[row], uids[row] = seq[end], uid
             cf_inputs[row] = seq[:end]
-            own.append(user_prompt(ds.titles, seq[start:end], ts[start:end], verb=verb, version=version))
+            try:
+                p = user_prompt(ds.titles, seq[start:end], ts[start:end], verb=verb, version=version)
+            except (ValueError, OverflowError, OSError):  # datetime: a "year 52672" timestamp
+                raise InputError(f"{ds.root}: user {ds.raw_users[uid]!r} (uid {uid}): timestamps "
+                                 f"{ts[start:end].tolist()} are no dates in Unix seconds (milliseconds prepared "
+                                 f"as seconds?); prepare the data again with --timestamp-unit ms") from None
+            own.append(Prompt(p.text, p.soft_items, who=f"user {ds.raw_users[uid]!r} (uid {uid}), prefix sample {j}",
+                              remedy=f"lower --history-window (now {history_window}) or --prefixes (now {k})"))
         prompts[uid] = own
     return PrefixPrompts(k=k, prompts=prompts, targets=targets, uids=uids, cf_inputs=cf_inputs)

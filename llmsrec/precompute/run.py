@@ -3,6 +3,7 @@ frozen LLM once, into the HDF5 cache (DESIGN.md, "The cache-first idea, exactly"
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import sys
@@ -450,7 +451,8 @@ def _with_user_rep(p: Prompt, n_items: int, uid: int) -> Prompt:
     group's extended soft table (``run_plan``: f_I of the view's cached O_u)."""
     if not (p.soft_items == USER_REP_ITEM).any():
         return p
-    return Prompt(p.text, np.where(p.soft_items == USER_REP_ITEM, n_items + 1 + uid, p.soft_items))
+    return dataclasses.replace(p, soft_items=np.where(p.soft_items == USER_REP_ITEM, n_items + 1 + uid,
+                                                      p.soft_items))
 
 
 def prefix_sample_rows(vp: PrefixPrompts, users: np.ndarray) -> list[np.ndarray]:
