@@ -536,3 +536,15 @@ def test_user_representation_prompt_carries_f_I_of_O_u(llm, ds, sasrec, tmp_path
     with pytest.raises(InputError, match="prefix samples share no prompt tree"):
         precompute(ds, sasrec, tmp_path / "bad.h5", llm=llm, template=version, prefixes=2, progress=False,
                    log=lambda m: None)
+
+
+def test_tree_counts_the_tokens_of_one_forward_per_sample(llm, ds):
+    """``sample_tokens`` equals the summed lengths of the samples' own tokenized prompts."""
+    vp = build_prefix_view(ds, K, history_window=W)
+    for u in range(1, ds.n_users + 1):
+        if not vp.prompts[u]:
+            continue
+        tree = tokenize_tree(llm, vp.prompts[u], USER_OUT)
+        own = tokenize_prompts(llm, vp.prompts[u], USER_OUT)
+        assert tree.sample_tokens == sum(len(t) for t in own)
+        assert len(tree) < tree.sample_tokens or len(own) == 1

@@ -74,10 +74,7 @@ class HeadsConfig:
             low = 0 if f.name in ("n_layers", "n_slots") else 1
             if not isinstance(v, (int, np.integer)) or v < low:
                 raise InputError(f"heads config: field '{f.name}' must be an integer >= {low}, got {v!r}")
-        if self.user_readout not in USER_READOUTS:
-            raise InputError(f"--user-readout {self.user_readout!r}: expected one of {', '.join(USER_READOUTS)}")
-        if self.item_readout not in ITEM_READOUTS:
-            raise InputError(f"--item-readout {self.item_readout!r}: expected one of {', '.join(ITEM_READOUTS)}")
+        check_readouts(self.user_readout, self.item_readout)
         rich = self.user_readout != "out" or self.item_readout != "out"
         if rich and self.n_layers < 1:
             raise InputError("heads config: a layers/slots/soft readout needs n_layers >= 1 "
@@ -96,6 +93,14 @@ class HeadsConfig:
 
 USER_READOUTS = ("out", "layers", "slots", "layers+slots")
 ITEM_READOUTS = ("out", "layers", "soft", "layers+soft")
+
+
+def check_readouts(user_readout: str, item_readout: str) -> None:
+    """Raises InputError (naming the option) for a readout not in USER_READOUTS / ITEM_READOUTS."""
+    if user_readout not in USER_READOUTS:
+        raise InputError(f"--user-readout {user_readout!r}: expected one of {', '.join(USER_READOUTS)}")
+    if item_readout not in ITEM_READOUTS:
+        raise InputError(f"--item-readout {item_readout!r}: expected one of {', '.join(ITEM_READOUTS)}")
 
 
 def readout_tokens(kind: str, n_layers: int, n_slots: int) -> int:

@@ -361,14 +361,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
-        from llmsrec.heads.model import ITEM_READOUTS, USER_READOUTS
+        from llmsrec.heads.model import check_readouts
 
         if self.prefixes < 1:
             raise InputError(f"--prefixes {self.prefixes}: must be >= 1")
-        if self.user_readout not in USER_READOUTS:
-            raise InputError(f"--user-readout {self.user_readout!r}: expected one of {', '.join(USER_READOUTS)}")
-        if self.item_readout not in ITEM_READOUTS:
-            raise InputError(f"--item-readout {self.item_readout!r}: expected one of {', '.join(ITEM_READOUTS)}")
+        check_readouts(self.user_readout, self.item_readout)
         tn = self.train_negatives
         if isinstance(tn, str) and tn != "all":
             try:

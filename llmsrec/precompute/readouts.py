@@ -73,6 +73,15 @@ class TreePrompt:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def sample_tokens(self) -> int:
+        """Tokens of one forward per sample (each sample's own prompt), what the tree saves against."""
+        n = int((self.branch == 0).sum())
+        for k in range(1, len(self.out_pos)):
+            own = self.branch == k
+            n += int(self.seen[own][0]) + int(own.sum())
+        return n
+
 
 def as_tree(p: TokenizedPrompt) -> TreePrompt:
     """A single prompt as a one-sample tree."""

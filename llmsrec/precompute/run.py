@@ -464,12 +464,6 @@ def prefix_sample_rows(vp: PrefixPrompts, users: np.ndarray) -> list[np.ndarray]
     return out
 
 
-def prefix_naive_tokens(job: Job, vp: PrefixPrompts, users: np.ndarray) -> int:
-    """Tokens of one forward per prefix sample (what the prompt trees save against)."""
-    texts = [p.text for u in users for p in vp.prompts[int(u)]]
-    return int(sum(len(x) for x in job.llm.tokenizer(texts, add_special_tokens=True)["input_ids"]))
-
-
 def plan_chunks(w, group: str, toks: list, chunk_prompts: int) -> list:
     """Sort a group's prompts by length (then row), cut chunks of ``chunk_prompts``, create
     or check ``/progress/<group>``; return ``[(group, chunk, prompt indices)]`` not done."""
@@ -596,9 +590,8 @@ def _run_single(job: Job) -> Path:
             work[g] = (rows, toks, f"{g}/hidden", 0)
             if v == PREFIX_VIEW:
                 samples[g] = prefix_sample_rows(vps[v], rows)
-                naive = prefix_naive_tokens(job, vps[v], rows)
                 log(f"{g}: {len(toks)} prompt trees, {sum(len(t) for t in toks)} tokens "
-                    f"(one forward per sample: {naive})")
+                    f"(one forward per sample: {sum(t.sample_tokens for t in toks)})")
         plan = []  # (group, chunk index, prompt indices)
         for g, (rows, toks, _, _) in work.items():
             plan += plan_chunks(w, g, toks, job.chunk_prompts)
