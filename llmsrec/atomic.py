@@ -9,6 +9,7 @@ permissions, a read-only file system) names the output it was writing.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -135,3 +136,24 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_file(path) as f:
         json.dump(obj, f, indent=2, sort_keys=False)
         f.write("\n")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def digest_arrays(*arrays) -> str:
+    """Hex sha256 of float32 arrays, shapes included (the cache's parameter digests)."""
+    import numpy as np  # deferred: the CLI imports this module before numpy is needed
+
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()

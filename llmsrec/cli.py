@@ -17,7 +17,7 @@ from llmsrec.defaults import LLMSREC_HEADS
 from llmsrec.devices import resolve_device
 from llmsrec.distributed import dist_env
 from llmsrec.errors import InputError
-from llmsrec.precompute.prompts import ALL_VIEWS
+from llmsrec.data.views import ALL_VIEWS
 
 
 class _Group(click.Group):
@@ -334,7 +334,7 @@ _EVALUATORS = {
     "bert4rec": "llmsrec.cfsrec:evaluate_cfsrec",
     "nextitnet": "llmsrec.cfsrec:evaluate_cfsrec",
     "llmsrec": "llmsrec.heads.train:evaluate_heads_checkpoint",  # + cache=--cache
-    "llmsrec-e2e": "llmsrec.heads.e2e:evaluate_e2e_checkpoint",  # recomputes states with the LLM
+    "llmsrec-e2e": "llmsrec.e2e.loop:evaluate_e2e_checkpoint",  # recomputes states with the LLM
     # the LLM4Rec baselines (+ "test-shuffled"); states recomputed with the base LLM + saved LoRA
     **{m: "llmsrec.baselines:evaluate_baseline_checkpoint" for m in ("tallrec", "llara", "collm", "allmrec")},
 }
@@ -834,7 +834,7 @@ def _train_baseline(model_name, data_dir, mode, cache, sasrec_dir, out, seed, no
     """``train --model tallrec|llara|collm|allmrec``: :func:`llmsrec.baselines.train_baseline`."""
     from llmsrec.baselines import train_baseline
     from llmsrec.data import load_prepared
-    from llmsrec.heads.e2e import E2E_DEFAULT_NEGATIVES
+    from llmsrec.e2e.loop import E2E_DEFAULT_NEGATIVES
 
     src = click.get_current_context().get_parameter_source
     default = click.core.ParameterSource.DEFAULT
@@ -944,7 +944,7 @@ def train(data_dir, mode, cache, sasrec_dir, out, seed, model_name, no_progress,
         if (dist_env() or (0,))[0] != 0:
             return  # under torchrun only rank 0 reports
     else:
-        from llmsrec.heads.e2e import E2E_DEFAULT_NEGATIVES, train_e2e
+        from llmsrec.e2e.loop import E2E_DEFAULT_NEGATIVES, train_e2e
 
         if sasrec_dir is None:
             raise click.UsageError("--mode e2e needs --sasrec")
@@ -1012,7 +1012,7 @@ def refine_tokens(data_dir, cache, heads_dir, sasrec_dir, out, llm, users, items
     Retrain the heads on it: llmsrec train --cache OUT/cache.h5 ...
     """
     from llmsrec.data import load_prepared
-    from llmsrec.heads.refine import refine_tokens as run_refine
+    from llmsrec.e2e.refine import refine_tokens as run_refine
 
     resolve_device(device)
     ds = load_prepared(data_dir)
@@ -1112,7 +1112,7 @@ def run(dataset, inter, item, title_field, reviews, meta, kcore, num_negatives, 
 
 
 # budget of the LLM4Rec baselines in `compare` and `analyze --llm4rec`; defaults =
-# llmsrec.evaluate.compare.LLM4REC_DEFAULTS + TrainConfig's (checked by tests/test_llm4rec_compare.py)
+# llmsrec.experiments.compare.LLM4REC_DEFAULTS + TrainConfig's (checked by tests/test_llm4rec_compare.py)
 _LLM4REC_OPTIONS = [
     click.option("--llm4rec-epochs", default=10, show_default=True, type=click.IntRange(min=1),
                  help="LLM4Rec baselines: maximum epochs (paper, Appendix E: 10; one ml-100k epoch is 48 "
@@ -1206,7 +1206,7 @@ def analyze(run_dir, only, seeds, out, llm4rec, device, threads, trust_remote_co
     100 --llm4rec-evals-per-epoch 2: ~45 min per model and seed for the original and the
     shuffled-training model); their test scores are kept, so reruns take seconds.
     """
-    from llmsrec.evaluate.analyze import analyze_run
+    from llmsrec.experiments.analyze import analyze_run
 
     if not (llm4rec or "").strip():
         _refuse_unused("with --llm4rec only", also=("device", "threads"))
@@ -1282,7 +1282,7 @@ def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval
     A third table gives the shuffled-inference change ratio (test vs test-shuffled) for
     every model that has it (CF-SRec, LLM4Rec, LLM-SRec when its cache has test-shuffled).
     """
-    from llmsrec.evaluate.compare import compare as run_compare, format_compare_md, parse_models, parse_seeds
+    from llmsrec.experiments.compare import compare as run_compare, format_compare_md, parse_models, parse_seeds
 
     resolve_device(device)  # fail on a bad --device before any work
     model_list, seed_list = parse_models(models), parse_seeds(seeds)
@@ -1358,7 +1358,7 @@ def sweep(run_dir, data_dir, cache, grid_path, out, jobs, no_progress) -> None:
     metrics, seconds), OUT/sweep.md (sorted), OUT/sweep.png (valid NDCG@10 against the most
     influential option) and OUT/best/ (the best heads, tested once).
     """
-    from llmsrec.heads.sweep import sweep as run_sweep
+    from llmsrec.experiments.sweep import sweep as run_sweep
 
     data, cache_path, base = _run_parts(run_dir, data_dir, cache)
     if out is None:

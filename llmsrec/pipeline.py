@@ -31,10 +31,8 @@ import numpy as np
 from llmsrec.atomic import atomic_file, write_json
 
 from llmsrec.errors import InputError
-from llmsrec.precompute.llm import sha256_file
+from llmsrec.run_layout import STAGE_DIRS, file_digest
 
-STAGES = ("prepare", "sasrec", "precompute", "train", "evaluate")
-STAGE_DIRS = {"prepare": "data", "sasrec": "sasrec", "precompute": "cache", "train": "heads"}
 METRIC_KEYS = ("NDCG@10", "NDCG@20", "HR@10", "HR@20")
 
 #: SASRec options of ``llmsrec run`` (the ``sasrec train`` defaults).
@@ -49,18 +47,6 @@ PRECOMPUTE_DEFAULTS = dict(views=("train", "valid", "test"), history_window=10, 
 
 def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x, default=str))
-
-
-_DIGESTS: dict = {}
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 hex of a file's bytes (memoised per path, size and mtime within a process)."""
-    st = Path(path).stat()
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = sha256_file(path)
-    return _DIGESTS[key]
 
 
 def input_fingerprint(path: str | Path) -> str:
@@ -228,7 +214,7 @@ def teacher_shuffled_metrics(ds, cache) -> dict:
     """The CF-SRec teacher's test metrics on the shuffled test view: its cached O_u of the
     permuted inputs (``/users/test-shuffled/cf``) against E on the stored candidates."""
     from llmsrec.cache import open_cache
-    from llmsrec.evaluate.metrics import ranking_metrics
+    from llmsrec.metrics import ranking_metrics
 
     with open_cache(cache) as c:
         o_u, e = c.user_cf("test-shuffled"), c.item_cf()
@@ -442,7 +428,7 @@ def extend_run_cache(run_dir: str | Path, views, *, progress: bool = True,
 
     Args:
         run_dir: a folder written by :func:`run_pipeline`.
-        views: view names (``llmsrec.precompute.prompts.ALL_VIEWS``) that must be present.
+        views: view names (``llmsrec.data.views.ALL_VIEWS``) that must be present.
         trust_remote_code: the running command's flag; the run folder's recorded value
             never allows the model's code by itself.
     Returns:

@@ -13,7 +13,7 @@ from llmsrec.cfsrec import load_sasrec, pad_left, train_sasrec
 from llmsrec.cli import main
 from llmsrec.data import prepare_from_interactions
 from llmsrec.evaluate import analyses as A
-from llmsrec.evaluate.analyze import ANALYSES, analyze_run, parse_only, parse_seeds
+from llmsrec.experiments.analyze import ANALYSES, analyze_run, parse_only, parse_seeds
 from llmsrec.errors import InputError
 from llmsrec.heads.train import train_heads
 from llmsrec.precompute.prompts import build_view
@@ -192,7 +192,7 @@ def test_report_on_an_order_blind_llm(run_dir, tmp_path):
 
 def test_sasrec_outputs_match_the_cached_teacher(run_dir, tmp_path):
     from llmsrec.cache import open_cache
-    from llmsrec.evaluate.analyze import RunAnalysis
+    from llmsrec.experiments.analyze import RunAnalysis
 
     ra = RunAnalysis(run_dir, tmp_path, [0], progress=False, log=lambda m: None)
     o = ra.sasrec(0)

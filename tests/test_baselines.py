@@ -28,7 +28,7 @@ from llmsrec.baselines import (
 )
 from llmsrec.baselines.common import BaselineTrainer, baseline_record, initial_inputs, metrics_of, save_baseline
 from llmsrec.errors import InputError
-from llmsrec.heads.e2e import E2EOptions, _length_batches, backward_through_llm, forward_with_grad
+from llmsrec.e2e.loop import E2EOptions, _length_batches, backward_through_llm, forward_with_grad
 from llmsrec.heads.train import TrainConfig
 from llmsrec.precompute.llm import HISTORY_EMB, ITEM_OUT, USER_OUT
 from llmsrec.precompute.prompts import build_view, format_date, item_prompt

@@ -314,19 +314,19 @@ def test_trainer_option_errors(walk_ds, tmp_path):
 
 
 def test_any_cfsrec_is_a_precompute_teacher(tmp_path):
-    from llmsrec.precompute.run import _load_sasrec, _sasrec_users
+    from llmsrec.cfsrec.teacher import load_teacher, teacher_user_reps
 
     m = _model("bert4rec").eval()
     save_cfsrec(m, tmp_path)
-    teacher, digest = _load_sasrec(tmp_path)
+    teacher, digest = load_teacher(tmp_path)
     assert isinstance(teacher, BERT4Rec) and len(digest) == 64
     inputs = [np.array([], dtype=np.int64), np.array([3, 4, 5]), np.array([9])]
-    got = _sasrec_users(teacher, inputs, [1, 0, 2])
+    got = teacher_user_reps(teacher, inputs, [1, 0, 2])
     with torch.no_grad():
         expected = m.user_representation(pad_left([inputs[1], inputs[2]], 20)).numpy()
     assert np.allclose(got[[0, 2]], expected, atol=1e-6)
     assert not got[1].any()  # an empty input gets zeros
-    assert isinstance(_load_sasrec(_model("gru4rec"))[0], GRU4Rec)
+    assert isinstance(load_teacher(_model("gru4rec"))[0], GRU4Rec)
 
 
 def test_cli_cfsrec_train_and_evaluate(walk_ds, tmp_path):

@@ -14,7 +14,7 @@ from llmsrec.cfsrec import evaluate_cfsrec
 from llmsrec.cli import main
 from llmsrec.data import prepare_from_interactions
 from llmsrec.errors import InputError
-from llmsrec.evaluate.compare import compare, format_compare_md, parse_models, parse_seeds
+from llmsrec.experiments.compare import compare, format_compare_md, parse_models, parse_seeds
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -215,7 +215,7 @@ def _tiny_llm():
 
 def test_llmsrec_column_with_a_gru4rec_teacher(ds, tmp_path):
     from llmsrec.cache import open_cache
-    from llmsrec.precompute.llm import sha256_file
+    from llmsrec.atomic import sha256_file
 
     llm = _tiny_llm()
     out = tmp_path / "ll"

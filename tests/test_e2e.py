@@ -13,7 +13,7 @@ from test_precompute import _tiny_dataset, _tiny_llama_folder, _tiny_llm, _tiny_
 
 from llmsrec.cache import open_cache
 from llmsrec.errors import InputError
-from llmsrec.heads.e2e import (
+from llmsrec.e2e.loop import (
     E2EData,
     E2EOptions,
     E2ETrainer,

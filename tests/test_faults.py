@@ -719,7 +719,8 @@ def test_verify_checks_run_stages_and_checkpoints(sasrec_ckpt, tmp_path):
     from click.testing import CliRunner
 
     from llmsrec.cli import main
-    from llmsrec.pipeline import Stage, file_digest
+    from llmsrec.pipeline import Stage
+    from llmsrec.run_layout import file_digest
 
     run = tmp_path / "run"
     import shutil

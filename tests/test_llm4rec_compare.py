@@ -19,8 +19,8 @@ from llmsrec.cli import main
 from llmsrec.data import prepare_from_interactions
 from llmsrec.errors import InputError
 from llmsrec.evaluate import analyses as A
-from llmsrec.evaluate.analyze import analyze_run, parse_llm4rec
-from llmsrec.evaluate.compare import (
+from llmsrec.experiments.analyze import analyze_run, parse_llm4rec
+from llmsrec.experiments.compare import (
     LLM4REC_DEFAULTS,
     cf_shuffled_metrics,
     compare,
@@ -28,7 +28,7 @@ from llmsrec.evaluate.compare import (
     llm4rec_train_options,
     parse_models,
 )
-from llmsrec.precompute.llm import sha256_file
+from llmsrec.atomic import sha256_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import rankdata
 
-from llmsrec.evaluate.metrics import metrics_from_ranks, positive_ranks, ranking_metrics
+from llmsrec.metrics import metrics_from_ranks, positive_ranks, ranking_metrics
 from llmsrec.evaluate.report import format_table
 
 

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from llmsrec.errors import InputError
-from llmsrec.pipeline import Stage, file_digest, format_results_md, input_fingerprint
+from llmsrec.pipeline import Stage, format_results_md, input_fingerprint
+from llmsrec.run_layout import file_digest
 
 
 def test_stage_reuse_rules(tmp_path):

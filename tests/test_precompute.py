@@ -16,8 +16,9 @@ from llmsrec.precompute import precompute
 from llmsrec.precompute.engine import forward_batch, make_batches, tokenize_prompts
 from llmsrec.precompute.fit import fit_moment_matched, fit_ridge
 from llmsrec.precompute.llm import HISTORY_EMB, ITEM_OUT, USER_OUT, load_llm
+from llmsrec.data.views import ALL_VIEWS
 from llmsrec.precompute.prompts import (
-    ALL_VIEWS, TEMPLATE_VERSION, build_view, format_date, item_prompt, user_prompt,
+    TEMPLATE_VERSION, build_view, format_date, item_prompt, user_prompt,
 )
 
 W = 4  # history window in these tests (users have 5..9 interactions)

@@ -20,8 +20,9 @@ from llmsrec.heads.train import evaluate_heads, load_cached_tensors, train_heads
 from llmsrec.precompute import precompute
 from llmsrec.precompute.engine import TokenizedPrompt, forward_batch, tokenize_prompts
 from llmsrec.precompute.llm import ITEM_OUT, USER_OUT
+from llmsrec.data.views import PREFIX_VIEW
 from llmsrec.precompute.prompts import (
-    PREFIX_VIEW, TEMPLATES, TEMPLATE_VERSION, build_prefix_view, build_view, item_prompt,
+    TEMPLATES, TEMPLATE_VERSION, build_prefix_view, build_view, item_prompt,
 )
 from llmsrec.precompute.readouts import (
     as_tree, build_tree, forward_readouts, tokenize_tree, tree_mask,

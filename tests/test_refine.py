@@ -11,8 +11,8 @@ from test_precompute import _tiny_dataset, _tiny_llm, _tiny_sasrec
 
 from llmsrec.cache import open_cache
 from llmsrec.errors import InputError
-from llmsrec.heads.e2e import LLMInputs, forward_with_grad
-from llmsrec.heads.refine import PrefixCache, refine_tokens, single_position_states
+from llmsrec.e2e.loop import LLMInputs, forward_with_grad
+from llmsrec.e2e.refine import PrefixCache, refine_tokens, single_position_states
 from llmsrec.heads.train import train_heads
 from llmsrec.precompute import precompute
 from llmsrec.precompute.engine import tokenize_prompts

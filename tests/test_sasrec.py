@@ -251,7 +251,7 @@ def test_existing_out_needs_force(next_item_ds, tmp_path):
 
 
 def test_evaluate_split_matches_manual_scoring(next_item_ds):
-    from llmsrec.evaluate.metrics import ranking_metrics
+    from llmsrec.metrics import ranking_metrics
 
     m = _model(maxlen=16).eval()
     inputs, _ = next_item_ds.view("test")

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from llmsrec.cli import main
 from llmsrec.errors import InputError
-from llmsrec.heads.sweep import expand_grid, load_grid, sweep
+from llmsrec.experiments.sweep import expand_grid, load_grid, sweep
 from test_heads_cache import ds, write_cache  # noqa: F401  (module fixture + cache builder)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,7 +1,7 @@
 """The paper's LLM4Rec baselines (Sec. 2, Table 2) in the Next Item Retrieval approach.
 
 TALLRec, LLaRA, CoLLM (LoRA-fine-tuned LLM) and A-LLMRec (frozen LLM, two stages), each
-trained with L_Retrieval (Eq. 1) in the e2e loop of :mod:`llmsrec.heads.e2e`: the LLM runs
+trained with L_Retrieval (Eq. 1) in the e2e loop of :mod:`llmsrec.e2e.loop`: the LLM runs
 on every step's prompts, so none of them can use the HDF5 cache (LoRA changes the LLM).
 One module per model (its prompt template and simplifications against the original), the
 shared trainer / LoRA / checkpoint plumbing in :mod:`llmsrec.baselines.common`.

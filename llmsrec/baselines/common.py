@@ -17,11 +17,11 @@ CoLLM     (c) user slot + (b)          f_U(O_u), f_I(E_i)                LoRA
 A-LLMRec  (c) user slot + (b)          f_U(O_u), f_I(enc(E_i)) (stage 1) frozen
 ========  ===========================  ================================  ==============
 
-They run in the e2e loop (:mod:`llmsrec.heads.e2e`): the LLM runs on every step's prompts.
+They run in the e2e loop (:mod:`llmsrec.e2e.loop`): the LLM runs on every step's prompts.
 **They cannot use the HDF5 cache**: LoRA changes the LLM's states at every step, and
 CoLLM/A-LLMRec's soft tokens change with f_U/f_I; so there is no ``--cache`` for them.
 
-Mechanics reused from e2e mode (:mod:`llmsrec.heads.e2e`): ``E2EData`` (tokenized prompts,
+Mechanics reused from e2e mode (:mod:`llmsrec.e2e.loop`): ``E2EData`` (tokenized prompts,
 stored candidates), ``fit_e2e`` (schedule, validation every tenth of an epoch, early
 stopping, best-on-validation state, test once), ``E2ETrainer`` (one step through the LLM,
 gradient caching), ``compute_states`` (no-grad states for evaluation), the heads and
@@ -68,7 +68,7 @@ from torch import nn
 
 from llmsrec.atomic import atomic_dir, atomic_file, write_json
 from llmsrec.errors import InputError
-from llmsrec.heads.e2e import (
+from llmsrec.e2e.loop import (
     E2E_DEFAULT_NEGATIVES,
     TEACHER_DIR,
     E2EData,
@@ -335,7 +335,7 @@ def build_item_prompts(ds, model: str) -> list[Prompt]:
 
 @dataclass
 class BaselineData(E2EData):
-    """:class:`~llmsrec.heads.e2e.E2EData` plus the per-view CF user representations.
+    """:class:`~llmsrec.e2e.loop.E2EData` plus the per-view CF user representations.
 
     Attributes:
         model: ``--model`` name. views: the loaded views, in order (``k`` of
@@ -364,8 +364,9 @@ def load_baseline_data(ds, sasrec, llm: LoadedLLM, model: str, *, history_window
             unknown view, prompts too long for the model.
     """
     from llmsrec import __version__
-    from llmsrec.precompute.prompts import check_view, default_verb, template_text
-    from llmsrec.precompute.run import _load_sasrec, _sasrec_users
+    from llmsrec.data.views import check_view
+    from llmsrec.precompute.prompts import default_verb, template_text
+    from llmsrec.cfsrec.teacher import load_teacher, teacher_user_reps
     from llmsrec.precompute.engine import tokenize_prompts
 
     spec = get_spec(model)
@@ -380,7 +381,7 @@ def load_baseline_data(ds, sasrec, llm: LoadedLLM, model: str, *, history_window
             raise InputError(f"--model {model}: needs a CF-SRec checkpoint (--sasrec)")
         sas, sas_digest, E = None, None, np.zeros((n + 1, 1), dtype=np.float32)
     else:
-        sas, sas_digest = _load_sasrec(sasrec)
+        sas, sas_digest = load_teacher(sasrec)
         E = sas.item_embeddings().detach().float().cpu().numpy()
         if E.shape[0] != n + 1:
             raise InputError(f"SASRec has {E.shape[0] - 1} items, the dataset {n}: "
@@ -399,7 +400,7 @@ def load_baseline_data(ds, sasrec, llm: LoadedLLM, model: str, *, history_window
         user_toks[v] = per_user
         cf = np.zeros((u_n + 1, d_cf), dtype=np.float32)
         if sas is not None:
-            cf[1:] = _sasrec_users(sas, vp.cf_inputs, list(range(1, u_n + 1)))
+            cf[1:] = teacher_user_reps(sas, vp.cf_inputs, list(range(1, u_n + 1)))
         if user_cf is not None:
             user_cf[k * (u_n + 1) : (k + 1) * (u_n + 1)] = cf
         if v == "train":
@@ -441,7 +442,7 @@ class BaselineInputs(LLMInputs):
     """What trains at the LLM's input (and inside it, for LoRA models).
 
     Attributes:
-        f_I: :class:`~llmsrec.heads.e2e.ItemProjection` of the item features ``E`` (SASRec E;
+        f_I: :class:`~llmsrec.e2e.loop.ItemProjection` of the item features ``E`` (SASRec E;
             A-LLMRec: the stage-1 aligned embeddings), or None (TALLRec: no item slots).
         f_U: projection of the CF user representation (CoLLM, A-LLMRec), or None.
         user_out, item_out: ``nn.Parameter`` float32 ``(d_llm,)``.
@@ -542,7 +543,7 @@ def initial_inputs(spec: BaselineSpec, llm: LoadedLLM, data: BaselineData, featu
 
 
 class BaselineTrainer(E2ETrainer):
-    """:class:`~llmsrec.heads.e2e.E2ETrainer` with LoRA dropout on during training steps.
+    """:class:`~llmsrec.e2e.loop.E2ETrainer` with LoRA dropout on during training steps.
 
     Each step runs with the adapters' dropout in training mode and the torch generator
     seeded from (seed, step number) inside a fork, so masks are reproducible and the global
@@ -615,12 +616,12 @@ class BaselineFit:
     """What :func:`fit_baseline` returns.
 
     Attributes:
-        fit: :class:`~llmsrec.heads.e2e.E2EFit` (selected heads/inputs, history, test
+        fit: :class:`~llmsrec.e2e.loop.E2EFit` (selected heads/inputs, history, test
             metrics, ``trainer`` holding the selected state, ``item_states``).
         data: the :class:`BaselineData` trained on; spec: the model's :class:`BaselineSpec`.
         llm: the LLM (with the trained LoRA weights for LoRA models).
         config, options: the :class:`~llmsrec.heads.train.TrainConfig` and
-            :class:`~llmsrec.heads.e2e.E2EOptions` used; lora / stage1: their options (or None).
+            :class:`~llmsrec.e2e.loop.E2EOptions` used; lora / stage1: their options (or None).
         stage_arrays, stage_record: stage-1 weights to save and its record (A-LLMRec).
         load_seconds: LLM load, prompts, CF-SRec and stage 1.
     """
@@ -716,7 +717,7 @@ def train_baseline(model: str, ds, sasrec, out, *, force: bool = False, progress
         lora: :class:`LoraOptions` (or dict) for LoRA models; an error for A-LLMRec.
         stage1: A-LLMRec's :class:`~llmsrec.baselines.allmrec.Stage1Options` (or dict).
         **opts: :class:`~llmsrec.heads.train.TrainConfig` and
-            :class:`~llmsrec.heads.e2e.E2EOptions` fields (``distill``/``uniform`` must stay off).
+            :class:`~llmsrec.e2e.loop.E2EOptions` fields (``distill``/``uniform`` must stay off).
     Returns:
         The ``results.json`` dict: e2e mode's keys (``model`` = the paper's name, ``mode`` =
         ``e2e``, ``valid``, ``test``, ``best``, ``steps``, ``timings``, ``config``, ``e2e``) plus

@@ -56,7 +56,7 @@ from llmsrec.cache.verify import (
     CHECKSUMS, damaged_build, progress_groups, read_checked, record_written, seal, unverified_groups, write_row_checksums,
 )
 from llmsrec.errors import InputError
-from llmsrec.precompute.prompts import ALL_VIEWS, PREFIX_VIEW
+from llmsrec.data.views import ALL_VIEWS, PREFIX_VIEW
 
 VIEW_ORDER = ALL_VIEWS + (PREFIX_VIEW,)  # the order reader.views lists views in
 

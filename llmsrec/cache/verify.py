@@ -256,7 +256,7 @@ def verify_path(path, log=print) -> list[str]:
     """
     import json
 
-    from llmsrec.pipeline import STAGE_DIRS, file_digest
+    from llmsrec.run_layout import STAGE_DIRS, file_digest
 
     path = Path(path)
     if not path.exists():

@@ -4,6 +4,7 @@ from llmsrec.cfsrec.bert4rec import BERT4Rec, BERT4RecConfig
 from llmsrec.cfsrec.gru4rec import GRU4Rec, GRU4RecConfig
 from llmsrec.cfsrec.nextitnet import NextItNet, NextItNetConfig
 from llmsrec.cfsrec.sasrec import SASRec, SASRecConfig, pad_left
+from llmsrec.cfsrec.teacher import load_teacher, teacher_user_reps
 from llmsrec.cfsrec.train import (
     MODELS,
     evaluate_cfsrec,
@@ -37,4 +38,6 @@ __all__ = [
     "load_sasrec",
     "evaluate_sasrec",
     "evaluate_split",
+    "load_teacher",
+    "teacher_user_reps",
 ]

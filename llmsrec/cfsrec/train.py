@@ -41,7 +41,7 @@ from llmsrec.cfsrec.gru4rec import GRU4Rec, GRU4RecConfig
 from llmsrec.cfsrec.nextitnet import NextItNet, NextItNetConfig
 from llmsrec.cfsrec.sasrec import SASRec, SASRecConfig, pad_left
 from llmsrec.errors import InputError
-from llmsrec.evaluate.metrics import ranking_metrics
+from llmsrec.metrics import ranking_metrics
 
 if TYPE_CHECKING:  # pragma: no cover
     from llmsrec.data import PreparedDataset

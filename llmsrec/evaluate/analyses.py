@@ -1,6 +1,6 @@
 """The measurements behind the paper's sequence-understanding analyses, as pure functions.
 
-Each takes arrays and returns numbers; ``llmsrec.evaluate.analyze`` feeds them from a run
+Each takes arrays and returns numbers; ``llmsrec.experiments.analyze`` feeds them from a run
 folder and writes the report. Sources: Sec. 2.3 (shuffled training/inference,
 representation similarity), Sec. 4.1.2 footnote 3 (t-score), Sec. 4.1.3 (warm/cold items),
 Appendix F.4 (over-smoothing).
@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from llmsrec.evaluate.metrics import ranking_metrics
+from llmsrec.metrics import ranking_metrics
 
 __all__ = [
     "change_ratio",

@@ -7,7 +7,7 @@ f_user(h_u) . f_item(h_i)) is ranked here in blocks of users, with the history m
 
 rank = number of catalogue items (1..N) outside the history and other than the target
 whose score is >= the target's (ties count against the model, as in
-:func:`llmsrec.evaluate.metrics.positive_ranks`).
+:func:`llmsrec.metrics.positive_ranks`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from llmsrec.evaluate.metrics import metrics_from_ranks
+from llmsrec.metrics import metrics_from_ranks
 
 __all__ = ["full_ranks", "full_metrics"]
 

@@ -181,7 +181,7 @@ def load_cached_tensors(ds, cache_path, eval_views=("valid", "test"), *, user_re
             have (one line naming it), or the cache was built for another dataset.
     """
     from llmsrec.cache import open_cache
-    from llmsrec.precompute.prompts import PREFIX_VIEW
+    from llmsrec.data.views import PREFIX_VIEW
 
     ds = _as_dataset(ds)
     prefixes = int(prefixes)
@@ -474,7 +474,7 @@ def _score_sharded(heads: LLMSRecHeads, user_hidden, item_hidden, candidates, ra
 
 def evaluate_on_tensors(heads: LLMSRecHeads, data: CachedTensors, views=("valid", "test")) -> dict:
     """NDCG@10/20 and HR@10/20 (``ranking_metrics``) for each requested view present in ``data``."""
-    from llmsrec.evaluate.metrics import ranking_metrics
+    from llmsrec.metrics import ranking_metrics
 
     out = {}
     for v in views:
@@ -676,7 +676,7 @@ def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: 
     """
     from tqdm import tqdm
 
-    from llmsrec.evaluate.metrics import ranking_metrics
+    from llmsrec.metrics import ranking_metrics
 
     dev = device if isinstance(device, torch.device) else resolve_device(str(device))
     group = dd.active()

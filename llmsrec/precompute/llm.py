@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmsrec.atomic import sha256_file
 from llmsrec.devices import hpu_lazy_mode, resolve_device  # noqa: F401  (re-exported)
 from llmsrec.distributed import local_device
 from llmsrec.errors import InputError
@@ -38,15 +39,6 @@ def cache_dir() -> Path:
     """The llmsrec cache folder: ``$LLMSREC_CACHE_DIR`` if set, else ``~/.cache/llmsrec``."""
     env = os.environ.get("LLMSREC_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "llmsrec"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes (streamed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def recorded_trust(record, options: dict, given: bool) -> bool:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llmsrec.data.views import check_view, view_permutation
 from llmsrec.errors import InputError
 from llmsrec.precompute.llm import HISTORY_EMB, ITEM_OUT, SPECIAL_TOKENS, USER_OUT
 
@@ -64,9 +65,6 @@ def has_user_rep(version: str) -> bool:
     """True when the template's user prompt carries the CF-SRec user representation."""
     return TEMPLATES[version]["user_open"].count(HISTORY_EMB) > 0
 
-BASE_VIEWS = ("train", "valid", "test")
-ALL_VIEWS = ("train", "valid", "test", "train-shuffled", "valid-shuffled", "test-shuffled")
-_VIEW_SALT = {"train": 11, "valid": 12, "test": 13}  # decorrelates the views' permutations
 
 
 def template_text(version: str = TEMPLATE_VERSION) -> str:
@@ -152,17 +150,6 @@ def item_prompt(titles, iid: int, *, version: str = TEMPLATE_VERSION) -> Prompt:
                          "(--history-window does not change item prompts)")
 
 
-def view_permutation(seed: int, view: str, uid: int, k: int) -> np.ndarray:
-    """The seeded permutation of a shuffled view's window: int ``(k,)``.
-
-    It depends only on (seed, base view, uid, k), so any subset of users, in any order,
-    gets the same permutations.
-    """
-    base = view.removesuffix("-shuffled")
-    rng = np.random.default_rng([int(seed), _VIEW_SALT[base], int(uid)])
-    return rng.permutation(k)
-
-
 @dataclass
 class ViewPrompts:
     """The prompts of one view for users 1..U.
@@ -183,12 +170,6 @@ class ViewPrompts:
     targets: np.ndarray
     cf_inputs: list
     permutation: np.ndarray | None
-
-
-def check_view(view: str) -> str:
-    if view not in ALL_VIEWS:
-        raise InputError(f"view {view!r}: expected one of {', '.join(ALL_VIEWS)}")
-    return view
 
 
 def build_view(ds, view: str, *, history_window: int = 10, verb: str | None = None,
@@ -245,10 +226,6 @@ def build_view(ds, view: str, *, history_window: int = 10, verb: str | None = No
                              f"seconds?); prepare the data again with --timestamp-unit ms") from None
     return ViewPrompts(view=view, prompts=prompts, targets=np.asarray(targets, dtype=np.int64),
                        cf_inputs=cf_inputs, permutation=perm)
-
-
-#: the view of prefix training samples (paper Appendix F.5); its K is in the cache provenance
-PREFIX_VIEW = "train-prefix"
 
 
 @dataclass

@@ -239,7 +239,8 @@ def run_sharded(ctx: Context, job, *, assemble: str = "copy") -> Path:
             with a line pointing at it), or shards left by another run (pass --force).
     """
     from llmsrec.cache.store import CacheWriter
-    from llmsrec.precompute.run import _digest_arrays, setup_cache, summary
+    from llmsrec.atomic import digest_arrays
+    from llmsrec.precompute.job import setup_cache, summary
 
     rank, world = ctx.rank, ctx.world
     log = lambda m: job.log(f"[rank {rank}/{world}] {m}")  # noqa: E731
@@ -274,8 +275,8 @@ def run_sharded(ctx: Context, job, *, assemble: str = "copy") -> Path:
                 remove_unused_shards(job.out, log)
             return job.out
         W, b, user_out, item_out = fixed
-        prov = {**job.prov, "f_I_sha256": _digest_arrays(W, b),
-                "token_embeddings_sha256": _digest_arrays(user_out, item_out)}
+        prov = {**job.prov, "f_I_sha256": digest_arrays(W, b),
+                "token_embeddings_sha256": digest_arrays(user_out, item_out)}
         stats = compute_shard(ctx, job, need, tuple(fixed), prov, vps, log)
         ctx.barrier()
         every = _gather_stats(ctx, stats)
@@ -305,7 +306,7 @@ def compute_shard(ctx: Context, job, need: list[str], fixed: tuple, prov: dict, 
             ``--force``).
     """
     from llmsrec.cache.store import CacheWriter
-    from llmsrec.precompute.run import group_prompts, plan_chunks, run_plan
+    from llmsrec.precompute.job import group_prompts, plan_chunks, run_plan
 
     none = {"prompts": 0, "real": 0, "padded": 0, "wall": 0.0}
     path = shard_path(job.out, ctx.rank, ctx.world)

@@ -19,7 +19,7 @@ embedding t (DESIGN.md, "The cache-first idea, exactly"). A refinement round the
 ``train_fi``: f_I sits in the prefix (its soft tokens replace ``[HistoryEmb]``), so its
 gradient needs the prefix recomputed with a graph at every step; with ``train_fi`` each
 step runs the full prompts forward and backward (the e2e path,
-:func:`llmsrec.heads.e2e.backward_through_llm`), and the prefix cache is not used.
+:func:`llmsrec.e2e.loop.backward_through_llm`), and the prefix cache is not used.
 
 Cost model (T_u, T_i: mean user / item prompt length in tokens; n_u, n_i: sampled users /
 pool items; S steps of B users; L layers, K key/value heads of width d_h; SmolLM2-135M:
@@ -54,7 +54,7 @@ import torch
 
 from llmsrec.atomic import atomic_dir, write_json
 from llmsrec.errors import InputError
-from llmsrec.heads.e2e import LLMInputs, _as_float, backward_through_llm
+from llmsrec.e2e.loop import LLMInputs, _as_float, backward_through_llm
 from llmsrec.heads.losses import full_retrieval_loss, total_loss
 from llmsrec.heads.model import load_heads
 from llmsrec.heads.train import LOSS_TERMS, TrainConfig
@@ -215,7 +215,7 @@ def refine_tokens(ds, cache, heads_dir, sasrec, out, *, llm: str | LoadedLLM | N
     from llmsrec.precompute.llm import load_llm
     from llmsrec.precompute.params import write_params
     from llmsrec.precompute.prompts import build_view, item_prompt
-    from llmsrec.precompute.run import _load_sasrec
+    from llmsrec.cfsrec.teacher import load_teacher
 
     log = log or (lambda m: print(m, file=sys.stderr))
     for name, v in (("users", users), ("items", items), ("steps", steps), ("batch_size", batch_size)):
@@ -244,7 +244,7 @@ def refine_tokens(ds, cache, heads_dir, sasrec, out, *, llm: str | LoadedLLM | N
         raise InputError(f"{cache}: provenance field 'dataset_sha256' differs from {ds.root}")
     sas_digest = None
     if refresh:
-        _, sas_digest = _load_sasrec(sasrec)
+        _, sas_digest = load_teacher(sasrec)
         if sas_digest != prov.get("sasrec_sha256"):
             raise InputError(f"{cache}: provenance field 'sasrec_sha256' differs from {sasrec}")
     if not isinstance(llm, LoadedLLM):
@@ -317,7 +317,7 @@ def refine_tokens(ds, cache, heads_dir, sasrec, out, *, llm: str | LoadedLLM | N
 
     def sample_loss() -> dict:
         """Mean loss terms over the whole sample with the current tokens (and f_I), no grad."""
-        from llmsrec.heads.e2e import compute_states
+        from llmsrec.e2e.loop import compute_states
 
         acc = {t: 0.0 for t in LOSS_TERMS}
         with torch.no_grad():

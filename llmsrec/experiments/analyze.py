@@ -62,7 +62,7 @@ import numpy as np
 from llmsrec.atomic import atomic_file, write_json
 from llmsrec.errors import InputError
 from llmsrec.evaluate import analyses as A
-from llmsrec.evaluate.metrics import ranking_metrics
+from llmsrec.metrics import ranking_metrics
 
 ANALYSES = (
     "shuffled-inference",
@@ -173,7 +173,7 @@ class RunAnalysis:
         llm4rec: LLM4Rec baselines to include (:data:`LLM4REC` names).
         llm4rec_options: their TrainConfig / E2EOptions fields (budget: ``max_steps``,
             ``eval_users``, ``epochs``, ...; ``device``, ``threads``, ``batch_tokens``) plus
-            ``lora`` / ``stage1`` dicts, over ``llmsrec.evaluate.compare.LLM4REC_DEFAULTS``;
+            ``lora`` / ``stage1`` dicts, over ``llmsrec.experiments.compare.LLM4REC_DEFAULTS``;
             the history window is always the run's.
         llm: their LLM: a name or folder (default: the run's, from the cache provenance) or
             a ``LoadedLLM`` (deep-copied for every model: LoRA is injected in place).
@@ -208,7 +208,7 @@ class RunAnalysis:
         except (OSError, ValueError, KeyError) as e:
             raise InputError(f"{self.run}: cannot read sasrec/results.json or heads/heads_config.json ({e})") from None
         self.run_seed = int(self.sasrec_results.get("train", {}).get("seed", 0))
-        from llmsrec.evaluate.compare import llm4rec_train_options
+        from llmsrec.experiments.compare import llm4rec_train_options
 
         self.llm4rec = tuple(llm4rec)
         self.b_opts, self.b_lora, self.b_stage1 = llm4rec_train_options(llm4rec_options)
@@ -396,7 +396,7 @@ class RunAnalysis:
 
     def baseline_stamp(self, name: str, seed: int, shuffled_training: bool) -> dict:
         from llmsrec.baselines import get_spec
-        from llmsrec.precompute.llm import sha256_file
+        from llmsrec.atomic import sha256_file
 
         spec = get_spec(name)
         return json.loads(json.dumps({
@@ -421,7 +421,7 @@ class RunAnalysis:
             return self._memo[key]
         from llmsrec.baselines import ViewScores, baseline_scores, fit_baseline, get_spec, view_scores
         from llmsrec.baselines.common import baseline_record, metrics_of, save_baseline
-        from llmsrec.evaluate.compare import fresh_llm
+        from llmsrec.experiments.compare import fresh_llm
 
         spec = get_spec(name)
         d = self.out / "models" / f"{name}{'-shuffled-training' if shuffled_training else ''}-seed{seed}"

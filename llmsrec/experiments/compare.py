@@ -172,7 +172,7 @@ def _metrics(scores: np.ndarray) -> dict[str, float]:
     """``ranking_metrics`` as floats, keeping torch's thread count (numba may reset it)."""
     import torch
 
-    from llmsrec.evaluate.metrics import ranking_metrics
+    from llmsrec.metrics import ranking_metrics
 
     threads = torch.get_num_threads()
     try:
@@ -227,7 +227,7 @@ def llm4rec_train_options(options: dict | None, precompute_options: dict | None 
     """Split ``llm4rec_options`` into (trainer keywords, LoRA dict, stage-1 dict).
 
     Trainer keywords are :class:`~llmsrec.heads.train.TrainConfig` and
-    :class:`~llmsrec.heads.e2e.E2EOptions` fields over :data:`LLM4REC_DEFAULTS`; the LLM
+    :class:`~llmsrec.e2e.loop.E2EOptions` fields over :data:`LLM4REC_DEFAULTS`; the LLM
     options LLM-SRec's precompute uses (``history_window``, ``batch_tokens``, ``device``,
     ``dtype``, ``num_threads`` -> ``threads``, ``fi``) are the defaults of the same-named
     fields. None values are dropped.
@@ -237,7 +237,7 @@ def llm4rec_train_options(options: dict | None, precompute_options: dict | None 
     """
     from dataclasses import fields
 
-    from llmsrec.heads.e2e import E2EOptions
+    from llmsrec.e2e.loop import E2EOptions
     from llmsrec.heads.train import TrainConfig
 
     opts = {k: v for k, v in (options or {}).items() if v is not None}
@@ -301,7 +301,7 @@ def compare(
         head_options: :class:`llmsrec.heads.train.TrainConfig` fields for LLM-SRec (the
             seed is set per run).
         llm4rec_options: for every LLM4Rec baseline, :class:`~llmsrec.heads.train.TrainConfig`
-            and :class:`~llmsrec.heads.e2e.E2EOptions` fields over :data:`LLM4REC_DEFAULTS`
+            and :class:`~llmsrec.e2e.loop.E2EOptions` fields over :data:`LLM4REC_DEFAULTS`
             (budget: ``max_steps``, ``eval_users``, ``epochs``, ...), plus ``lora`` (dict of
             :class:`~llmsrec.baselines.LoraOptions` fields, TALLRec/LLaRA/CoLLM) and ``stage1``
             (A-LLMRec's :class:`~llmsrec.baselines.Stage1Options` fields).
@@ -467,7 +467,7 @@ def _run_baseline(ds, out: Path, name: str, seed: int, *, teacher_dir, llm, opti
                   stage1: dict, force: bool, progress: bool, log) -> dict:
     """Train (or reuse) one LLM4Rec baseline run and return its compare entry."""
     from llmsrec.baselines import get_spec, train_baseline
-    from llmsrec.precompute.llm import sha256_file
+    from llmsrec.atomic import sha256_file
 
     spec = get_spec(name)
     run_dir = out / f"{name}-seed{seed}"
@@ -502,7 +502,7 @@ def _run_llmsrec(ds, out: Path, *, seeds, cache, teacher, teacher_dir, llm, prec
 
     from llmsrec.cache import open_cache
     from llmsrec.heads.train import TrainConfig, evaluate_heads, train_heads
-    from llmsrec.precompute.llm import sha256_file
+    from llmsrec.atomic import sha256_file
 
     info: dict = {}
     if cache is None:
@@ -559,7 +559,7 @@ def _run_llmsrec(ds, out: Path, *, seeds, cache, teacher, teacher_dir, llm, prec
 def _find_teacher(digest: str | None, cache: Path, out: Path) -> Path | None:
     """A CF-SRec checkpoint whose weights have ``digest``, looked for in ``llmsrec run``'s
     layout (``cache/../sasrec``) and in OUT's run folders."""
-    from llmsrec.precompute.llm import sha256_file
+    from llmsrec.atomic import sha256_file
 
     candidates = [cache.resolve().parent.parent / "sasrec", *sorted(out.glob("*-seed*"))]
     for d in candidates:

@@ -433,9 +433,9 @@ def load_e2e_data(ds, sasrec, llm: LoadedLLM, *, history_window: int = 10, verb:
     """
     from llmsrec import __version__
     from llmsrec.precompute.prompts import TEMPLATE_VERSION, build_view, default_verb, item_prompt
-    from llmsrec.precompute.run import _load_sasrec, _sasrec_users
+    from llmsrec.cfsrec.teacher import load_teacher, teacher_user_reps
 
-    sas, sas_digest = _load_sasrec(sasrec)
+    sas, sas_digest = load_teacher(sasrec)
     E = sas.item_embeddings().detach().float().cpu().numpy()
     if E.shape[0] != ds.n_items + 1:
         raise InputError(f"SASRec has {E.shape[0] - 1} items, the dataset {ds.n_items}: "
@@ -453,7 +453,7 @@ def load_e2e_data(ds, sasrec, llm: LoadedLLM, *, history_window: int = 10, verb:
         user_toks[v] = per_user
         if v == "train":
             train_cf = np.zeros((ds.n_users + 1, E.shape[1]), dtype=np.float32)
-            train_cf[1:] = _sasrec_users(sas, vp.cf_inputs, list(range(1, ds.n_users + 1)))
+            train_cf[1:] = teacher_user_reps(sas, vp.cf_inputs, list(range(1, ds.n_users + 1)))
             targets = np.asarray(vp.targets, dtype=np.int64)
     if train_cf is None:
         raise InputError("e2e data: the train view is required")
@@ -629,7 +629,7 @@ def metrics_of(scores: np.ndarray) -> dict[str, float]:
     Raises:
         InputError: a score is NaN/inf (training diverged).
     """
-    from llmsrec.evaluate.metrics import ranking_metrics
+    from llmsrec.metrics import ranking_metrics
 
     threads = torch.get_num_threads()
     try:
@@ -906,7 +906,7 @@ def copy_teacher(prov: dict, dest: Path) -> None:
     """
     import shutil
 
-    from llmsrec.precompute.llm import sha256_file
+    from llmsrec.atomic import sha256_file
 
     src = Path(prov["sasrec"])
     dest.mkdir()
