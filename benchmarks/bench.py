@@ -46,8 +46,8 @@ def _numpy_positive_ranks(scores: np.ndarray, chunk: int = 100_000) -> np.ndarra
 
 
 def bench_ranking_metrics(n_users: int = 1_000_000, n_cand: int = 100) -> None:
-    """llmsrec.evaluate.metrics.ranking_metrics vs a numpy argsort reference."""
-    from llmsrec.evaluate.metrics import metrics_from_ranks, positive_ranks, ranking_metrics
+    """llmsrec.metrics.ranking_metrics vs a numpy argsort reference."""
+    from llmsrec.metrics import metrics_from_ranks, positive_ranks, ranking_metrics
 
     print(f"## ranking_metrics: {n_users:,} users x {n_cand} candidates (float32)")
     rng = np.random.default_rng(0)

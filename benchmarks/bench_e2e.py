@@ -2,7 +2,7 @@
 
 On MovieLens-100k with SmolLM2-135M (fp32, CPU unless ``--device``):
 
-* ``e2e``: :class:`llmsrec.heads.e2e.E2ETrainer` steps -- batch 20 users, 3 training
+* ``e2e``: :class:`llmsrec.e2e.loop.E2ETrainer` steps -- batch 20 users, 3 training
   negatives, the frozen LLM forward and backward over the batch's ``train`` prompts and
   their candidates' item prompts, Adam on the heads, f_I and both tokens. ``--steps`` steps
   are timed after one warm-up step and scaled to the epoch's step count; one validation
@@ -46,7 +46,7 @@ def e2e_epoch(ds, sasrec, *, steps: int = 2, device: str = "cpu", dtype: str | N
     """
     import torch
 
-    from llmsrec.heads.e2e import E2EOptions, E2ETrainer, LLMInputs, compute_states, load_e2e_data
+    from llmsrec.e2e.loop import E2EOptions, E2ETrainer, LLMInputs, compute_states, load_e2e_data
     from llmsrec.heads.train import TrainConfig
     from llmsrec.precompute.llm import ITEM_OUT, USER_OUT, load_llm
 

@@ -62,7 +62,7 @@ def cached_epoch(data, repeats: int = 3, train_negatives: int | str = 3) -> dict
     """Seconds of one heads epoch (with its 10 validations) and of one validation."""
     import torch
 
-    from llmsrec.evaluate.metrics import ranking_metrics
+    from llmsrec.metrics import ranking_metrics
     from llmsrec.heads.train import TrainConfig, fit_heads, score_candidates
 
     cfg = TrainConfig(epochs=1, seed=0, train_negatives=train_negatives)

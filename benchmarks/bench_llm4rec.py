@@ -6,7 +6,7 @@ Every model runs its real trainer on the same prompts (SmolLM2-135M, CPU fp32 un
 
 * TALLRec, LLaRA, CoLLM (LoRA r 8 on q/v) and A-LLMRec (frozen LLM, stage 1 first):
   :class:`llmsrec.baselines.common.BaselineTrainer`; LLM-SRec e2e:
-  :class:`llmsrec.heads.e2e.E2ETrainer` (f_I, the two tokens and the heads through the
+  :class:`llmsrec.e2e.loop.E2ETrainer` (f_I, the two tokens and the heads through the
   frozen LLM, Eq. 1-4).
   **train (min/epoch)** = the mean of ``--steps`` steps timed after one warm-up step, times
   the epoch's step count ceil(train users / 20): *scaled* from the measured steps, training
@@ -64,7 +64,7 @@ def _sync(llm):
 
 def _trainer(model: str, ds, sasrec, llm, cfg_kw: dict, opts):
     """(trainer, stage-1 seconds or None) built as ``fit_baseline`` / ``train_e2e`` build them."""
-    from llmsrec.heads.e2e import E2ETrainer, LLMInputs, load_e2e_data
+    from llmsrec.e2e.loop import E2ETrainer, LLMInputs, load_e2e_data
     from llmsrec.heads.train import TrainConfig
 
     if model == "llmsrec-e2e":
@@ -97,7 +97,7 @@ def measure(model: str, ds, sasrec, *, steps: int = 2, batch_size: int = 20, sli
     inference (LLM over every item and test user prompt, scaled from slices by tokens)."""
     import torch
 
-    from llmsrec.heads.e2e import E2EOptions, compute_states, score_states
+    from llmsrec.e2e.loop import E2EOptions, compute_states, score_states
     from llmsrec.precompute.llm import ITEM_OUT, USER_OUT, load_llm
 
     t = time.perf_counter()

@@ -28,7 +28,7 @@ patience = 10
 
 
 def bench() -> None:
-    from llmsrec.heads.sweep import sweep
+    from llmsrec.experiments.sweep import sweep
 
     run = Path(os.environ.get("LLMSREC_BENCH_RUN", "runs/demo"))
     print("## sweep: 8 head variants (paper schedule) on the ml-100k cache")

@@ -16,7 +16,7 @@
    pickled), then scores OUR stored candidates (target + the stored negatives) of every
    user from the same inputs as ours (``seq[:-2]`` for validation, ``seq[:-1]`` for test)
    with RecBole's trained model and computes NDCG@10/20, HR@10/20 with
-   ``llmsrec.evaluate.metrics.ranking_metrics``.
+   ``llmsrec.metrics.ranking_metrics``.
 4. Writes ``benchmarks/results/recbole_peer.json`` and ``.md``: RecBole's numbers beside
    ours (mean ± std from a ``llmsrec compare`` ``compare.json`` given with ``--ours``).
 
@@ -340,7 +340,7 @@ def run(args) -> None:
     import torch
 
     from llmsrec.data import load_prepared
-    from llmsrec.evaluate.metrics import ranking_metrics
+    from llmsrec.metrics import ranking_metrics
 
     ds = load_prepared(args.data)
     out_dir = Path(args.out_dir).resolve()
