@@ -227,7 +227,7 @@ def setup_cache(w, job: Job, *, hidden: bool = True):
 
 
 def _require_readouts(w, job: Job, g: str, n_rows: int, n_slots: int) -> None:
-    """The readout datasets of group ``g`` (docs/internals.md, cache layout)."""
+    """The readout datasets of group ``g`` (docs/cache-schema.md)."""
     if not job.readout_layers:
         return
     nl, d = len(job.readout_layers), job.llm.d_llm

@@ -1,5 +1,5 @@
 """``precompute``: every item prompt and every user prompt of the asked views through the
-frozen LLM once, into the HDF5 cache (cache mode; the layout: docs/internals.md)."""
+frozen LLM once, into the HDF5 cache (cache mode; the schema: docs/cache-schema.md)."""
 
 from __future__ import annotations
 
