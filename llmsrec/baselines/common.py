@@ -86,6 +86,7 @@ from llmsrec.heads.model import load_heads, save_heads
 from llmsrec.heads.train import TrainConfig, plot_history
 from llmsrec.precompute.llm import HISTORY_EMB, ITEM_OUT, USER_OUT, LoadedLLM
 from llmsrec.precompute.prompts import TEMPLATES, USER_REP_ITEM, Prompt
+from llmsrec.training import write_history
 
 #: the ``--model`` names, in the paper's order
 BASELINES = ("tallrec", "llara", "collm", "allmrec")
@@ -804,9 +805,7 @@ def save_baseline(out, bf: BaselineFit, baseline: dict, results: dict, *, force:
             _save_arrays(tmp / ADAPTER_FILE, lora_state(bf.llm), {"model": spec.name, "lora": json.dumps(baseline["lora"])})
         if bf.stage_arrays:
             _save_arrays(tmp / STAGE1_FILE, bf.stage_arrays, {"model": spec.name})
-        with open(tmp / "history.jsonl", "w") as f:
-            for h in fit.history:
-                f.write(json.dumps(h) + "\n")
+        write_history(tmp / "history.jsonl", fit.history)
         plot_history(fit.history, tmp / "training_curve.png", title=f"{spec.display} (e2e, Eq. 1)")
         write_json(tmp / "results.json", results)
 
