@@ -201,24 +201,23 @@ def train_loop(
                             time.perf_counter() - t0, n_valid, metrics, improved)
                 history.append(record(tick))
                 run, run_n = dict.fromkeys(terms, 0.0), 0
+            if due:
+                if improved:
+                    best_value = metrics[select]
+                    kept = copy.deepcopy(state())
+                    best = {"validation": n_valid, "step": steps, "epoch": tick.progress, "metrics": metrics}
+                    bad = 0
+                else:
+                    bad += 1
+                if after_validation is not None:
+                    after_validation(tick)
             if progress:
                 post = {k: f"{shown[k] / b:.4f}" for k in terms}  # the epoch's mean so far
                 if best:
                     post.update({select: f"{best['metrics'][select]:.4f}", "best": best["step"]})
                 bar.set_postfix(post, refresh=False)
                 bar.update()
-            if not due:
-                continue
-            if improved:
-                best_value = metrics[select]
-                kept = copy.deepcopy(state())
-                best = {"validation": n_valid, "step": steps, "epoch": tick.progress, "metrics": metrics}
-                bad = 0
-            else:
-                bad += 1
-            if after_validation is not None:
-                after_validation(tick)
-            if bad >= patience or last:
+            if due and (bad >= patience or last):
                 stopped = bad >= patience
                 epochs_run = epoch + b / batches
                 break
