@@ -11,11 +11,11 @@ from llmsrec.heads.model import load_heads
 from llmsrec.heads.train import (
     CachedTensors,
     TrainConfig,
-    _eval_points,
     evaluate_on_tensors,
     fit_heads,
     train_on_tensors,
 )
+from llmsrec.training import eval_points
 
 SMALL = dict(hidden=32, d_out=16, cf_hidden=16)
 
@@ -62,8 +62,8 @@ def synthetic(n_users=100, n_items=80, d=16, d_cf=6, m=30, noise=0.3, signal=Tru
 
 
 def test_eval_points_every_tenth():
-    assert _eval_points(48, 10) == [5, 10, 15, 20, 24, 29, 34, 39, 44, 48]
-    assert _eval_points(3, 10) == [1, 2, 3]
+    assert eval_points(48, 10) == [5, 10, 15, 20, 24, 29, 34, 39, 44, 48]
+    assert eval_points(3, 10) == [1, 2, 3]
 
 
 def test_planted_signal_is_learned_and_best_is_selected():

@@ -97,6 +97,7 @@ from llmsrec.precompute.prompts import (
     TEMPLATES, USER_REP_ITEM, Prompt, build_view, default_verb, item_prompt, template_text,
 )
 from llmsrec.safetensors_io import save_numpy
+from llmsrec.training import write_history
 
 #: views a baseline loads for training/evaluation (the shuffled test view gives the
 #: shuffled-inference change ratio, Sec. 2.3.2)
@@ -798,9 +799,7 @@ def save_baseline(out, bf: BaselineFit, baseline: dict, results: dict, *, force:
             _save_arrays(tmp / ADAPTER_FILE, lora_state(bf.llm), {"model": spec.name, "lora": json.dumps(baseline["lora"])})
         if bf.stage_arrays:
             _save_arrays(tmp / STAGE1_FILE, bf.stage_arrays, {"model": spec.name})
-        with open(tmp / "history.jsonl", "w") as f:
-            for h in fit.history:
-                f.write(json.dumps(h) + "\n")
+        write_history(tmp / "history.jsonl", fit.history)
         plot_history(fit.history, tmp / "training_curve.png", title=f"{spec.display} (e2e, Eq. 1)")
         write_json(tmp / "results.json", results)
 

@@ -10,7 +10,7 @@ NextItNet read the same autoregressive pairs with a softmax cross-entropy over a
 trains on the cloze task (Sun et al. 2019): masked positions of the last ``maxlen + 1``
 items of the training sequence, also with ``ce``.
 
-Unlike the authors' code (see DESIGN.md), we validate every ``eval_every`` epochs on the
+Unlike the authors' code, we validate every ``eval_every`` epochs on the
 dataset's stored validation candidates (target + 99 negatives), select on NDCG@10, stop
 after ``patience`` validations without improvement, keep the best-on-validation weights,
 and evaluate test **once**, on those weights.
@@ -22,7 +22,6 @@ A checkpoint folder holds ``model.safetensors`` + ``config.json`` (``{"model": n
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import dataclass, fields
@@ -32,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
-from tqdm.auto import tqdm
 
 from llmsrec.atomic import atomic_dir, atomic_file, write_json
 from llmsrec.cfsrec.bert4rec import BERT4Rec, BERT4RecConfig, cloze_batch
@@ -42,6 +42,8 @@ from llmsrec.cfsrec.nextitnet import NextItNet, NextItNetConfig
 from llmsrec.cfsrec.sasrec import SASRec, SASRecConfig, pad_left
 from llmsrec.errors import InputError
 from llmsrec.metrics import ranking_metrics
+from llmsrec.safetensors_io import check_checkpoint, save_torch
+from llmsrec.training import Tick, train_loop, write_history
 
 if TYPE_CHECKING:  # pragma: no cover
     from llmsrec.data import PreparedDataset
@@ -147,8 +149,6 @@ def save_cfsrec(model: nn.Module, directory: str | Path) -> None:
     Raises:
         TypeError: ``model`` is not a registered CF-SRec.
     """
-    from llmsrec.safetensors_io import save_torch
-
     name = spec_of(model).name
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -188,11 +188,6 @@ def load_cfsrec(directory: str | Path, device: str | torch.device = "cpu", expec
             before the model is built, so a crafted config cannot allocate more than the
             file holds.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from llmsrec.safetensors_io import check_checkpoint
-
     directory = Path(directory)
     cfg_path, w_path = directory / CONFIG, directory / WEIGHTS
     for p in (cfg_path, w_path):
@@ -571,49 +566,31 @@ def train_cfsrec(
     net = spec.model_cls(config).to(torch.device(device))
     opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.98))
 
-    history: list[dict] = []
-    best = {"score": -1.0, "epoch": 0, "valid": None, "state": None}
-    since_best = 0
-    stopped_early = False
-    epoch = 0
-    bar = tqdm(range(1, epochs + 1), desc=spec.display, unit="epoch", disable=not progress, leave=False)
-    for epoch in bar:
-        t_ep = time.perf_counter()
-        ep_loss = train_epoch(net, opt, data, rng, batch_size, loss)
-        record = {"epoch": epoch, "loss": ep_loss, "seconds": round(time.perf_counter() - t_ep, 3)}
-        if epoch % eval_every == 0 or epoch == epochs:
-            try:
-                valid = evaluate_split(net, ds, "valid")
-            except ValueError as e:  # NaN/inf scores: the weights diverged
-                raise InputError(f"{spec.display} training diverged at epoch {epoch}: {e}; lower --lr") from None
-            record["valid"] = valid
-            if valid[SELECT_ON] > best["score"]:
-                best = {
-                    "score": valid[SELECT_ON],
-                    "epoch": epoch,
-                    "valid": valid,
-                    "state": copy.deepcopy(net.state_dict()),
-                }
-                since_best = 0
-            else:
-                since_best += 1
-            bar.set_postfix(loss=f"{record['loss']:.4f}", ndcg10=f"{valid[SELECT_ON]:.4f}", best=best["epoch"])
-        history.append(record)
-        if since_best >= patience:
-            stopped_early = True
-            break
-    bar.close()
+    def step(epoch: int, batch: int) -> dict[str, float]:  # one loop step = one epoch over every user
+        return {"loss": train_epoch(net, opt, data, rng, batch_size, loss)}
 
-    net.load_state_dict(best["state"])
+    def validate(epoch: int) -> dict[str, float]:
+        try:
+            return evaluate_split(net, ds, "valid")
+        except ValueError as e:  # NaN/inf scores: the weights diverged
+            raise InputError(f"{spec.display} training diverged at epoch {epoch}: {e}; lower --lr") from None
+
+    def record(t: Tick) -> dict:  # one line per epoch, its validation metrics when it had one
+        rec = {"epoch": t.step, "loss": t.terms["loss"], "seconds": round(t.step_seconds, 3)}
+        return rec if t.metrics is None else {**rec, "valid": t.metrics}
+
+    fit = train_loop(step, validate, net.state_dict, record, epochs=epochs, batches=1, every=eval_every,
+                     select=SELECT_ON, patience=patience, record_steps=True, progress=progress, desc=spec.display)
+    net.load_state_dict(fit.state)
     net.eval()
     test = evaluate_split(net, ds, "test")  # the one and only test evaluation
     results = {
         "model": spec.name,
-        "valid": best["valid"],
+        "valid": fit.best["metrics"],
         "test": test,
-        "best_epoch": best["epoch"],
-        "epochs_run": epoch,
-        "stopped_early": stopped_early,
+        "best_epoch": fit.best["step"],
+        "epochs_run": fit.steps,
+        "stopped_early": fit.stopped_early,
         "seconds": round(time.perf_counter() - t0, 2),
         "train": {
             "epochs": epochs, "patience": patience, "eval_every": eval_every, "seed": seed,
@@ -626,9 +603,7 @@ def train_cfsrec(
     }
     with atomic_dir(out, force=force) as tmp:
         save_cfsrec(net, tmp)
-        with atomic_file(tmp / HISTORY) as f:
-            for rec in history:
-                f.write(json.dumps(rec) + "\n")
+        write_history(tmp / HISTORY, fit.history)
         write_json(tmp / RESULTS, results)
     return results
 

@@ -1,17 +1,17 @@
 """e2e mode: train f_I, the ``[UserOut]``/``[ItemOut]`` embeddings and the heads through the
 frozen LLM at every step, as the paper (Sec. 2.2, Eq. 4) and the authors' code do.
 
-This is the paper-faithful reference the cache mode is measured against (DESIGN.md, "The
-cache-first idea, exactly"). Every training step runs the frozen LLM on the batch's user
-prompts (``train`` view, ``seq[:-3] -> seq[-3]``) and on the item prompts of their
-candidates (target + sampled negatives); gradients flow into f_I (through the soft tokens
-f_I(E_i) at every ``[HistoryEmb]``), the two out-token vectors and the heads. The LLM's
-parameters have ``requires_grad`` False and get no optimizer state; SASRec is frozen (E
-and O_u are computed once, in eval mode).
+This is the paper-faithful reference the cache mode is measured against. Every training
+step runs the frozen LLM on the batch's user prompts (``train`` view, ``seq[:-3] ->
+seq[-3]``) and on the item prompts of their candidates (target + sampled negatives);
+gradients flow into f_I (through the soft tokens f_I(E_i) at every ``[HistoryEmb]``), the
+two out-token vectors and the heads. The LLM's parameters have ``requires_grad`` False and
+get no optimizer state; SASRec is frozen (E and O_u are computed once, in eval mode).
 
 Same losses (Eq. 1-4), optimizer (Adam, one param group: heads, f_I and tokens), user
-order, negatives, validation schedule (every tenth of an epoch), early stopping and output
-files as cache mode (:mod:`llmsrec.heads.train`). Differences, all recorded in the outputs:
+order, negatives, validation schedule (every tenth of an epoch), early stopping (both
+:func:`llmsrec.training.train_loop`'s) and output files as cache mode
+(:mod:`llmsrec.heads.train`). Differences, all recorded in the outputs:
 
 * training negatives are sampled (``train_negatives``, default 3 as in the paper and the
   authors' code): each negative costs one item-prompt forward and backward, so the
@@ -38,10 +38,10 @@ in one pass.
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,14 +51,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from llmsrec.atomic import atomic_dir, write_json
+from llmsrec import __version__
+from llmsrec.atomic import atomic_dir, sha256_file, write_json
+from llmsrec.cache import open_cache
+from llmsrec.cfsrec.teacher import load_teacher, teacher_user_reps
+from llmsrec.data import load_prepared
 from llmsrec.devices import mark_step
 from llmsrec.errors import InputError
 from llmsrec.heads.losses import retrieval_loss, sample_negatives, total_loss
 from llmsrec.heads.model import HeadsConfig, LLMSRecHeads, load_heads, save_heads
-from llmsrec.heads.train import LOSS_TERMS, FitResult, TrainConfig, _eval_points, plot_history
+from llmsrec.heads.train import LOSS_TERMS, FitResult, TrainConfig, plot_history, validation_record
+from llmsrec.metrics import ranking_metrics
 from llmsrec.precompute.engine import TokenizedPrompt, forward_batch, make_batches, pack_batch, tokenize_prompts
-from llmsrec.precompute.llm import ITEM_OUT, USER_OUT, LoadedLLM
+from llmsrec.precompute.fit import fit_moment_matched, fit_ridge, title_embedding_means
+from llmsrec.precompute.llm import ITEM_OUT, USER_OUT, LoadedLLM, load_llm
+from llmsrec.precompute.params import read_params, write_params
+from llmsrec.precompute.prompts import TEMPLATE_VERSION, build_view, default_verb, item_prompt
+from llmsrec.training import Tick, eval_points, train_loop, write_history
 
 PARAMS_FILE = "params.safetensors"
 E2E_DEFAULT_NEGATIVES = 3
@@ -162,8 +171,6 @@ class LLMInputs(nn.Module):
         Raises:
             InputError: unknown ``fi``/``arch``, or ``ridge`` without titles.
         """
-        from llmsrec.precompute.fit import fit_moment_matched, fit_ridge, title_embedding_means
-
         E = np.asarray(E, dtype=np.float32)
         emb = llm.embed.numpy()
         mean = emb.mean(0).astype(np.float32)
@@ -431,10 +438,6 @@ def load_e2e_data(ds, sasrec, llm: LoadedLLM, *, history_window: int = 10, verb:
     Raises:
         InputError: SASRec trained on another dataset, prompts too long for the model.
     """
-    from llmsrec import __version__
-    from llmsrec.precompute.prompts import TEMPLATE_VERSION, build_view, default_verb, item_prompt
-    from llmsrec.cfsrec.teacher import load_teacher, teacher_user_reps
-
     sas, sas_digest = load_teacher(sasrec)
     E = sas.item_embeddings().detach().float().cpu().numpy()
     if E.shape[0] != ds.n_items + 1:
@@ -615,7 +618,9 @@ class E2ETrainer:
         return s, z
 
     def state(self) -> dict:
-        return {"heads": copy.deepcopy(self.heads.state_dict()), "inputs": copy.deepcopy(self.inputs.state_dict())}
+        """The live state dicts ``{"heads", "inputs"}`` (what :meth:`load_state` takes; the
+        tensors are the modules' own: copy them to keep them)."""
+        return {"heads": self.heads.state_dict(), "inputs": self.inputs.state_dict()}
 
     def load_state(self, state: dict) -> None:
         self.heads.load_state_dict(state["heads"])
@@ -629,8 +634,6 @@ def metrics_of(scores: np.ndarray) -> dict[str, float]:
     Raises:
         InputError: a score is NaN/inf (training diverged).
     """
-    from llmsrec.metrics import ranking_metrics
-
     threads = torch.get_num_threads()
     try:
         return {k: float(v) for k, v in ranking_metrics(scores).items()}
@@ -683,8 +686,6 @@ def fit_e2e(data: E2EData, llm: LoadedLLM, inputs: LLMInputs, config: TrainConfi
     Raises:
         InputError: no training users, ``train_negatives == "all"``, divergence, device OOM.
     """
-    from tqdm import tqdm
-
     cfg = config or TrainConfig(train_negatives=E2E_DEFAULT_NEGATIVES)
     opts = options or E2EOptions()
     users_all = np.asarray(data.train_users, dtype=np.int64)
@@ -693,81 +694,59 @@ def fit_e2e(data: E2EData, llm: LoadedLLM, inputs: LLMInputs, config: TrainConfi
     tr = (trainer_cls or E2ETrainer)(data, llm, inputs, cfg, opts)
     valid_users = eval_user_sample(data.n_users, opts.eval_users, cfg.seed)
     n_batches = math.ceil(len(users_all) / cfg.batch_size)
-    points = set(_eval_points(n_batches, cfg.evals_per_epoch))
-    history: list[dict] = []
-    best = {"value": -math.inf, "state": None}
-    bad, step, stopped, epochs_run = 0, 0, False, 0.0
-    t_steps = t_valid = 0.0
-    t0 = time.perf_counter()
-    run = {k: 0.0 for k in LOSS_TERMS}
-    run_n = 0
-    for epoch in range(cfg.epochs):
+    order = users_all
+    item_h = None  # the item states of the latest validation (kept with the best state)
+
+    def begin_epoch(epoch: int) -> None:
+        nonlocal order
         order = tr.rng.permutation(users_all)
-        bar = tqdm(range(n_batches), desc=f"e2e epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                   leave=False, unit="batch")
-        for bi in bar:
-            t = time.perf_counter()
-            terms = tr.step(order[bi * cfg.batch_size : (bi + 1) * cfg.batch_size])
-            t_steps += time.perf_counter() - t
-            step += 1
-            for k in LOSS_TERMS:
-                run[k] += terms[k]
-            run_n += 1
-            if progress:
-                bar.set_postfix({k: f"{terms[k]:.4f}" for k in ("loss", "retrieval")})
-            last = opts.max_steps is not None and step >= opts.max_steps
-            if bi + 1 in points or last:
-                t = time.perf_counter()
-                m, item_h = tr.evaluate("valid", valid_users)
-                t_valid += time.perf_counter() - t
-                rec = {"validation": len(history) + 1, "step": step,
-                       "epoch": round(epoch + (bi + 1) / n_batches, 4), "lr": tr.opt.param_groups[0]["lr"],
-                       **{k: run[k] / max(run_n, 1) for k in LOSS_TERMS}, **m,
-                       "seconds": round(time.perf_counter() - t0, 3)}
-                run = {k: 0.0 for k in LOSS_TERMS}
-                run_n = 0
-                improved = m[cfg.select_metric] > best["value"]
-                rec["best"] = improved
-                history.append(rec)
-                if log:
-                    log(f"validation {rec['validation']} (step {step}): {cfg.select_metric} "
-                        f"{m[cfg.select_metric]:.4f}{' (best)' if improved else ''}")
-                if improved:
-                    best = {"value": m[cfg.select_metric], "state": tr.state(), "item_h": item_h,
-                            "validation": rec["validation"], "step": step, "epoch": rec["epoch"], "metrics": m}
-                    bad = 0
-                else:
-                    bad += 1
-                for g in tr.opt.param_groups:
-                    g["lr"] *= cfg.lr_decay
-                if bad >= cfg.patience or last:
-                    stopped = bad >= cfg.patience
-                    epochs_run = epoch + (bi + 1) / n_batches
-                    break
-        bar.close()
-        if history and (stopped or (opts.max_steps is not None and step >= opts.max_steps)):
-            break
-        epochs_run = epoch + 1
-    seconds = time.perf_counter() - t0  # training (steps + validations), as cache mode's; the test is apart
-    tr.load_state(best["state"])
+
+    def step(epoch: int, bi: int) -> dict[str, float]:
+        return tr.step(order[bi * cfg.batch_size : (bi + 1) * cfg.batch_size])
+
+    def validate(steps: int) -> dict[str, float]:
+        nonlocal item_h
+        m, item_h = tr.evaluate("valid", valid_users)
+        return m
+
+    def state() -> dict:  # live tensors: the loop keeps a deep copy
+        return {**tr.state(), "item_h": item_h}
+
+    def record(t: Tick) -> dict:
+        return validation_record(t, tr.opt.param_groups[0]["lr"])
+
+    def after_validation(t: Tick) -> None:
+        if log:
+            log(f"validation {t.validation} (step {t.step}): {cfg.select_metric} "
+                f"{t.metrics[cfg.select_metric]:.4f}{' (best)' if t.improved else ''}")
+        for g in tr.opt.param_groups:
+            g["lr"] *= cfg.lr_decay
+
+    fit = train_loop(step, validate, state, record, epochs=cfg.epochs, batches=n_batches,
+                     points=eval_points(n_batches, cfg.evals_per_epoch), max_steps=opts.max_steps,
+                     select=cfg.select_metric, patience=cfg.patience, terms=LOSS_TERMS, begin_epoch=begin_epoch,
+                     after_validation=after_validation, progress=progress, desc="e2e epoch")
+    seconds = fit.seconds  # training (steps + validations), as cache mode's; the test is apart
+    best_item_h = fit.state.pop("item_h")
+    tr.load_state(fit.state)
     tr.heads.eval()
     tr.inputs.eval()
     t = time.perf_counter()
     # the selected checkpoint's item states; the scores and user representations are kept
     # (small: U x (1+m) and U x d') so analyses need not run the LLM over the test view again
-    test_view = tr.view_outputs("test", best["item_h"])
+    test_view = tr.view_outputs("test", best_item_h)
     test = metrics_of(test_view[0])
     t_test = time.perf_counter() - t
-    epochs_run = float(epochs_run)
+    epochs_run = float(fit.epochs_run)
+    t_steps, t_valid = fit.step_seconds, fit.validation_seconds
     timings = {"train_steps": round(t_steps, 3), "validation": round(t_valid, 3), "test": round(t_test, 3),
                "per_epoch": round((t_steps + t_valid) / max(epochs_run, 1e-9), 3),
                "train_steps_per_epoch": round(t_steps / max(epochs_run, 1e-9), 3),
-               "per_step": round(t_steps / max(step, 1), 3)}
-    best_info = {k: best[k] for k in ("validation", "step", "epoch", "metrics")}
-    return E2EFit(heads=tr.heads, history=history, best=best_info, steps=step, epochs_run=round(epochs_run, 4),
-                  stopped_early=stopped, seconds=seconds, inputs=tr.inputs, test=test,
-                  timings=timings, valid_users=int(len(valid_users)), trainer=tr, item_states=best["item_h"],
-                  test_view=test_view)
+               "per_step": round(t_steps / max(fit.steps, 1), 3)}
+    return E2EFit(heads=tr.heads, history=fit.history, best=fit.best, steps=fit.steps,
+                  epochs_run=round(epochs_run, 4), stopped_early=fit.stopped_early, seconds=seconds,
+                  inputs=tr.inputs, test=test, timings=timings, valid_users=int(len(valid_users)), trainer=tr,
+                  item_states=best_item_h, test_view=test_view)
 
 
 # --- the command ----------------------------------------------------------------------------
@@ -779,8 +758,6 @@ def _initial_inputs(ds, llm: LoadedLLM, data: E2EData, opts: E2EOptions, seed: i
         inputs = LLMInputs.initial(llm, data.E, fi=opts.fi, arch=opts.fi_arch, seed=seed, titles=ds.titles)
         return inputs, (f"fit: {opts.fi} (as precompute --fi {opts.fi})" if opts.fi_arch == "linear"
                         else "mlp: torch default init")
-    from llmsrec.cache import open_cache
-
     if opts.fi_arch != "linear":
         raise InputError("--cache with --mode e2e starts from the cache's linear f_I; drop --fi-arch mlp")
     with open_cache(cache) as c:
@@ -805,14 +782,10 @@ def load_run_inputs(ds, llm, eopts: E2EOptions):
         ``(PreparedDataset, LoadedLLM)``.
     """
     if isinstance(ds, (str, os.PathLike)):
-        from llmsrec.data import load_prepared
-
         ds = load_prepared(ds)
     if eopts.threads:
         torch.set_num_threads(eopts.threads)
     if not isinstance(llm, LoadedLLM):
-        from llmsrec.precompute.llm import load_llm
-
         llm = load_llm(eopts.llm, device=eopts.device, dtype=eopts.dtype)
     eopts.llm = llm.name
     return ds, llm
@@ -873,8 +846,6 @@ def train_e2e(ds, sasrec, out, *, cache=None, force: bool = False, progress: boo
         "config": asdict(cfg),
         "e2e": asdict(eopts),
     }
-    from llmsrec.precompute.params import write_params
-
     with atomic_dir(out, force=force) as tmp:
         if prov.get("sasrec"):
             copy_teacher(prov, tmp / TEACHER_DIR)
@@ -882,9 +853,7 @@ def train_e2e(ds, sasrec, out, *, cache=None, force: bool = False, progress: boo
                                           "provenance": prov})
         write_params(tmp / PARAMS_FILE, fit.inputs.arrays(), arch=eopts.fi_arch,
                      extra={"source": "llmsrec train --mode e2e"})
-        with open(tmp / "history.jsonl", "w") as f:
-            for h in fit.history:
-                f.write(json.dumps(h) + "\n")
+        write_history(tmp / "history.jsonl", fit.history)
         plot_history(fit.history, tmp / "training_curve.png", title="LLM-SRec e2e (f_I, tokens, heads)")
         write_json(tmp / "results.json", results)
     return results
@@ -904,10 +873,6 @@ def copy_teacher(prov: dict, dest: Path) -> None:
         InputError: a file is gone, or the weights differ from ``prov["sasrec_sha256"]``
         (the teacher changed during training).
     """
-    import shutil
-
-    from llmsrec.atomic import sha256_file
-
     src = Path(prov["sasrec"])
     dest.mkdir()
     for name in TEACHER_FILES:
@@ -949,9 +914,6 @@ def evaluate_e2e_checkpoint(ds, checkpoint, device: str = "cpu", llm: LoadedLLM 
     Raises:
         InputError: not an e2e checkpoint, or its LLM / SASRec / dataset no longer match.
     """
-    from llmsrec.precompute.llm import load_llm
-    from llmsrec.precompute.params import read_params
-
     ckpt = Path(checkpoint)
     try:
         doc = json.loads((ckpt / "heads_config.json").read_text())

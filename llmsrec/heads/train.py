@@ -1,4 +1,4 @@
-"""Train the LLM-SRec heads on cached LLM states (cache mode, DESIGN.md) and evaluate them.
+"""Train the LLM-SRec heads on cached LLM states (cache mode) and evaluate them.
 
 The frozen LLM and the frozen SASRec were already run by precompute, so one training
 sample is a row lookup: h_u (train view, at [UserOut]), O_u (SASRec, same input), the
@@ -21,10 +21,8 @@ heads once and writes the output folder.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from llmsrec import distributed as dd
-from llmsrec.atomic import atomic_dir, atomic_file, write_json
+from llmsrec.atomic import atomic_dir, write_json
+from llmsrec.cache import open_cache
+from llmsrec.data import load_prepared
+from llmsrec.data.views import PREFIX_VIEW
 from llmsrec.devices import mark_step, resolve_device, to_device
 from llmsrec.errors import InputError
 from llmsrec.heads.losses import (
@@ -48,6 +49,8 @@ from llmsrec.heads.losses import (
     uniformity_loss,
 )
 from llmsrec.heads.model import HeadsConfig, LLMSRecHeads, load_heads, save_heads
+from llmsrec.metrics import ranking_metrics
+from llmsrec.training import Tick, eval_points, plot_curve, train_loop, write_history
 
 LOSS_TERMS = ("loss", "retrieval", "distill", "uniform")
 EVAL_VIEWS = ("valid", "test", "valid-shuffled", "test-shuffled")
@@ -180,9 +183,6 @@ def load_cached_tensors(ds, cache_path, eval_views=("valid", "test"), *, user_re
         InputError: views or rows missing, a readout or prefix count the cache does not
             have (one line naming it), or the cache was built for another dataset.
     """
-    from llmsrec.cache import open_cache
-    from llmsrec.data.views import PREFIX_VIEW
-
     ds = _as_dataset(ds)
     prefixes = int(prefixes)
     with _opened(open_cache(cache_path)) as cache:
@@ -264,8 +264,6 @@ def load_cached_tensors(ds, cache_path, eval_views=("valid", "test"), *, user_re
 
 def _as_dataset(ds):
     if isinstance(ds, (str, Path)):
-        from llmsrec.data import load_prepared
-
         return load_prepared(ds)
     return ds
 
@@ -474,8 +472,6 @@ def _score_sharded(heads: LLMSRecHeads, user_hidden, item_hidden, candidates, ra
 
 def evaluate_on_tensors(heads: LLMSRecHeads, data: CachedTensors, views=("valid", "test")) -> dict:
     """NDCG@10/20 and HR@10/20 (``ranking_metrics``) for each requested view present in ``data``."""
-    from llmsrec.metrics import ranking_metrics
-
     out = {}
     for v in views:
         if v not in data.eval_hidden:
@@ -642,12 +638,6 @@ def sharded_loss(
     return share, terms
 
 
-def _eval_points(n_batches: int, evals_per_epoch: int) -> list[int]:
-    """Batch counts (1-based, within an epoch) after which to validate: every 1/evals of it."""
-    pts = {max(1, math.ceil((j + 1) * n_batches / evals_per_epoch)) for j in range(evals_per_epoch)}
-    return sorted(pts)
-
-
 def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: bool = True, *,
               device="cpu") -> FitResult:
     """Train the heads on in-memory cached tensors (the core of ``llmsrec train``).
@@ -665,6 +655,12 @@ def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: 
     of the users per rank and gathers them; every rank then takes the same decisions
     (best step, early stop).
 
+    The schedule, selection and early stopping are :func:`llmsrec.training.train_loop`'s:
+    validation after the batches :func:`~llmsrec.training.eval_points` gives (every
+    ``1 / evals_per_epoch`` of an epoch), the lr multiplied by ``lr_decay`` after each, a stop
+    after ``patience`` validations without a better ``select_metric``; ``history`` holds one
+    :func:`validation_record` per validation.
+
     Args:
         device: where the heads and the cached tensors live (``cpu``, ``cuda[:N]``,
             ``hpu``, or a ``torch.device``); per-step index tensors are copied from pinned
@@ -674,10 +670,6 @@ def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: 
     Raises:
         InputError: no training users, or too few items for the negatives asked for.
     """
-    from tqdm import tqdm
-
-    from llmsrec.metrics import ranking_metrics
-
     dev = device if isinstance(device, torch.device) else resolve_device(str(device))
     group = dd.active()
     rank, world = group or (0, 1)
@@ -722,128 +714,81 @@ def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: 
     use_cf = lcfg.distill != "none"
 
     n_batches = math.ceil(len(users_all) / cfg.batch_size)
-    points = set(_eval_points(n_batches, cfg.evals_per_epoch))
-    history: list[dict] = []
-    best = {"value": -math.inf, "state": None}
-    bad = 0
-    step = 0
-    stopped = False
-    t0 = time.perf_counter()
-    run = {k: 0.0 for k in LOSS_TERMS}
-    run_n = 0
-    epochs_run = 0.0
-    heads.train()
-    for epoch in range(cfg.epochs):
+    order = users_all
+
+    def begin_epoch(epoch: int) -> None:
+        nonlocal order
         order = rng.permutation(users_all)
-        bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0,
-                   leave=False, unit="batch")
-        ep = {k: 0.0 for k in LOSS_TERMS}
-        for bi in bar:
-            users = order[bi * cfg.batch_size : (bi + 1) * cfg.batch_size]
-            tg = targets[users]
-            excl = [data.train_exclude[x] for x in users]
-            # every rank draws the whole batch's negatives: the generator stays in step
-            neg = None if full else sample_negatives(excl, tg, data.n_items, int(cfg.train_negatives), rng)
-            lo, hi = dd.shard(len(users), rank, world)
-            u_idx = to_device(torch.from_numpy(users[lo:hi]), dev)
-            if full:
-                h_items = item_h
-            else:
-                ids = np.concatenate([tg[lo:hi, None], neg[lo:hi]], axis=1)
-                h_items = item_h[to_device(torch.from_numpy(ids), dev)]
-            u, e, cfu = forward(user_h[u_idx], h_items, user_cf[u_idx] if use_cf else None)
-            tg_t = to_device(torch.from_numpy(tg[lo:hi]), dev) if full else None
-            mask = to_device(exclusion_mask(excl[lo:hi], tg[lo:hi], data.n_items), dev) if full else None
-            if group is None:
-                r = full_retrieval_loss(u, e, tg_t, mask) if full else retrieval_loss(u, e[:, 0], e[:, 1:])
-                loss, terms = total_loss(r, u, cfu, lcfg)
-            else:
-                share, terms = sharded_loss(u, e, cfu, tg_t, mask, len(users), lo, hi, lcfg)
-                loss = share * world  # DDP averages the ranks' gradients; the shares must add up
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            mark_step(dev)
-            opt.step()
-            mark_step(dev)
-            step += 1
-            for k in LOSS_TERMS:
-                run[k] += terms[k]
-                ep[k] += terms[k]
-            run_n += 1
-            if progress:
-                bar.set_postfix({k: f"{ep[k] / (bi + 1):.4f}" for k in LOSS_TERMS})
-            if bi + 1 in points:
-                s = score_candidates(heads, valid_h, item_h, valid_c) if group is None else \
-                    _score_sharded(heads, valid_h, item_h, valid_c, rank, world)
-                try:
-                    m = {k: float(v) for k, v in ranking_metrics(s).items()}
-                except ValueError as e:  # NaN/inf scores: the heads diverged
-                    raise InputError(f"training diverged at step {step}: {e}; lower --lr") from None
-                rec = {
-                    "validation": len(history) + 1,
-                    "step": step,
-                    "epoch": round(epoch + (bi + 1) / n_batches, 4),
-                    "lr": opt.param_groups[0]["lr"],
-                    **{k: run[k] / max(run_n, 1) for k in LOSS_TERMS},
-                    **m,
-                    "seconds": round(time.perf_counter() - t0, 3),
-                }
-                run = {k: 0.0 for k in LOSS_TERMS}
-                run_n = 0
-                improved = m[cfg.select_metric] > best["value"]
-                rec["best"] = improved
-                history.append(rec)
-                if improved:
-                    best = {"value": m[cfg.select_metric], "state": copy.deepcopy(heads.state_dict()),
-                            "validation": rec["validation"], "step": step, "epoch": rec["epoch"], "metrics": m}
-                    bad = 0
-                else:
-                    bad += 1
-                for g in opt.param_groups:
-                    g["lr"] *= cfg.lr_decay
-                if bad >= cfg.patience:
-                    stopped = True
-                    epochs_run = epoch + (bi + 1) / n_batches
-                    break
-        bar.close()
-        if stopped:
-            break
-        epochs_run = epoch + 1
-    heads.load_state_dict(best["state"])
+
+    def step(epoch: int, bi: int) -> dict[str, float]:
+        users = order[bi * cfg.batch_size : (bi + 1) * cfg.batch_size]
+        tg = targets[users]
+        excl = [data.train_exclude[x] for x in users]
+        # every rank draws the whole batch's negatives: the generator stays in step
+        neg = None if full else sample_negatives(excl, tg, data.n_items, int(cfg.train_negatives), rng)
+        lo, hi = dd.shard(len(users), rank, world)
+        u_idx = to_device(torch.from_numpy(users[lo:hi]), dev)
+        if full:
+            h_items = item_h
+        else:
+            ids = np.concatenate([tg[lo:hi, None], neg[lo:hi]], axis=1)
+            h_items = item_h[to_device(torch.from_numpy(ids), dev)]
+        u, e, cfu = forward(user_h[u_idx], h_items, user_cf[u_idx] if use_cf else None)
+        tg_t = to_device(torch.from_numpy(tg[lo:hi]), dev) if full else None
+        mask = to_device(exclusion_mask(excl[lo:hi], tg[lo:hi], data.n_items), dev) if full else None
+        if group is None:
+            r = full_retrieval_loss(u, e, tg_t, mask) if full else retrieval_loss(u, e[:, 0], e[:, 1:])
+            loss, terms = total_loss(r, u, cfu, lcfg)
+        else:
+            share, terms = sharded_loss(u, e, cfu, tg_t, mask, len(users), lo, hi, lcfg)
+            loss = share * world  # DDP averages the ranks' gradients; the shares must add up
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        mark_step(dev)
+        opt.step()
+        mark_step(dev)
+        return terms
+
+    def validate(steps: int) -> dict[str, float]:
+        s = score_candidates(heads, valid_h, item_h, valid_c) if group is None else \
+            _score_sharded(heads, valid_h, item_h, valid_c, rank, world)
+        try:
+            return {k: float(v) for k, v in ranking_metrics(s).items()}
+        except ValueError as e:  # NaN/inf scores: the heads diverged
+            raise InputError(f"training diverged at step {steps}: {e}; lower --lr") from None
+
+    def record(t: Tick) -> dict:
+        return validation_record(t, opt.param_groups[0]["lr"])
+
+    def decay_lr(_: Tick) -> None:
+        for g in opt.param_groups:
+            g["lr"] *= cfg.lr_decay
+
+    heads.train()
+    fit = train_loop(step, validate, heads.state_dict, record, epochs=cfg.epochs, batches=n_batches, points=eval_points(n_batches, cfg.evals_per_epoch),
+                     select=cfg.select_metric, patience=cfg.patience, terms=LOSS_TERMS, begin_epoch=begin_epoch,
+                     after_validation=decay_lr, progress=progress and rank == 0)
+    heads.load_state_dict(fit.state)
     heads.cpu().eval()
-    best_info = {k: best[k] for k in ("validation", "step", "epoch", "metrics")}
-    return FitResult(heads, history, best_info, step, round(float(epochs_run), 4), stopped,
-                     time.perf_counter() - t0)
+    return FitResult(heads, fit.history, fit.best, fit.steps, round(float(fit.epochs_run), 4), fit.stopped_early,
+                     fit.seconds)
+
+
+def validation_record(t: Tick, lr: float) -> dict:
+    """The ``history.jsonl`` line of a validation, as cache mode, e2e mode and the LLM4Rec
+    baselines write it: ``validation`` (1-based count), ``step``, ``epoch`` (fractional),
+    ``lr`` (before this validation's decay), the mean of each loss term (:data:`LOSS_TERMS`)
+    since the previous validation, the validation metrics, ``seconds`` since training
+    started, and ``best`` (this validation is the best so far)."""
+    return {"validation": t.validation, "step": t.step, "epoch": t.progress, "lr": lr, **t.terms, **t.metrics,
+            "seconds": round(t.seconds, 3), "best": t.improved}
 
 
 def plot_history(history: list[dict], path, title: str = "LLM-SRec heads") -> None:
-    """Training curve like the paper's Figure 7: loss terms and validation NDCG@10/HR@10 vs step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [h["step"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for k in LOSS_TERMS:
-        a.plot(steps, [h[k] for h in history], label=k, marker="." if len(steps) < 30 else None)
-    a.set_xlabel("training step (batches)")
-    a.set_ylabel("mean loss since previous validation")
-    a.set_yscale("symlog", linthresh=1e-3)
-    a.legend(fontsize=8)
-    for k in ("NDCG@10", "HR@10"):
-        b.plot(steps, [h[k] for h in history], label=f"valid {k}", marker=".")
-    bi = [h["step"] for h in history if h.get("best")]
-    if bi:
-        b.axvline(bi[-1], color="grey", ls=":", lw=1, label="selected")
-    b.set_xlabel("training step (batches)")
-    b.set_ylabel("validation metric")
-    b.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    """Training curve like the paper's Figure 7: the loss terms (:data:`LOSS_TERMS`) and the
+    validation NDCG@10/HR@10 of ``history`` (:func:`validation_record` lines) against the
+    step, written as a PNG to ``path`` (:func:`llmsrec.training.plot_curve`)."""
+    plot_curve(history, path, title, LOSS_TERMS)
 
 
 def train_on_tensors(data: CachedTensors, out, config: TrainConfig | None = None, *, force: bool = False,
@@ -891,9 +836,7 @@ def train_on_tensors(data: CachedTensors, out, config: TrainConfig | None = None
         results["distributed"] = {"world_size": group[1], "backend": str(dist.get_backend())}
     with atomic_dir(out, force=force) as tmp:
         save_heads(fit.heads, tmp, extra={"train": asdict(cfg), "provenance": data.provenance})
-        with open(tmp / "history.jsonl", "w") as f:
-            for h in fit.history:
-                f.write(json.dumps(h) + "\n")
+        write_history(tmp / "history.jsonl", fit.history)
         plot_history(fit.history, tmp / "training_curve.png")
         write_json(tmp / "results.json", results)
     if group is not None:
