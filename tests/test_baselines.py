@@ -28,7 +28,7 @@ from llmsrec.baselines import (
 )
 from llmsrec.baselines.common import BaselineTrainer, baseline_record, initial_inputs, metrics_of, save_baseline
 from llmsrec.errors import InputError
-from llmsrec.e2e.loop import E2EOptions, _length_batches, backward_through_llm, forward_with_grad
+from llmsrec.e2e.loop import E2EOptions, length_batches, backward_through_llm, forward_with_grad
 from llmsrec.heads.train import TrainConfig
 from llmsrec.precompute.llm import HISTORY_EMB, ITEM_OUT, USER_OUT
 from llmsrec.precompute.prompts import build_view, format_date, item_prompt
@@ -271,7 +271,7 @@ def test_gradient_caching_replays_the_lora_dropout_masks(ds, sasrec_dir):
     hs = []
     for toks, o in groups:
         h = torch.zeros(len(toks), llm.d_llm)
-        for bb in _length_batches(toks, budget):
+        for bb in length_batches(toks, budget):
             h = h.index_put((torch.from_numpy(bb),), forward_with_grad(llm, [toks[i] for i in bb], tr.inputs, o))
         hs.append(h)
     loss_fn(hs)[0].backward()

@@ -27,7 +27,7 @@ from llmsrec.cfsrec import (
     train_cfsrec,
 )
 from llmsrec.cfsrec.bert4rec import cloze_batch
-from llmsrec.cfsrec.train import _loss
+from llmsrec.cfsrec.train import sequence_loss
 from llmsrec.cli import main
 from llmsrec.data import prepare_from_interactions
 from llmsrec.errors import InputError
@@ -229,10 +229,10 @@ def test_losses_match_their_definitions():
     e = m.item_embeddings().detach()
     pos = [(0, 1), (0, 2), (1, 2)]
     with torch.no_grad():
-        ce = _loss(m, feats, targets, None, "ce")
+        ce = sequence_loss(m, feats, targets, None, "ce")
         expected = -torch.stack([torch.log_softmax(feats[b, t] @ e[1:].T, -1)[targets[b, t] - 1] for b, t in pos]).mean()
         assert torch.allclose(ce, expected, atol=1e-5)
-        bce = _loss(m, feats, targets, negatives, "bce")
+        bce = sequence_loss(m, feats, targets, negatives, "bce")
         lp = torch.stack([feats[b, t] @ e[targets[b, t]] for b, t in pos])
         ln = torch.stack([feats[b, t] @ e[negatives[b, t]] for b, t in pos])
         assert torch.allclose(bce, -F.logsigmoid(lp).mean() - F.logsigmoid(-ln).mean(), atol=1e-5)

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def run_inputs(tmp_path_factory):
-    """A 40-user dataset and a cache in the docs/internals.md layout (h_u = h_target + noise)."""
+    """A 40-user dataset and a cache in the docs/cache-schema.md layout (h_u = h_target + noise)."""
     root = tmp_path_factory.mktemp("ddp")
     rng = np.random.default_rng(5)
     rows = []

@@ -31,7 +31,7 @@ def ds(tmp_path_factory):
 
 
 def write_cache(path, ds, *, views=("train", "valid", "test"), provenance=None, noise=0.2):
-    """A cache file in the docs/internals.md layout; h_u = h_target + noise (planted signal)."""
+    """A cache file in the docs/cache-schema.md layout; h_u = h_target + noise (planted signal)."""
     rng = np.random.default_rng(0)
     U, N = ds.n_users, ds.n_items
     item_h = rng.normal(size=(N + 1, D_LLM)).astype(np.float32)

@@ -1,44 +1,12 @@
 """The HDF5 cache of frozen-LLM states: schema, a resumable atomic writer, a reader.
 
-Layout (row 0 is padding everywhere; U users, N items; see docs/internals.md):
-
-====================================  =============  =====================================
-path                                  dtype, shape   meaning
-====================================  =============  =====================================
-``/items/hidden``                     f4 (N+1, H)    last-layer state at ``[ItemOut]``
-``/items/cf``                         f4 (N+1, d)    SASRec item embeddings E
-``/users/<view>/hidden``              f4 (U+1, H)    last-layer state at ``[UserOut]``
-``/users/<view>/cf``                  f4 (U+1, d)    SASRec O_u of the same input sequence
-``/users/<view>/target``              i8 (U+1,)      the view's target item
-``/users/<view>/permutation``         i2 (U+1, W)    shuffled views: slot j shows window
-                                                     item ``permutation[j]``; -1 pads
-``/users/train-prefix/...``         (U*K+1, ...)   prefix samples (``--prefixes K``): row
-                                                     ``1+(u-1)*K+j`` is user u's sample j;
-                                                     ``uid`` i8 gives the user; same datasets
-``<group>/out_layers``                f4 (R, nL, H)  ``--readout-layers``: the layers' states at
-                                                     the out token (R rows of the group)
-``<group>/slots``, ``n_slots``        f4 (R, S, nL, H), i8 (R,)  the same layers at the last
-                                                     S ``[HistoryEmb]`` positions, right-aligned
-                                                     (S = W for users, 1 for items)
-``/params/f_I/weight``, ``/bias``     f4 (H, d), (H,) f_I(e) = e @ weight.T + bias
-``/params/tokens/user_out``,          f4 (H,)        ``[UserOut]`` / ``[ItemOut]`` input
-``/params/tokens/item_out``                          embeddings used by the forward
-``/progress/<group>``                 bool (chunks,) chunk j of ``<group>`` is written
-root attribute ``provenance``         JSON string    what the states were computed from
-====================================  =============  =====================================
-
-Reliability: a cache ``X.h5`` is built as ``X.h5.tmp``; every dataset is created (and
-its storage allocated) up front, so later writes touch raw data only; each chunk of
-rows is written, flushed, then marked done in ``/progress`` and flushed again. A killed
-run therefore resumes at the first chunk not marked done; when all chunks are done the
-file is renamed to ``X.h5``. Asking for a cache whose provenance differs from an
-existing file is refused (``InputError`` naming the field) unless ``force``.
-
-A cache assembled from the shards of a multi-process precompute
-(``llmsrec.precompute.shards``, ``--assemble virtual``) has the same layout, but its
-``hidden`` datasets are HDF5 virtual datasets over the files in ``X.h5.shards/`` (named
-relative to the cache's folder, so the two move together). The reader refuses such a
-cache when a shard file is missing, instead of HDF5's silent zero fill.
+The schema (datasets, dtypes, shapes, provenance keys), how a build is made resumable and
+checksummed, and the shard layout of a multi-process precompute are described once, in
+docs/cache-schema.md. In short: ``/items/...`` and ``/users/<view>/...`` hold the frozen
+LLM's states (row 0 pads), ``/params`` the f_I and out-token inputs that produced them,
+``/progress`` the finished chunks, and the root attribute ``provenance`` what they were
+computed from. A cache ``X.h5`` is built as ``X.h5.tmp`` and renamed when complete; a
+provenance that differs from an existing file's is refused unless ``force``.
 """
 
 from __future__ import annotations

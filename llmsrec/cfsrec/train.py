@@ -416,7 +416,7 @@ class TrainingData:
         return seen
 
 
-def _loss(model: nn.Module, feats: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor | None,
+def sequence_loss(model: nn.Module, feats: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor | None,
           loss: str) -> torch.Tensor:
     """Mean training loss over the positions with ``targets != 0``.
 
@@ -448,7 +448,7 @@ def train_epoch(
 
     ``next`` models (SASRec, GRU4Rec, NextItNet) predict the next item at every input
     position; BERT4Rec (``cloze``) predicts the items masked by :func:`cloze_batch`. The
-    loss (:func:`_loss`) is averaged over those positions; with ``bce`` (SASRec's, Kang &
+    loss (:func:`sequence_loss`) is averaged over those positions; with ``bce`` (SASRec's, Kang &
     McAuley 2018, "Network Training") each position gets one negative drawn uniformly
     from the items outside the user's training sequence.
 
@@ -480,7 +480,7 @@ def train_epoch(
         inp = torch.from_numpy(inp_np).to(dev)
         pos = torch.from_numpy(pos_np).to(dev)
         feats = model(inp)  # (B, L, d)
-        batch_loss = _loss(model, feats, pos, neg, loss)
+        batch_loss = sequence_loss(model, feats, pos, neg, loss)
         opt.zero_grad(set_to_none=True)
         batch_loss.backward()
         opt.step()

@@ -56,6 +56,7 @@ from llmsrec.atomic import atomic_dir, sha256_file, write_json
 from llmsrec.cache import open_cache
 from llmsrec.cfsrec.teacher import load_teacher, teacher_user_reps
 from llmsrec.data import load_prepared
+from llmsrec.defaults import HISTORY_WINDOW
 from llmsrec.devices import mark_step
 from llmsrec.errors import InputError
 from llmsrec.heads.losses import retrieval_loss, sample_negatives, total_loss
@@ -193,7 +194,7 @@ class LLMInputs(nn.Module):
 # --- forwards -------------------------------------------------------------------------------
 
 
-def _as_float(h: torch.Tensor) -> torch.Tensor:
+def as_float(h: torch.Tensor) -> torch.Tensor:
     """States in float32 (float64 stays float64: the gradient tests run the model in it)."""
     return h if h.dtype == torch.float64 else h.float()
 
@@ -229,7 +230,7 @@ def forward_with_grad(llm: LoadedLLM, batch: list[TokenizedPrompt], inputs: LLMI
         vec = inputs.out_vec(out_token).to(x.dtype)
         x = x.index_put((ar, out_pos), vec.expand(b, -1))
         h = llm.decoder(inputs_embeds=x, attention_mask=mask.to(dev), use_cache=False).last_hidden_state
-        return _as_float(h[ar, out_pos])
+        return as_float(h[ar, out_pos])
     except torch.OutOfMemoryError as e:
         raise InputError(f"a batch of {b} x {ids.shape[1]} tokens does not fit on {dev}; lower "
                          f"--grad-batch-tokens (or use --grad-checkpointing)") from e
@@ -265,7 +266,9 @@ def enable_grad_checkpointing(llm: LoadedLLM) -> None:
     dec.eval()
 
 
-def _length_batches(toks: list[TokenizedPrompt], budget: int) -> list[np.ndarray]:
+def length_batches(toks: list[TokenizedPrompt], budget: int) -> list[np.ndarray]:
+    """Prompt indices in batches of similar length, at most ``budget`` padded tokens each
+    (int64 arrays; prompts sorted by length, ties in input order)."""
     lengths = np.asarray([len(t) for t in toks])
     order = np.argsort(lengths, kind="stable")
     return make_batches(lengths, order, budget)
@@ -291,7 +294,7 @@ def compute_states(llm: LoadedLLM, inputs: LLMInputs, toks: list[TokenizedPrompt
         return out
     soft = inputs.soft_table().to(llm.dtype)
     vec = inputs.out_vec(out_token).detach().to(llm.dtype)
-    for bb in _length_batches(toks, batch_tokens):
+    for bb in length_batches(toks, batch_tokens):
         out[bb] = forward_batch(llm, [toks[i] for i in bb], soft, vec).numpy()
     return out
 
@@ -328,7 +331,7 @@ def backward_through_llm(llm: LoadedLLM, inputs: LLMInputs, groups: list, loss_f
     rng_devices = [dev] if dev.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=rng_devices):
         for toks, o in groups:
-            bs = _length_batches(toks, budget)
+            bs = length_batches(toks, budget)
             h = torch.empty((len(toks), llm.d_llm), device=dev)
             for bb in bs:
                 h[torch.from_numpy(bb).to(dev)] = forward_with_grad(llm, [toks[i] for i in bb], inputs, o)
@@ -369,7 +372,7 @@ class E2EOptions:
     """
 
     llm: str = "smollm2-135m"
-    history_window: int = 10
+    history_window: int = HISTORY_WINDOW
     verb: str | None = None
     batch_tokens: int = 4096
     grad_batch_tokens: int = 2048
@@ -428,7 +431,7 @@ class E2EData:
         return len(self.train_targets) - 1
 
 
-def load_e2e_data(ds, sasrec, llm: LoadedLLM, *, history_window: int = 10, verb: str | None = None,
+def load_e2e_data(ds, sasrec, llm: LoadedLLM, *, history_window: int = HISTORY_WINDOW, verb: str | None = None,
                   views=("train", "valid", "test")) -> E2EData:
     """Build the prompts of ``views`` and the items, tokenize them, run SASRec once.
 

@@ -58,7 +58,7 @@ from llmsrec.cache import open_cache
 from llmsrec.cfsrec.teacher import load_teacher
 from llmsrec.data import load_prepared
 from llmsrec.errors import InputError
-from llmsrec.e2e.loop import LLMInputs, _as_float, backward_through_llm, compute_states
+from llmsrec.e2e.loop import LLMInputs, as_float, backward_through_llm, compute_states
 from llmsrec.heads.losses import full_retrieval_loss, total_loss
 from llmsrec.heads.model import load_heads
 from llmsrec.heads.train import LOSS_TERMS, TrainConfig
@@ -161,7 +161,7 @@ def single_position_states(llm: LoadedLLM, prefix_batch: tuple, vec: torch.Tenso
     x = vec.to(llm.dtype).view(1, 1, -1).expand(b, 1, -1)
     h = llm.decoder(inputs_embeds=x, attention_mask=mask, position_ids=pos, past_key_values=cache,
                     use_cache=True).last_hidden_state
-    return _as_float(h[:, -1])
+    return as_float(h[:, -1])
 
 
 def _pool_mask(users, targets, exclude, pool) -> tuple[torch.Tensor, torch.Tensor]:

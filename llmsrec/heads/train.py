@@ -170,7 +170,7 @@ def load_cached_tensors(ds, cache_path, eval_views=("valid", "test"), *, user_re
 
     Args:
         ds: ``PreparedDataset`` (or its folder).
-        cache_path: HDF5 cache written by precompute (docs/internals.md layout).
+        cache_path: HDF5 cache written by precompute (docs/cache-schema.md).
         eval_views: views to load for evaluation; ``valid``/``test`` must exist, shuffled
             ones are loaded only if present in the cache.
         user_readout, item_readout: which cached states feed f_user / f_item
