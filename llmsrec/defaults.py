@@ -8,3 +8,16 @@ the CLI can show them and every stage reads the same values."""
 #: keeps the paper's heads (one sample per user, last-layer readouts), as ``--paper-settings``
 #: does.
 LLMSREC_HEADS = {"prefixes": 5, "user_readout": "layers+slots", "item_readout": "layers+soft"}
+
+#: W, the last W history items a user prompt shows (precompute, the e2e loop, the LLM4Rec
+#: baselines, ``llmsrec prompts``).
+HISTORY_WINDOW = 10
+
+#: The heads trainer's defaults: the fields of ``llmsrec.heads.train.TrainConfig`` (beside
+#: ``seed`` and the readout fields above) and the defaults of ``llmsrec train``'s head options;
+#: TrainConfig's docstring says where each comes from.
+HEADS_TRAINING = {"epochs": 30, "batch_size": 20, "lr": 1e-4, "beta1": 0.9, "beta2": 0.98, "weight_decay": 0.0,
+                  "lr_decay": 1.0, "train_negatives": "all", "evals_per_epoch": 10, "patience": 20,
+                  "select_metric": "NDCG@10", "hidden": 2048, "d_out": 128, "cf_hidden": 128, "distill": "mse",
+                  "retrieval_weight": 1.0, "distill_weight": 1.0, "uniform_weight": 1.0,
+                  "contrastive_temperature": 1.0}

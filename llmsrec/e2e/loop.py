@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from llmsrec.atomic import atomic_dir, write_json
+from llmsrec.defaults import HISTORY_WINDOW
 from llmsrec.devices import mark_step
 from llmsrec.errors import InputError
 from llmsrec.heads.losses import retrieval_loss, sample_negatives, total_loss
@@ -362,7 +363,7 @@ class E2EOptions:
     """
 
     llm: str = "smollm2-135m"
-    history_window: int = 10
+    history_window: int = HISTORY_WINDOW
     verb: str | None = None
     batch_tokens: int = 4096
     grad_batch_tokens: int = 2048
