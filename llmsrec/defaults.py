@@ -21,3 +21,8 @@ HEADS_TRAINING = {"epochs": 30, "batch_size": 20, "lr": 1e-4, "beta1": 0.9, "bet
                   "select_metric": "NDCG@10", "hidden": 2048, "d_out": 128, "cf_hidden": 128, "distill": "mse",
                   "retrieval_weight": 1.0, "distill_weight": 1.0, "uniform_weight": 1.0,
                   "contrastive_temperature": 1.0}
+
+#: The LLM4Rec baselines' training budget in ``llmsrec compare`` and ``analyze --llm4rec``
+#: (``llmsrec.experiments.compare.LLM4REC_DEFAULTS``; paper, Appendix E: at most 10 epochs,
+#: early stopping with patience 10); their other options are ``llmsrec train --model NAME``'s.
+LLM4REC_TRAINING = {"epochs": 10, "patience": 10}

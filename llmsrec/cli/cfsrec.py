@@ -86,14 +86,16 @@ def cfsrec() -> None:
               help="Which CF-SRec to train.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run folder to create: model.safetensors, config.json, history.jsonl, results.json.")
-@click.option("--epochs", default=SASREC_DEFAULTS["epochs"], show_default=True, type=click.IntRange(min=1), help="Maximum epochs.")
+@click.option("--epochs", default=SASREC_DEFAULTS["epochs"], show_default=True,
+              type=click.IntRange(min=1), help="Maximum epochs.")
 @click.option("--patience", default=SASREC_DEFAULTS["patience"], show_default=True, type=click.IntRange(min=1),
               help="Stop after this many validations without a better validation NDCG@10.")
 @click.option("--eval-every", default=SASREC_DEFAULTS["eval_every"], show_default=True, type=click.IntRange(min=1),
               help="Validate every this many epochs.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seeds initialisation, dropout, user order, negatives and cloze masks.")
-@click.option("--batch-size", default=SASREC_DEFAULTS["batch_size"], show_default=True, type=click.IntRange(min=1), help="Users per step.")
+@click.option("--batch-size", default=SASREC_DEFAULTS["batch_size"], show_default=True,
+              type=click.IntRange(min=1), help="Users per step.")
 @click.option("--lr", default=SASREC_DEFAULTS["lr"], show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Adam learning rate (betas 0.9, 0.98).")
 @click.option("--loss", default=None, type=click.Choice(["bce", "ce"]),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from llmsrec.data.views import ALL_VIEWS
-from llmsrec.defaults import HEADS_TRAINING, HISTORY_WINDOW, LLMSREC_HEADS
+from llmsrec.defaults import HEADS_TRAINING, HISTORY_WINDOW, LLM4REC_TRAINING, LLMSREC_HEADS
 from llmsrec.errors import InputError
 
 #: the CF-SRec models (``llmsrec.cfsrec.MODELS``; --model of ``cfsrec train``, --teacher of ``compare``)
@@ -129,19 +129,24 @@ HEAD_OPTIONS = [
                  help="Users per step (paper: 20)."),
     click.option("--lr", default=HEADS_TRAINING["lr"], show_default=True, type=click.FloatRange(min=0, min_open=True),
                  help="Adam learning rate (paper: 1e-4)."),
-    click.option("--beta1", default=HEADS_TRAINING["beta1"], show_default=True, type=click.FloatRange(0, 1, max_open=True),
+    click.option("--beta1", default=HEADS_TRAINING["beta1"], show_default=True,
+                 type=click.FloatRange(0, 1, max_open=True),
                  help="Adam beta1."),
-    click.option("--beta2", default=HEADS_TRAINING["beta2"], show_default=True, type=click.FloatRange(0, 1, max_open=True),
+    click.option("--beta2", default=HEADS_TRAINING["beta2"], show_default=True,
+                 type=click.FloatRange(0, 1, max_open=True),
                  help="Adam beta2 (authors' code: 0.98)."),
-    click.option("--weight-decay", default=HEADS_TRAINING["weight_decay"], show_default=True, type=click.FloatRange(min=0),
+    click.option("--weight-decay", default=HEADS_TRAINING["weight_decay"], show_default=True,
+                 type=click.FloatRange(min=0),
                  help="Adam L2 weight decay."),
-    click.option("--lr-decay", default=HEADS_TRAINING["lr_decay"], show_default=True, type=click.FloatRange(0, 1, min_open=True),
+    click.option("--lr-decay", default=HEADS_TRAINING["lr_decay"], show_default=True,
+                 type=click.FloatRange(0, 1, min_open=True),
                  help="Multiply the lr by this after every validation (authors' code: 0.95)."),
     click.option("--train-negatives", default=HEADS_TRAINING["train_negatives"], show_default=True,
                  help="Negatives per user in Eq. 1: 'all' = softmax over the whole catalogue "
                       "minus the history (chosen on ml-100k validation), or a count of sampled "
                       "ones (authors' code and paper setting: 3; never history or target)."),
-    click.option("--evals-per-epoch", default=HEADS_TRAINING["evals_per_epoch"], show_default=True, type=click.IntRange(min=1),
+    click.option("--evals-per-epoch", default=HEADS_TRAINING["evals_per_epoch"], show_default=True,
+                 type=click.IntRange(min=1),
                  help="Validations per epoch (paper: every tenth of an epoch)."),
     click.option("--patience", default=HEADS_TRAINING["patience"], show_default=True, type=click.IntRange(min=1),
                  help="Early stop after this many validations without improvement (paper: 10)."),
@@ -154,13 +159,17 @@ HEAD_OPTIONS = [
                  help="Output width d' of all heads."),
     click.option("--cf-hidden", default=HEADS_TRAINING["cf_hidden"], show_default=True, type=click.IntRange(min=1),
                  help="Inner width of f_CF-user."),
-    click.option("--distill", default=HEADS_TRAINING["distill"], show_default=True, type=click.Choice(["mse", "contrastive"]),
+    click.option("--distill", default=HEADS_TRAINING["distill"], show_default=True,
+                 type=click.Choice(["mse", "contrastive"]),
                  help="Distillation loss: mse (Eq. 2) or contrastive (Eq. 10, Appendix F.3)."),
     click.option("--no-distill", is_flag=True, help="Drop L_Distill (Table 7 ablations)."),
     click.option("--no-uniform", is_flag=True, help="Drop L_Uniform (Table 7 ablations)."),
-    click.option("--retrieval-weight", default=HEADS_TRAINING["retrieval_weight"], show_default=True, type=float, help="Weight of Eq. 1."),
-    click.option("--distill-weight", default=HEADS_TRAINING["distill_weight"], show_default=True, type=float, help="Weight of Eq. 2 / 10."),
-    click.option("--uniform-weight", default=HEADS_TRAINING["uniform_weight"], show_default=True, type=float, help="Weight of Eq. 3."),
+    click.option("--retrieval-weight", default=HEADS_TRAINING["retrieval_weight"], show_default=True,
+                 type=float, help="Weight of Eq. 1."),
+    click.option("--distill-weight", default=HEADS_TRAINING["distill_weight"], show_default=True,
+                 type=float, help="Weight of Eq. 2 / 10."),
+    click.option("--uniform-weight", default=HEADS_TRAINING["uniform_weight"], show_default=True,
+                 type=float, help="Weight of Eq. 3."),
     click.option("--contrastive-temperature", default=HEADS_TRAINING["contrastive_temperature"], show_default=True,
                  type=click.FloatRange(min=0, min_open=True), help="Temperature of Eq. 10."),
 ]
@@ -244,13 +253,13 @@ def baseline_kwargs(model_name: str, kw: dict) -> tuple[dict, dict]:
     return lora, stage1
 
 
-# budget of the LLM4Rec baselines in `compare` and `analyze --llm4rec`; defaults =
-# llmsrec.experiments.compare.LLM4REC_DEFAULTS + TrainConfig's (checked by tests/test_llm4rec_compare.py)
+# budget of the LLM4Rec baselines in `compare` and `analyze --llm4rec`: compare's defaults + TrainConfig's
 LLM4REC_OPTIONS = [
-    click.option("--llm4rec-epochs", default=10, show_default=True, type=click.IntRange(min=1),
+    click.option("--llm4rec-epochs", default=LLM4REC_TRAINING["epochs"], show_default=True, type=click.IntRange(min=1),
                  help="LLM4Rec baselines: maximum epochs (paper, Appendix E: 10; one ml-100k epoch is 48 "
                       "steps of ~30 s on 2 CPU cores + 10 validations)."),
-    click.option("--llm4rec-patience", default=10, show_default=True, type=click.IntRange(min=1),
+    click.option("--llm4rec-patience", default=LLM4REC_TRAINING["patience"], show_default=True,
+                 type=click.IntRange(min=1),
                  help="LLM4Rec baselines: early-stopping patience in validations (paper: 10)."),
     click.option("--llm4rec-max-steps", default=None, type=click.IntRange(min=1),
                  help="LLM4Rec baselines: stop after N training steps, validated at the last one (a CPU "
@@ -258,9 +267,11 @@ LLM4REC_OPTIONS = [
     click.option("--llm4rec-eval-users", default=None, type=click.IntRange(min=1),
                  help="LLM4Rec baselines: select on a seeded sample of N validation users (test uses "
                       "every user) [default: all]."),
-    click.option("--llm4rec-evals-per-epoch", default=10, show_default=True, type=click.IntRange(min=1),
+    click.option("--llm4rec-evals-per-epoch", default=HEADS_TRAINING["evals_per_epoch"], show_default=True,
+                 type=click.IntRange(min=1),
                  help="LLM4Rec baselines: validations per epoch (paper: every tenth of an epoch)."),
-    click.option("--llm4rec-batch-size", default=20, show_default=True, type=click.IntRange(min=1),
+    click.option("--llm4rec-batch-size", default=HEADS_TRAINING["batch_size"], show_default=True,
+                 type=click.IntRange(min=1),
                  help="LLM4Rec baselines: users per step (paper: 20)."),
 ]
 

@@ -45,7 +45,8 @@ from llmsrec.pipeline import SASREC_DEFAULTS, format_results_md, run_pipeline
               help="SASRec maximum epochs.")
 @click.option("--sasrec-patience", default=SASREC_DEFAULTS["patience"], show_default=True, type=click.IntRange(min=1),
               help="SASRec early-stopping patience (validations).")
-@click.option("--sasrec-eval-every", default=SASREC_DEFAULTS["eval_every"], show_default=True, type=click.IntRange(min=1),
+@click.option("--sasrec-eval-every", default=SASREC_DEFAULTS["eval_every"], show_default=True,
+              type=click.IntRange(min=1),
               help="SASRec validation interval (epochs).")
 @click.option("--views", default="valid,test,test-shuffled", show_default=True,
               help="User views to precompute besides train-prefix (--prefixes); test-shuffled gives "

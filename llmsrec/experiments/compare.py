@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from llmsrec.atomic import atomic_file, write_json
+from llmsrec.defaults import LLM4REC_TRAINING
 from llmsrec.errors import InputError
 
 __all__ = ["compare", "format_compare_md", "parse_models", "parse_seeds", "CF_MODELS", "LLM4REC_MODELS",
@@ -60,10 +61,10 @@ DISPLAY = {"gru4rec": "GRU4Rec", "bert4rec": "BERT4Rec", "nextitnet": "NextItNet
            "tallrec": "TALLRec", "llara": "LLaRA", "collm": "CoLLM", "allmrec": "A-LLMRec", "llmsrec": "LLM-SRec",
            "llmsrec-nodistill": "LLM-SRec w/o L_Distill"}
 METRIC_KEYS = ("NDCG@10", "NDCG@20", "HR@10", "HR@20")
-#: LLM4Rec training defaults of compare (Appendix E: at most 10 epochs, early stopping with
-#: patience 10; the rest are ``llmsrec train --model NAME``'s: batch 20, lr 1e-4, 3 sampled
-#: negatives, validation every tenth of an epoch on every user).
-LLM4REC_DEFAULTS = {"epochs": 10, "patience": 10}
+#: LLM4Rec training defaults of compare (``llmsrec.defaults.LLM4REC_TRAINING``, Appendix E: at
+#: most 10 epochs, early stopping with patience 10; the rest are ``llmsrec train --model NAME``'s:
+#: batch 20, lr 1e-4, 3 sampled negatives, validation every tenth of an epoch on every user).
+LLM4REC_DEFAULTS = LLM4REC_TRAINING
 #: the shuffled views' permutation seed (precompute's and the baselines' default)
 SHUFFLE_SEED = 0
 #: trainer options of :func:`llmsrec.cfsrec.train_cfsrec` that ``cf_options`` may set.
