@@ -1,4 +1,4 @@
-"""Precompute throughput on the bundled model (issue 4, "Speed").
+"""Precompute throughput on the bundled model.
 
 Prints three numbers side by side, in real (non-padding) tokens per second, on 256
 MovieLens-100k ``test``-view user prompts (history window 10):

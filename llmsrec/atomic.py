@@ -17,6 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
+from llmsrec.errors import InputError
+from llmsrec.locks import output_lock
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -69,9 +74,6 @@ def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     On an exception the temporary folder is removed and ``out`` is untouched. The lock of
     ``out`` is held throughout; leftovers of a killed writer of ``out`` are removed first.
     """
-    from llmsrec.errors import InputError
-    from llmsrec.locks import output_lock
-
     out = Path(out)
     if out.exists() and not force:
         raise InputError(f"{out}: already exists (pass --force to overwrite)")
@@ -149,8 +151,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 def digest_arrays(*arrays) -> str:
     """Hex sha256 of float32 arrays, shapes included (the cache's parameter digests)."""
-    import numpy as np  # deferred: the CLI imports this module before numpy is needed
-
     h = hashlib.sha256()
     for a in arrays:
         a = np.ascontiguousarray(a, dtype=np.float32)

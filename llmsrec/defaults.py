@@ -1,5 +1,5 @@
-"""llmsrec's own defaults that differ from the paper's, in one light module (no torch), so
-the CLI can show them and every stage reads the same values."""
+"""llmsrec's defaults and shared names, written once in one light module (no torch), so the
+CLI can show them and every stage reads the same values."""
 
 #: llmsrec's heads (the ``llmsrec train`` / ``run`` / ``compare`` defaults), chosen on ml-100k
 #: validation NDCG@10 (README, "Order understanding"): five prefix samples per user, f_user
@@ -9,9 +9,13 @@ the CLI can show them and every stage reads the same values."""
 #: does.
 LLMSREC_HEADS = {"prefixes": 5, "user_readout": "layers+slots", "item_readout": "layers+soft"}
 
-#: W, the last W history items a user prompt shows (precompute, the e2e loop, the LLM4Rec
-#: baselines, ``llmsrec prompts``).
+#: the history window W: a user prompt shows the last W interactions (the paper's 10), the
+#: default of every stage that builds prompts (``--history-window``).
 HISTORY_WINDOW = 10
+
+#: the LLM4Rec baselines' ``--model`` names, in the paper's order (Table 6); the one list
+#: behind ``llmsrec.baselines.BASELINES`` (kept here so the CLI can name them without torch).
+BASELINES = ("tallrec", "llara", "collm", "allmrec")
 
 #: The heads trainer's defaults: the fields of ``llmsrec.heads.train.TrainConfig`` (beside
 #: ``seed`` and the readout fields above) and the defaults of ``llmsrec train``'s head options;

@@ -1,7 +1,8 @@
 """Device names of the CLI (``cpu``, ``cuda``, ``cuda:N``, ``hpu``) -> torch devices.
 
 Habana (``habana_frameworks``) is imported only for ``hpu`` and only inside the functions
-here, so CPU and CUDA users never import it.
+here, so CPU and CUDA users never import it. torch too is imported inside the functions: the
+CLI imports this module at startup.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def prepare_hpu() -> None:
     """
     os.environ.setdefault("PT_HPU_LAZY_MODE", "1")
     try:
-        import habana_frameworks.torch.core  # noqa: F401
+        import habana_frameworks.torch.core  # noqa: F401  (deferred: optional, Gaudi only)
     except ImportError as e:
         raise InputError("--device hpu: habana_frameworks is not installed "
                          "(pip install 'llmsrec[gaudi]' on a Gaudi machine)") from e
@@ -38,7 +39,7 @@ def hpu_lazy_mode() -> bool:
 def mark_step(device) -> None:
     """Gaudi lazy mode: execute the ops accumulated so far (``htcore.mark_step``); no-op elsewhere."""
     if getattr(device, "type", str(device).split(":")[0]) == "hpu" and hpu_lazy_mode():
-        import habana_frameworks.torch.core as htcore
+        import habana_frameworks.torch.core as htcore  # deferred: optional, Gaudi only
 
         htcore.mark_step()
 
@@ -50,7 +51,7 @@ def resolve_device(device: str):
         InputError: an unknown name, or a device this torch build / machine lacks
             (checked before any work starts, so a typo costs nothing).
     """
-    import torch
+    import torch  # deferred: torch
 
     if device == "cpu":
         return torch.device("cpu")
@@ -74,7 +75,7 @@ def to_device(tensor, device):
     work; ``non_blocking`` is safe because torch's pinned-memory allocator keeps the staging
     buffer alive until the copy has finished. Other devices: a plain ``.to(device)``.
     """
-    import torch
+    import torch  # deferred: torch
 
     device = torch.device(device)
     if device.type == "cuda" and tensor.device.type == "cpu":

@@ -9,12 +9,19 @@ Backends: ``gloo`` for ``cpu``, ``nccl`` for ``cuda``, ``hccl`` for ``hpu`` (Gau
 backend is registered by ``habana_frameworks.torch.distributed.hccl``, imported only
 here and only for ``hpu``). Collectives in this module move tensors on the device the
 backend needs (CUDA for nccl, HPU for hccl, CPU for gloo).
+
+The CLI imports this module at startup, so torch is imported inside the functions that use
+it (``# deferred: torch``) and ``llmsrec --help`` stays fast.
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import os
+import signal
+import sys
 
 from llmsrec.errors import InputError
 
@@ -79,8 +86,8 @@ def init_distributed(device: str) -> str:
             without distributed support, or the backend/device is unavailable (no nccl in
             this torch build, fewer GPUs than local ranks, habana_frameworks missing).
     """
-    import torch
-    import torch.distributed as dist
+    import torch  # deferred: torch
+    import torch.distributed as dist  # deferred: torch
 
     env = dist_env()
     if env is None:
@@ -100,7 +107,7 @@ def init_distributed(device: str) -> str:
         torch.cuda.set_device(local)
     elif backend == "hccl":
         try:
-            import habana_frameworks.torch.distributed.hccl  # noqa: F401  (registers hccl)
+            import habana_frameworks.torch.distributed.hccl  # noqa: F401  (deferred, Gaudi only: registers hccl)
         except ImportError as e:
             raise InputError("--device hpu: habana_frameworks is not installed "
                              "(pip install 'llmsrec[gaudi]' on a Gaudi machine)") from e
@@ -122,11 +129,9 @@ def _import_dynamo_first() -> None:
     :func:`shutdown_distributed`). Imported first, it holds none and the threads are
     joined when the group is destroyed. DDP imports it anyway; this only moves the import.
     """
-    import sys
-
     if "torch._dynamo" not in sys.modules:
         try:
-            import torch._dynamo.utils  # noqa: F401
+            import torch._dynamo.utils  # noqa: F401  (deferred: torch)
         except Exception:  # a torch build without dynamo: nothing holds the group then
             pass
 
@@ -141,16 +146,14 @@ def shutdown_distributed(barrier: bool = True) -> None:
     final barrier) a moment *after* the collective's ``wait()`` returns. If the group is
     still alive when the interpreter finalizes, that thread then needs the GIL to free the
     tensors, Python ends it (``pthread_exit``) inside a C++ destructor, and the process
-    aborts: "terminate called without an active exception" (issue 17, item 11). The group
+    aborts: "terminate called without an active exception". The group
     outlived ``destroy_process_group`` because ``torch._dynamo``, first imported by
     ``DistributedDataParallel`` after the group existed, kept references to it
     (:func:`_import_dynamo_first` prevents that); a ``DistributedDataParallel`` left in a
     reference cycle would hold it too until the cyclic collector runs, so the garbage is
     collected before the groups are destroyed. torch destroys a group with the GIL
     released, which lets its threads finish."""
-    import gc
-
-    import torch.distributed as dist
+    import torch.distributed as dist  # deferred: torch
 
     if dist.is_available() and dist.is_initialized():
         gc.collect()  # a DistributedDataParallel in a reference cycle holds the group
@@ -162,7 +165,7 @@ def shutdown_distributed(barrier: bool = True) -> None:
 
 def active() -> tuple[int, int] | None:
     """``(rank, world_size)`` of the initialised default process group, or None."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # deferred: torch
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -177,8 +180,8 @@ def shard(n: int, rank: int, world: int) -> tuple[int, int]:
 
 def comm_device():
     """The device a tensor must be on for the default group's collectives."""
-    import torch
-    import torch.distributed as dist
+    import torch  # deferred: torch
+    import torch.distributed as dist  # deferred: torch
 
     backend = str(dist.get_backend())
     if backend == "nccl":
@@ -198,8 +201,8 @@ def all_gather_rows(x, n: int):
     Returns:
         the ``(n, ...)`` tensor (detached), identical on every rank.
     """
-    import torch
-    import torch.distributed as dist
+    import torch  # deferred: torch
+    import torch.distributed as dist  # deferred: torch
 
     world = dist.get_world_size()
     sizes = [shard(n, r, world)[1] - shard(n, r, world)[0] for r in range(world)]
@@ -217,8 +220,8 @@ def broadcast_json(obj, src: int = 0):
     Serialised as UTF-8 JSON in a uint8 tensor (no pickle); also a barrier: no rank
     returns before ``src`` has sent.
     """
-    import torch
-    import torch.distributed as dist
+    import torch  # deferred: torch
+    import torch.distributed as dist  # deferred: torch
 
     dev = comm_device()
     if dist.get_rank() == src:
@@ -254,12 +257,12 @@ def check_nproc(nproc: int, device: str) -> None:
         raise InputError(f"--device {device} pins one device; with {nproc} processes use "
                          f"--device {kind} (process k uses {kind}:k)")
     if kind == "cuda":
-        import torch
+        import torch  # deferred: torch
 
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     else:
         try:
-            import habana_frameworks.torch.hpu as hthpu
+            import habana_frameworks.torch.hpu as hthpu  # deferred: optional, Gaudi only
         except ImportError as e:
             raise InputError("--device hpu: habana_frameworks is not installed") from e
         count = hthpu.device_count()
@@ -287,12 +290,9 @@ def launch(nproc: int, args: list[str], *, module: str = "llmsrec") -> int:
         0 when every process succeeded, ``128 + signal`` when the launcher was interrupted,
         else the exit code of the first failed rank (its messages are already printed).
     """
-    import logging
-    import signal
-
-    from torch.distributed import run as torchrun
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed import run as torchrun  # deferred: torch
+    from torch.distributed.elastic.multiprocessing.api import SignalException  # deferred: torch
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError  # deferred: torch
 
     targs = torchrun.get_args_parser().parse_args(
         ["--standalone", "--nnodes=1", f"--nproc-per-node={nproc}", "-m", module, *args])

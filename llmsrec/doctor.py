@@ -14,7 +14,13 @@ import importlib.util
 import os
 import platform
 import sys
+import tempfile
 from pathlib import Path
+
+from llmsrec import __version__
+from llmsrec.data import bundled_ml100k_dir
+from llmsrec.distributed import dist_env
+from llmsrec.errors import InputError
 
 #: distributions whose versions are shown (``llmsrec`` and Python come first)
 SHOWN = ("torch", "transformers", "h5py", "numba", "numpy", "peft")
@@ -26,7 +32,9 @@ DEFAULT_MODEL = "smollm2-135m"
 MIN_PYTHON = (3, 11)
 
 
-def _version(dist: str) -> str | None:
+def installed_version(dist: str) -> str | None:
+    """The installed version of distribution ``dist`` (from its metadata; nothing is
+    imported), or None when it is not installed."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -41,25 +49,21 @@ def _one_line(e: BaseException) -> str:
 def versions() -> dict:
     """``{"llmsrec", "python", "torch", "transformers", "h5py", "numba", "numpy", "peft"}`` ->
     version string, or None when the distribution is not installed."""
-    from llmsrec import __version__
-
     out = {"llmsrec": __version__, "python": platform.python_version()}
-    out.update({d: _version(d) for d in SHOWN})
+    out.update({d: installed_version(d) for d in SHOWN})
     return out
 
 
 def optional() -> dict:
     """``{"bitsandbytes", "optimum-habana"}`` -> version string, or None when not installed
     (from the distributions' metadata; neither is imported). Optional: never a failure."""
-    return {d: _version(d) for d in OPTIONAL}
+    return {d: installed_version(d) for d in OPTIONAL}
 
 
-def _writable_dir(folder: Path) -> tuple[bool, str | None]:
+def writable_dir(folder: Path) -> tuple[bool, str | None]:
     """Whether files can be created in ``folder`` (made with its parents if missing):
     a temporary folder is made and removed in its nearest existing ancestor (catches
     read-only file systems, which permission bits alone do not)."""
-    import tempfile
-
     anc = folder
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
@@ -79,10 +83,10 @@ def cache_folder() -> dict:
     Returns ``{"path", "from_env", "writable", ["problem"]}``: ``from_env`` tells whether
     ``LLMSREC_CACHE_DIR`` set it; ``problem`` is why it is not writable.
     """
-    from llmsrec.precompute.llm import cache_dir
+    from llmsrec.precompute.llm import cache_dir  # deferred: llmsrec.precompute imports torch
 
     path = cache_dir()
-    ok, why = _writable_dir(path / "models")
+    ok, why = writable_dir(path / "models")
     out = {"path": str(path), "from_env": bool(os.environ.get("LLMSREC_CACHE_DIR")), "writable": ok}
     if not ok:
         out["problem"] = why
@@ -94,7 +98,7 @@ def _hpu() -> dict:
     if importlib.util.find_spec("habana_frameworks") is None:
         return {"installed": False, "available": False, "devices": []}
     try:
-        import habana_frameworks.torch.hpu as hthpu
+        import habana_frameworks.torch.hpu as hthpu  # deferred: optional, Gaudi only
 
         n = int(hthpu.device_count()) if hthpu.is_available() else 0
         name = hthpu.get_device_name() if n else None
@@ -111,7 +115,7 @@ def devices() -> dict:
     "hpu": {"installed", "available", "devices", ["error"]}}``; ``cuda`` is empty without
     CUDA. Needs torch.
     """
-    import torch
+    import torch  # deferred: torch
 
     cuda = []
     if torch.cuda.is_available():
@@ -126,9 +130,7 @@ def distributed(hpu_installed: bool) -> dict:
     """``{"available", "gloo", "nccl", "hccl", "torchrun"}``: torch.distributed and its backends
     (hccl ships with habana_frameworks), and ``[rank, world_size, local_rank]`` when this
     process was started by torchrun (else None)."""
-    import torch.distributed as dist
-
-    from llmsrec.distributed import dist_env
+    import torch.distributed as dist  # deferred: torch
 
     ok = dist.is_available()
     env = dist_env()
@@ -143,7 +145,7 @@ def bundled_model(name: str = DEFAULT_MODEL) -> dict:
     ``converted_copy`` tells whether the one-time safetensors copy already exists under the
     llmsrec cache folder (else the first run makes it, ~25 s).
     """
-    from llmsrec.precompute.llm import BUNDLED, cache_dir
+    from llmsrec.precompute.llm import BUNDLED, cache_dir  # deferred: llmsrec.precompute imports torch
 
     module, gguf = BUNDLED[name]
     out = {"name": name, "distribution": module.replace("_", "-"), "installed": False, "path": None,
@@ -167,9 +169,6 @@ def bundled_data() -> dict:
 
     Returns ``{"name": "ml-100k", "installed", "path", ["problem"]}``.
     """
-    from llmsrec.data import bundled_ml100k_dir
-    from llmsrec.errors import InputError
-
     try:
         return {"name": "ml-100k", "installed": True, "path": str(bundled_ml100k_dir())}
     except InputError as e:
@@ -190,7 +189,7 @@ def collect() -> dict:
     if sys.version_info[:2] < MIN_PYTHON:
         problems.append(f"Python {platform.python_version()} is older than "
                         f"{'.'.join(map(str, MIN_PYTHON))}")
-    missing = [d for d in REQUIRED if _version(d) is None]
+    missing = [d for d in REQUIRED if installed_version(d) is None]
     if missing:
         problems.append(f"missing distribution(s): {', '.join(missing)} (pip install -e .)")
     try:

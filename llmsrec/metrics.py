@@ -2,7 +2,7 @@
 
 A leaf module: no project imports, so every trainer can use it for validation.
 
-Protocol (paper Sec. 4.1, "Evaluation"; the reference code's fixes are in DESIGN.md):
+Protocol (paper Sec. 4.1, "Evaluation"):
 each user u has a row of candidate scores, the positive (held-out target) in column 0 and
 the stored negatives in columns 1..m. The rank of the positive is the number of *other*
 candidates whose score is >= the positive's score (ties count against the model, so a

@@ -22,14 +22,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from llmsrec import data
 from llmsrec.atomic import atomic_file, write_json
-
+from llmsrec.data import bundled_ml100k_dir, dataset_digest, load_prepared
+from llmsrec.defaults import HISTORY_WINDOW
 from llmsrec.errors import InputError
 from llmsrec.run_layout import STAGE_DIRS, file_digest
 
@@ -39,8 +43,8 @@ METRIC_KEYS = ("NDCG@10", "NDCG@20", "HR@10", "HR@20")
 SASREC_DEFAULTS = dict(epochs=200, patience=5, eval_every=5, batch_size=128, lr=1e-3, hidden=64, blocks=2,
                        heads=1, dropout=0.1, maxlen=128)
 #: precompute options of ``llmsrec run``.
-PRECOMPUTE_DEFAULTS = dict(views=("train", "valid", "test"), history_window=10, verb=None, batch_tokens=4096,
-                           chunk_prompts=64, device="cpu", dtype=None, fi="moment", ridge_alpha=1e-3,
+PRECOMPUTE_DEFAULTS = dict(views=("train", "valid", "test"), history_window=HISTORY_WINDOW, verb=None,
+                           batch_tokens=4096, chunk_prompts=64, device="cpu", dtype=None, fi="moment", ridge_alpha=1e-3,
                            trust_remote_code=False, threads=None, readout_layers=(), prefixes=1,
                            template="llmsrec-prompt-v1")
 
@@ -133,7 +137,6 @@ def check_same_data(run_dir: Path, prepare: "Stage", force: bool, log: Callable[
     if not force:
         raise InputError(f"{run_dir}: holds a run of other data ({what}); pass --force to replace it, or choose "
                          f"another --out")
-    import shutil
 
     log(f"[prepare] {run_dir} held a run of other data ({what}); --force: replacing it")
     for name in ("results.json", "results.md"):
@@ -143,16 +146,12 @@ def check_same_data(run_dir: Path, prepare: "Stage", force: bool, log: Callable[
 
 def _data_inputs(dataset: str, files: dict) -> dict:
     if dataset == "ml-100k":
-        from llmsrec.data import bundled_ml100k_dir
-
         d = bundled_ml100k_dir()
         files = {"inter": d / "ml-100k.inter", "item": d / "ml-100k.item"}
     return {k: input_fingerprint(v) for k, v in files.items() if v is not None}
 
 
 def _prepare(dataset: str, out: Path, files: dict, opts: dict):
-    from llmsrec import data
-
     kw = dict(opts, force=True)
     if dataset == "ml-100k":
         return data.prepare_ml100k(out, **kw)
@@ -213,8 +212,8 @@ def format_results_md(results: dict) -> str:
 def teacher_shuffled_metrics(ds, cache) -> dict:
     """The CF-SRec teacher's test metrics on the shuffled test view: its cached O_u of the
     permuted inputs (``/users/test-shuffled/cf``) against E on the stored candidates."""
-    from llmsrec.cache import open_cache
-    from llmsrec.metrics import ranking_metrics
+    from llmsrec.cache import open_cache  # deferred: imports h5py
+    from llmsrec.metrics import ranking_metrics  # deferred: imports numba
 
     with open_cache(cache) as c:
         o_u, e = c.user_cf("test-shuffled"), c.item_cf()
@@ -262,10 +261,7 @@ def run_pipeline(
             lack ``valid``/``test`` (or ``train`` when the heads read one sample per user);
             ``out`` holds a run of other data (another prepare request) and not ``force``.
     """
-    from dataclasses import asdict
-
-    from llmsrec.data import load_prepared
-    from llmsrec.heads.train import TrainConfig
+    from llmsrec.heads.train import TrainConfig  # deferred: imports torch
 
     run_dir = Path(out)
     files = {k: (str(v) if v is not None and k != "title_field" else v) for k, v in (files or {}).items()}
@@ -297,8 +293,6 @@ def run_pipeline(
     check_same_data(run_dir, st, force, log)
 
     def data_digest():
-        from llmsrec.data import dataset_digest
-
         return dataset_digest(data_dir)
 
     if not force and st.reusable(data_digest):
@@ -316,7 +310,7 @@ def run_pipeline(
         f"{sum(len(s) for s in ds.seqs):,} interactions")
 
     # 2. SASRec ------------------------------------------------------------------------------
-    from llmsrec.cfsrec import evaluate_sasrec, train_sasrec
+    from llmsrec.cfsrec import evaluate_sasrec, train_sasrec  # deferred: imports torch
 
     t = time.perf_counter()
     st = Stage(run_dir, "sasrec", {**s_opts, "seed": seed}, {"data": ds.digest})
@@ -331,7 +325,7 @@ def run_pipeline(
     timings["sasrec"] = round(time.perf_counter() - t, 3)
 
     # 3. precompute --------------------------------------------------------------------------
-    from llmsrec.precompute import precompute
+    from llmsrec.precompute import precompute  # deferred: imports torch
 
     t = time.perf_counter()
     cache_opts = {"llm": llm, "seed": seed, **{k: v for k, v in p_opts.items() if k != "threads"}}
@@ -367,7 +361,7 @@ def run_pipeline(
     timings["precompute"] = round(time.perf_counter() - t, 3)
 
     # 4. heads -------------------------------------------------------------------------------
-    from llmsrec.heads.train import evaluate_heads, train_heads
+    from llmsrec.heads.train import evaluate_heads, train_heads  # deferred: imports torch
 
     t = time.perf_counter()
     st = Stage(run_dir, "train", asdict(cfg), {"data": ds.digest, "cache": file_digest(cache)})
@@ -384,10 +378,10 @@ def run_pipeline(
     # 5. evaluate (cheap: always recomputed from the saved checkpoints) ----------------------
     t = time.perf_counter()
     stage_header("evaluate", False)
-    from llmsrec.evaluate.full_ranking import full_ranking_cfsrec, full_ranking_heads
+    from llmsrec.evaluate.full_ranking import full_ranking_cfsrec, full_ranking_heads  # deferred: imports torch
 
     sas_res = evaluate_sasrec(ds, sas_dir)
-    from llmsrec.cache import open_cache
+    from llmsrec.cache import open_cache  # deferred: imports h5py
 
     with open_cache(cache) as c:  # the cache may hold more views than asked (added by analyze)
         shuffled = "test-shuffled" in c.views
@@ -443,9 +437,8 @@ def extend_run_cache(run_dir: str | Path, views, *, progress: bool = True,
             ``trust_remote_code: true`` without the flag, names an LLM whose weights are
             not the cache's (checked before loading), or see ``precompute``.
     """
-    from llmsrec.cache import open_cache
-    from llmsrec.data import load_prepared
-    from llmsrec.precompute import precompute
+    from llmsrec.cache import open_cache  # deferred: imports h5py
+    from llmsrec.precompute import precompute  # deferred: imports torch
 
     run_dir = Path(run_dir)
     cache = run_dir / STAGE_DIRS["precompute"] / "cache.h5"
@@ -466,7 +459,7 @@ def extend_run_cache(run_dir: str | Path, views, *, progress: bool = True,
     log(f"[precompute] adding view(s) {', '.join(missing)} to {cache}")
     ds = load_prepared(run_dir / STAGE_DIRS["prepare"])
     t = time.perf_counter()
-    from llmsrec.precompute.llm import load_llm, recorded_trust
+    from llmsrec.precompute.llm import load_llm, recorded_trust  # deferred: imports torch
 
     with open_cache(cache) as c:
         weights = c.provenance.get("model_weights_sha256")

@@ -22,6 +22,8 @@ import struct
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import safetensors.numpy
+
 from llmsrec.errors import InputError
 
 #: largest JSON header accepted (safetensors itself allows 100 MB)
@@ -52,16 +54,14 @@ def canonical(data: bytes) -> bytes:
 def save_torch(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> bytes:
     """``safetensors.torch.save`` with a canonical header (:func:`canonical`): equal tensors
     and metadata always give equal bytes."""
-    from safetensors.torch import save
+    from safetensors.torch import save  # deferred: imports torch (this leaf serves torch-free readers too)
 
     return canonical(save(dict(tensors), metadata=dict(metadata) if metadata else None))
 
 
 def save_numpy(arrays: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> bytes:
     """``safetensors.numpy.save`` with a canonical header (:func:`canonical`)."""
-    from safetensors.numpy import save
-
-    return canonical(save(dict(arrays), metadata=dict(metadata) if metadata else None))
+    return canonical(safetensors.numpy.save(dict(arrays), metadata=dict(metadata) if metadata else None))
 
 
 def read_header(path: str | os.PathLike) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -151,7 +151,7 @@ def check_module_shapes(build: Callable[[], Any], weights: str | os.PathLike, cf
             shape, or the file holds one the config does not imply; the message names the
             tensor, both shapes and the config file.
     """
-    import torch
+    import torch  # deferred: this leaf serves torch-free readers too
 
     header = read_header(weights) if header is None else header
     with torch.device("meta"):

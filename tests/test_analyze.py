@@ -14,6 +14,7 @@ from llmsrec.cli import main
 from llmsrec.data import prepare_from_interactions
 from llmsrec.evaluate import analyses as A
 from llmsrec.experiments.analyze import ANALYSES, analyze_run, parse_only, parse_seeds
+from llmsrec.experiments.compare import parse_seeds as compare_parse_seeds
 from llmsrec.errors import InputError
 from llmsrec.heads.train import train_heads
 from llmsrec.precompute.prompts import build_view
@@ -84,7 +85,9 @@ def test_option_parsing():
         parse_only(" , ")
     assert parse_seeds(None, 3) == [3]
     assert parse_seeds("0,1,2", 0) == [0, 1, 2]
-    for bad in ("a", "1,1", "-1", ""):
+    assert parse_seeds("1,1", 0) == [1]  # one rule with compare's --seeds: duplicates dropped
+    assert parse_seeds is compare_parse_seeds
+    for bad in ("a", "-1", ""):
         with pytest.raises(InputError):
             parse_seeds(bad, 0)
 

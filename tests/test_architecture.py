@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "llmsrec"
 LAYERS = [
     # leaves every stage may use
     {"errors", "defaults", "locks", "atomic", "safetensors_io", "devices", "distributed", "metrics",
-     "run_layout", "__init__"},
+     "run_layout", "seeds", "__init__"},
     {"data"},
     {"cfsrec"},
     {"cache"},

@@ -16,7 +16,7 @@ from llmsrec import distributed as dd
 from llmsrec.cli import main
 from llmsrec.devices import mark_step, prepare_hpu, resolve_device, to_device
 from llmsrec.errors import InputError
-from llmsrec.precompute.llm import _prepare_gaudi, check_llm_options, load_llm, resolve_dtype
+from llmsrec.precompute.llm import prepare_gaudi, check_llm_options, load_llm, resolve_dtype
 
 
 def fail_import(monkeypatch, prefix):
@@ -84,7 +84,7 @@ def test_gaudi_missing_libraries_and_lazy_mode(monkeypatch):
     assert os.environ["PT_HPU_LAZY_MODE"] == "0"  # the user's choice is kept
     fail_import(monkeypatch, "optimum")
     with pytest.raises(InputError, match=r"^--device hpu: optimum-habana is not installed"):
-        _prepare_gaudi()
+        prepare_gaudi()
     mark_step(torch.device("cpu"))  # a no-op off Gaudi
 
 

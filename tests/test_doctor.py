@@ -77,7 +77,7 @@ def test_optional_distributions_and_cache_folder(monkeypatch, tmp_path):
         f"not ready: the bundled model is not converted yet and the cache folder is not writable "
         f"({tmp_path / 'file'} is not a folder); set LLMSREC_CACHE_DIR to a writable folder"]
     # already converted: a read-only cache folder is fine
-    monkeypatch.setattr(doctor, "_writable_dir", lambda folder: (False, "read-only"))
+    monkeypatch.setattr(doctor, "writable_dir", lambda folder: (False, "read-only"))
     monkeypatch.setenv("LLMSREC_CACHE_DIR", str(tmp_path / "conv"))
     (tmp_path / "conv" / "models" / "smollm2-135m").mkdir(parents=True)
     (tmp_path / "conv" / "models" / "smollm2-135m" / "llmsrec-source.json").write_text("{}")
@@ -107,8 +107,8 @@ def test_missing_data_or_distribution_is_the_reason(monkeypatch):
     rep = doctor.collect()
     assert not rep["ok"] and "recbole" in rep["reason"] and not rep["bundled"]["data"]["installed"]
     monkeypatch.undo()
-    real = doctor._version
-    monkeypatch.setattr(doctor, "_version", lambda d: None if d in ("h5py", "peft") else real(d))
+    real = doctor.installed_version
+    monkeypatch.setattr(doctor, "installed_version", lambda d: None if d in ("h5py", "peft") else real(d))
     rep = doctor.collect()
     # peft is shown but not needed by the default run
     assert rep["reason"] == "missing distribution(s): h5py (pip install -e .)"

@@ -1,4 +1,4 @@
-"""Fault cases of issue 17: reproducible files, crafted inputs, concurrent writers, full
+"""Fault cases: reproducible files, crafted inputs, concurrent writers, full
 disks, corruption, interrupts. Each test failed on the code before its fix."""
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def test_crafted_sasrec_config_is_refused_before_allocating(sasrec_ckpt, tiny_ds
     with pytest.raises(InputError, match=rf"{cfg}: field 'hidden' is {2 ** 40}, more than the checkpoint's "
                                          r"weights allow \(at most 4096\)"):
         load_cfsrec(sasrec_ckpt)
-    _edit_json(cfg, hidden=64000)  # the issue's case: 20 GB before the kernel killed it
+    _edit_json(cfg, hidden=64000)  # the reported case: 20 GB before the kernel killed it
     res = CliRunner().invoke(main, ["evaluate", "--data", str(tiny_ds.root), "--model", "sasrec",
                                     "--checkpoint", str(sasrec_ckpt)])
     assert res.exit_code == 2

@@ -96,7 +96,7 @@ def test_parsing_and_option_defaults():
 
 def test_cf_shuffled_metrics_with_a_one_item_window_is_the_test(ds, three_models):
     out = three_models[0]
-    assert cf_shuffled_metrics(ds, out / "sasrec-seed0", window=1) == evaluate_cfsrec(ds, out / "sasrec-seed0")["test"]
+    assert cf_shuffled_metrics(ds, out / "sasrec-seed0", history_window=1) == evaluate_cfsrec(ds, out / "sasrec-seed0")["test"]
 
 
 def test_compare_with_llm4rec_columns(ds, three_models):
@@ -129,7 +129,7 @@ def test_compare_with_llm4rec_columns(ds, three_models):
     assert ev["test"] == res["models"]["llara"]["runs"]["0"]["test"]
     assert ev["test-shuffled"] == res["models"]["llara"]["runs"]["0"]["test-shuffled"]
     sas = res["models"]["sasrec"]["runs"]["0"]
-    assert sas["test-shuffled"] == cf_shuffled_metrics(ds, out / "sasrec-seed0", window=W)
+    assert sas["test-shuffled"] == cf_shuffled_metrics(ds, out / "sasrec-seed0", history_window=W)
     # the table: three columns, a shuffled-inference table with the change ratios
     md = (out / "compare.md").read_text()
     assert md == format_compare_md(res) + "\n"

@@ -45,6 +45,7 @@ from torch import nn
 from llmsrec.baselines.collm import TEMPLATE as COLLM_TEMPLATE
 from llmsrec.baselines.common import BaselineSpec, register
 from llmsrec.errors import InputError
+from llmsrec.precompute.fit import title_embedding_means
 
 TEMPLATE = COLLM_TEMPLATE  # Table 2 (c) is shared by CoLLM and A-LLMRec
 STAGE1_PREFIX = "stage1/"
@@ -178,8 +179,6 @@ def aligned_features(model: Alignment, E: np.ndarray) -> np.ndarray:
 
 
 def _item_features(ds, llm, data, options, seed, log):
-    from llmsrec.precompute.fit import title_embedding_means
-
     T = title_embedding_means(llm.tokenizer, llm.embed.numpy(), ds.titles)
     model, record = fit_stage1(data.E, T, options, seed, log)
     arrays = {STAGE1_PREFIX + k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -64,9 +64,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from torch import nn
 
+from llmsrec import __version__
 from llmsrec.atomic import atomic_dir, atomic_file, write_json
+from llmsrec.cfsrec.teacher import load_teacher, teacher_user_reps
+from llmsrec.data import load_prepared
+from llmsrec.data.views import check_view
+from llmsrec.defaults import BASELINES, HISTORY_WINDOW
 from llmsrec.errors import InputError
 from llmsrec.e2e.loop import (
     E2E_DEFAULT_NEGATIVES,
@@ -84,11 +90,14 @@ from llmsrec.e2e.loop import (
 )
 from llmsrec.heads.model import load_heads, save_heads
 from llmsrec.heads.train import TrainConfig, plot_history
-from llmsrec.precompute.llm import HISTORY_EMB, ITEM_OUT, USER_OUT, LoadedLLM
-from llmsrec.precompute.prompts import TEMPLATES, USER_REP_ITEM, Prompt
+from llmsrec.precompute.engine import tokenize_prompts
+from llmsrec.precompute.fit import fit_moment_matched
+from llmsrec.precompute.llm import HISTORY_EMB, ITEM_OUT, USER_OUT, LoadedLLM, load_llm
+from llmsrec.precompute.prompts import (
+    TEMPLATES, USER_REP_ITEM, Prompt, build_view, default_verb, item_prompt, template_text,
+)
+from llmsrec.safetensors_io import save_numpy
 
-#: the ``--model`` names, in the paper's order
-BASELINES = ("tallrec", "llara", "collm", "allmrec")
 #: views a baseline loads for training/evaluation (the shuffled test view gives the
 #: shuffled-inference change ratio, Sec. 2.3.2)
 DEFAULT_VIEWS = ("train", "valid", "test", "test-shuffled")
@@ -149,11 +158,12 @@ def register(spec: BaselineSpec) -> BaselineSpec:
 def get_spec(name: str) -> BaselineSpec:
     """The spec of ``--model name``.
 
+    The model modules register their specs when ``llmsrec.baselines`` is imported, which
+    Python does before it runs this module, so the registry is full by the time of any call.
+
     Raises:
         InputError: not one of :data:`BASELINES`.
     """
-    import llmsrec.baselines  # noqa: F401  (the model modules register themselves)
-
     if name not in _SPECS:
         raise InputError(f"--model {name!r}: expected one of {', '.join(BASELINES)}")
     return _SPECS[name]
@@ -240,7 +250,7 @@ def apply_lora(llm: LoadedLLM, options: LoraOptions, seed: int = 0) -> list[tupl
         InputError: the decoder already has adapters (load a fresh LLM), or no module
             matches ``options.targets``.
     """
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # deferred: peft imports transformers (seconds)
 
     if has_adapters(llm):
         raise InputError(f"{llm.name}: already has LoRA adapters (give a freshly loaded LLM)")
@@ -258,7 +268,7 @@ def apply_lora(llm: LoadedLLM, options: LoraOptions, seed: int = 0) -> list[tupl
 
 def lora_state(llm: LoadedLLM) -> dict[str, torch.Tensor]:
     """The adapter weights (peft's names, adapter name removed), float32 CPU copies."""
-    from peft import get_peft_model_state_dict
+    from peft import get_peft_model_state_dict  # deferred: peft imports transformers (seconds)
 
     return {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(llm.decoder).items()}
 
@@ -269,7 +279,7 @@ def load_lora_state(llm: LoadedLLM, arrays: dict[str, np.ndarray], path) -> None
     Raises:
         InputError: names or shapes do not match the injected adapters.
     """
-    from peft import set_peft_model_state_dict
+    from peft import set_peft_model_state_dict  # deferred: peft imports transformers (seconds)
 
     want = set(lora_state(llm))
     if set(arrays) != want:
@@ -304,7 +314,7 @@ def adapt_prompt(spec: BaselineSpec, p: Prompt, rep_id: int | None = None) -> Pr
     return Prompt(text=p.text, soft_items=items)
 
 
-def build_prompts(ds, model: str, view: str, *, history_window: int = 10, verb: str | None = None,
+def build_prompts(ds, model: str, view: str, *, history_window: int = HISTORY_WINDOW, verb: str | None = None,
                   k: int = 0, shuffle_seed: int = SHUFFLE_SEED):
     """User prompts of one view for a baseline (``ViewPrompts`` with adapted soft ids).
 
@@ -315,8 +325,6 @@ def build_prompts(ds, model: str, view: str, *, history_window: int = 10, verb: 
         :class:`~llmsrec.precompute.prompts.ViewPrompts`; ``prompts[u]`` has the model's
         text (Table 2) and soft ids.
     """
-    from llmsrec.precompute.prompts import build_view
-
     spec = get_spec(model)
     vp = build_view(ds, view, history_window=history_window, verb=verb, seed=shuffle_seed, version=spec.template)
     for u, p in enumerate(vp.prompts):
@@ -327,8 +335,6 @@ def build_prompts(ds, model: str, view: str, *, history_window: int = 10, verb: 
 
 def build_item_prompts(ds, model: str) -> list[Prompt]:
     """The N item prompts (index iid-1) of a baseline (Table 2, ``P_I``)."""
-    from llmsrec.precompute.prompts import item_prompt
-
     spec = get_spec(model)
     return [adapt_prompt(spec, item_prompt(ds.titles, i, version=spec.template)) for i in range(1, ds.n_items + 1)]
 
@@ -351,7 +357,7 @@ class BaselineData(E2EData):
     user_cf: np.ndarray | None = None
 
 
-def load_baseline_data(ds, sasrec, llm: LoadedLLM, model: str, *, history_window: int = 10,
+def load_baseline_data(ds, sasrec, llm: LoadedLLM, model: str, *, history_window: int = HISTORY_WINDOW,
                        verb: str | None = None, views=DEFAULT_VIEWS, shuffle_seed: int = SHUFFLE_SEED) -> BaselineData:
     """Build and tokenize a baseline's prompts for ``views``; run the CF-SRec once per view.
 
@@ -363,12 +369,6 @@ def load_baseline_data(ds, sasrec, llm: LoadedLLM, model: str, *, history_window
         InputError: no CF-SRec for a model that needs one, CF-SRec of another dataset, an
             unknown view, prompts too long for the model.
     """
-    from llmsrec import __version__
-    from llmsrec.data.views import check_view
-    from llmsrec.precompute.prompts import default_verb, template_text
-    from llmsrec.cfsrec.teacher import load_teacher, teacher_user_reps
-    from llmsrec.precompute.engine import tokenize_prompts
-
     spec = get_spec(model)
     views = tuple(views)
     for v in views:
@@ -511,8 +511,6 @@ class BaselineInputs(LLMInputs):
 def _user_projection(llm: LoadedLLM, o_rows: np.ndarray, arch: str, seed: int) -> ItemProjection:
     """f_U: linear, moment-matched to the token embeddings on the training users' O_u (as
     f_I's default start); mlp: torch default init under ``seed``."""
-    from llmsrec.precompute.fit import fit_moment_matched
-
     d_cf = int(o_rows.shape[1])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed) + 3)
@@ -757,8 +755,6 @@ def train_baseline(model: str, ds, sasrec, out, *, force: bool = False, progress
 
 
 def _save_arrays(path: Path, arrays: dict, meta: dict) -> None:
-    from llmsrec.safetensors_io import save_numpy
-
     out = {}
     for k, v in arrays.items():
         if hasattr(v, "detach"):
@@ -769,8 +765,6 @@ def _save_arrays(path: Path, arrays: dict, meta: dict) -> None:
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-
     if not path.is_file():
         raise InputError(f"{path}: missing (not a complete baseline checkpoint)")
     try:
@@ -901,8 +895,6 @@ def load_baseline_checkpoint(ds, checkpoint, *, device: str = "cpu", llm: Loaded
         InputError: not a baseline checkpoint, another model than ``expect``, its dataset,
             LLM or CF-SRec no longer match, or an old checkpoint's teacher folder is gone.
     """
-    from llmsrec.precompute.llm import load_llm
-
     ckpt = Path(checkpoint)
     bad = [v for v in views if v not in ("valid", "test", "valid-shuffled", "test-shuffled")]
     if bad:
@@ -970,8 +962,6 @@ def baseline_scores(ds, checkpoint, views=EVAL_VIEWS, *, device: str = "cpu", ll
         ``{view: ViewScores}``. See :func:`load_baseline_checkpoint` for args and errors.
     """
     if isinstance(ds, (str, os.PathLike)):
-        from llmsrec.data import load_prepared
-
         ds = load_prepared(ds)
     views = tuple(views)
     tr = load_baseline_checkpoint(ds, checkpoint, device=device, llm=llm, batch_tokens=batch_tokens, views=views,

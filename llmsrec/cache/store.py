@@ -56,6 +56,7 @@ from llmsrec.cache.verify import (
     CHECKSUMS, damaged_build, progress_groups, read_checked, record_written, seal, unverified_groups, write_row_checksums,
 )
 from llmsrec.errors import InputError
+from llmsrec.locks import output_lock
 from llmsrec.data.views import ALL_VIEWS, PREFIX_VIEW
 
 VIEW_ORDER = ALL_VIEWS + (PREFIX_VIEW,)  # the order reader.views lists views in
@@ -75,14 +76,21 @@ def provenance_diff(existing: dict, asked: dict) -> str | None:
     return None
 
 
-def _read_provenance(f: h5py.File, path: Path) -> dict:
+def read_provenance(f: h5py.File, path: Path) -> dict:
+    """The ``provenance`` root attribute of an open cache file ``f``, parsed from JSON.
+
+    Raises:
+        InputError: ``f`` has no ``provenance`` attribute (``path``, its name, is in the message).
+    """
     raw = f.attrs.get("provenance")
     if raw is None:
         raise InputError(f"{path}: not an llmsrec cache (no 'provenance' attribute)")
     return json.loads(raw)
 
 
-def _complete(f: h5py.File, group: str) -> bool:
+def group_complete(f: h5py.File, group: str) -> bool:
+    """True when every chunk of ``group`` (e.g. ``"items"``, ``"users/test"``) of the open
+    cache file ``f`` is marked written in ``/progress/<group>``; False when it has none."""
     key = f"progress/{group}"
     return key in f and bool(np.all(f[key][()]))
 
@@ -113,8 +121,6 @@ class CacheWriter:
 
     def __init__(self, out, provenance: dict, *, force: bool = False,
                  log: Callable[[str], None] = print):
-        from llmsrec.locks import output_lock
-
         self._lock = output_lock(out)  # one writer per cache file (its .tmp included)
         self._fresh = False  # True once this writer created the .tmp it writes
         self._marked = False  # True once this writer marked a chunk done
@@ -137,8 +143,8 @@ class CacheWriter:
         if self.out.exists():
             try:
                 with h5py.File(self.out, "r") as f:
-                    self._existing_final = _read_provenance(f, self.out)
-                    self._final_groups = {g for g in self._all_groups(f) if _complete(f, g)}
+                    self._existing_final = read_provenance(f, self.out)
+                    self._final_groups = {g for g in self._all_groups(f) if group_complete(f, g)}
             except OSError as e:
                 if not force:
                     raise InputError(f"{self.out}: not a readable HDF5 cache ({e}); "
@@ -172,7 +178,7 @@ class CacheWriter:
         if self.tmp.exists():
             try:
                 f = h5py.File(self.tmp, "r+")
-                prov = _read_provenance(f, self.tmp)
+                prov = read_provenance(f, self.tmp)
             except (OSError, InputError) as e:
                 if "lock" in str(e).lower() and "unable" in str(e).lower():  # HDF5's own file lock
                     raise InputError(f"{self.tmp}: open in another process ({' '.join(str(e).split())[:120]}); "
@@ -261,7 +267,7 @@ class CacheWriter:
 
     def complete(self, group: str) -> bool:
         """True when every chunk of ``group`` (``items``, ``users/<view>``) is marked done."""
-        return _complete(self.f, group)
+        return group_complete(self.f, group)
 
     def drop(self, name: str) -> None:
         """Delete dataset or group ``name`` if present (setup only: rebuilding a group)."""
@@ -333,7 +339,7 @@ class CacheWriter:
     def finish(self) -> Path:
         """Check every chunk is done, close, rename ``out.tmp`` -> ``out``; return ``out``."""
         for g in self._all_groups(self.f):
-            if not _complete(self.f, g):
+            if not group_complete(self.f, g):
                 raise RuntimeError(f"{self.tmp}: group {g} has chunks not done")
         seal(self.f)  # the sha256 of what changed until now (progress flags, row checksums)
         self.f.close()
@@ -438,13 +444,13 @@ class CacheReader:
             self.f = h5py.File(self.path, "r")
         except OSError as e:
             raise InputError(f"{self.path}: not a readable HDF5 file ({e})") from e
-        self.provenance = _read_provenance(self.f, self.path)
+        self.provenance = read_provenance(self.f, self.path)
         try:
             _check_virtual_sources(self.f, self.path, self.provenance)
         except BaseException:
             self.f.close()
             raise
-        present = [v for v in self.f.get("users", {}) if _complete(self.f, f"users/{v}")]
+        present = [v for v in self.f.get("users", {}) if group_complete(self.f, f"users/{v}")]
         self.views = [v for v in VIEW_ORDER if v in present]
 
     def _view(self, view: str) -> h5py.Group:

@@ -25,13 +25,18 @@ Caches written before checksums still open; ``verify`` names what it could not c
 from __future__ import annotations
 
 import hashlib
+import json
 import zlib
 from pathlib import Path
 
 import h5py
 import numpy as np
+from safetensors import safe_open
 
+from llmsrec.data import dataset_digest
 from llmsrec.errors import InputError
+from llmsrec.run_layout import STAGE_DIRS, file_digest
+from llmsrec.safetensors_io import read_header
 
 #: rows read at once when a dataset is checked (bounded memory for a big cache)
 BLOCK_ROWS = 4096
@@ -225,10 +230,6 @@ def verify_cache(path) -> dict:
 
 def _verify_safetensors(path: Path) -> list[str]:
     """Problems of a safetensors file: a bad header, or a tensor that does not load."""
-    from safetensors import safe_open
-
-    from llmsrec.safetensors_io import read_header
-
     try:
         read_header(path)
         with safe_open(str(path), framework="numpy") as f:
@@ -254,10 +255,6 @@ def verify_path(path, log=print) -> list[str]:
     Returns:
         the problems found, one line each (empty: everything verified).
     """
-    import json
-
-    from llmsrec.run_layout import STAGE_DIRS, file_digest
-
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
@@ -289,8 +286,6 @@ def verify_path(path, log=print) -> list[str]:
                       "heads": "heads.safetensors"}[p.parent.name]
             try:
                 if output is None:
-                    from llmsrec.data import dataset_digest
-
                     now = dataset_digest(p.parent)
                 else:
                     now = file_digest(p.parent / output)

@@ -213,8 +213,6 @@ E2E_OPTIONS = [
 e2e_options = with_options(E2E_OPTIONS)
 
 
-BASELINE_NAMES = ["tallrec", "llara", "collm", "allmrec"]  # llmsrec.baselines.BASELINES
-
 # defaults = llmsrec.baselines.LoraOptions() / Stage1Options() (checked by tests/test_baselines.py)
 BASELINE_OPTIONS = [
     click.option("--lora-r", default=8, show_default=True, type=click.IntRange(min=1),

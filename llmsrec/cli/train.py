@@ -11,7 +11,6 @@ from llmsrec.atomic import write_json
 from llmsrec.cli.config import config_option, write_config
 from llmsrec.cli.guard import GuardedCommand, refuse_distributed
 from llmsrec.cli.options import (
-    BASELINE_NAMES,
     CF_MODEL_NAMES,
     baseline_kwargs,
     baseline_options,
@@ -21,6 +20,7 @@ from llmsrec.cli.options import (
     train_llm_options,
 )
 from llmsrec.data import load_prepared
+from llmsrec.defaults import BASELINES
 from llmsrec.devices import resolve_device
 from llmsrec.distributed import dist_env
 
@@ -96,7 +96,7 @@ def _train_baseline(model_name, data_dir, mode, cache, sasrec_dir, out, seed, no
 @e2e_options
 @click.option("--verb", default=None, help="e2e: noun phrase of the prompt [default: by dataset].")
 @click.option("--model", "model_name", default="llmsrec", show_default=True,
-              type=click.Choice(["llmsrec", *BASELINE_NAMES]),
+              type=click.Choice(["llmsrec", *BASELINES]),
               help="llmsrec: LLM-SRec (--mode cache|e2e). tallrec|llara|collm|allmrec: the paper's LLM4Rec "
                    "baselines (Table 2), trained with Eq. 1 only in the e2e loop: they cannot use the cache "
                    "(LoRA changes the LLM); LLM and e2e options apply; tallrec needs no --sasrec.")
@@ -170,7 +170,7 @@ def train(data_dir, mode, cache, sasrec_dir, out, seed, model_name, no_progress,
 
 
 #: the kinds of checkpoint `llmsrec evaluate --model` scores
-EVALUATE_MODELS = [*CF_MODEL_NAMES, "llmsrec", "llmsrec-e2e", *BASELINE_NAMES]
+EVALUATE_MODELS = [*CF_MODEL_NAMES, "llmsrec", "llmsrec-e2e", *BASELINES]
 #: those `evaluate --full-ranking` also ranks against the whole catalogue
 FULL_RANKING_MODELS = ("sasrec", "llmsrec")
 

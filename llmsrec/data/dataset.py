@@ -1,4 +1,4 @@
-"""The prepared-dataset pipeline and folder format (issue 3, paper Sec. 4.1 / Appendix C).
+"""The prepared-dataset pipeline and folder format (paper Sec. 4.1 / Appendix C).
 
 ``prepare_from_interactions`` turns raw ``(user, item, timestamp)`` interactions into a
 prepared folder; ``load_prepared`` reads it back as a :class:`PreparedDataset`.

@@ -2,7 +2,7 @@
 
 The LLM is causal and frozen, and ``[UserOut]``/``[ItemOut]`` sit at the end of their
 prompts, so every earlier position's keys and values are independent of the out-token
-embedding t (DESIGN.md, "The cache-first idea, exactly"). A refinement round therefore
+embedding t (what makes cache mode exact). A refinement round therefore
 
 1. takes a seeded sample of users (``train`` view prompts) and an item pool (the sampled
    users' targets plus seeded random items), and computes each prompt's *prefix* (every
@@ -51,15 +51,22 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from llmsrec.atomic import atomic_dir, write_json
+from llmsrec.cache import open_cache
+from llmsrec.cfsrec.teacher import load_teacher
+from llmsrec.data import load_prepared
 from llmsrec.errors import InputError
-from llmsrec.e2e.loop import LLMInputs, _as_float, backward_through_llm
+from llmsrec.e2e.loop import LLMInputs, _as_float, backward_through_llm, compute_states
 from llmsrec.heads.losses import full_retrieval_loss, total_loss
 from llmsrec.heads.model import load_heads
 from llmsrec.heads.train import LOSS_TERMS, TrainConfig
-from llmsrec.precompute.engine import TokenizedPrompt, make_batches
-from llmsrec.precompute.llm import ITEM_OUT, USER_OUT, LoadedLLM
+from llmsrec.precompute import precompute
+from llmsrec.precompute.engine import TokenizedPrompt, make_batches, tokenize_prompts
+from llmsrec.precompute.llm import ITEM_OUT, USER_OUT, LoadedLLM, load_llm
+from llmsrec.precompute.params import write_params
+from llmsrec.precompute.prompts import build_view, item_prompt
 
 PARAMS_FILE = "params.safetensors"
 
@@ -146,7 +153,7 @@ def single_position_states(llm: LoadedLLM, prefix_batch: tuple, vec: torch.Tenso
         float32 ``(b, d_llm)``: equal (up to rounding) to the full forward's state at the out
         token, and so is its gradient with respect to ``vec``.
     """
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # deferred: transformers takes seconds to import
 
     layers, mask, pos = prefix_batch
     b = pos.shape[0]
@@ -209,14 +216,6 @@ def refine_tokens(ds, cache, heads_dir, sasrec, out, *, llm: str | LoadedLLM | N
         InputError: mismatched cache / heads / LLM / SASRec / dataset, ``out`` exists
             without ``force``, bad sizes.
     """
-    from llmsrec.cache import open_cache
-    from llmsrec.precompute import precompute
-    from llmsrec.precompute.engine import tokenize_prompts
-    from llmsrec.precompute.llm import load_llm
-    from llmsrec.precompute.params import write_params
-    from llmsrec.precompute.prompts import build_view, item_prompt
-    from llmsrec.cfsrec.teacher import load_teacher
-
     log = log or (lambda m: print(m, file=sys.stderr))
     for name, v in (("users", users), ("items", items), ("steps", steps), ("batch_size", batch_size)):
         if v < 1:
@@ -227,8 +226,6 @@ def refine_tokens(ds, cache, heads_dir, sasrec, out, *, llm: str | LoadedLLM | N
     if out.exists() and not force:
         raise InputError(f"{out}: already exists (pass --force to overwrite)")
     if isinstance(ds, (str, os.PathLike)):
-        from llmsrec.data import load_prepared
-
         ds = load_prepared(ds)
     if threads:
         torch.set_num_threads(threads)
@@ -317,8 +314,6 @@ def refine_tokens(ds, cache, heads_dir, sasrec, out, *, llm: str | LoadedLLM | N
 
     def sample_loss() -> dict:
         """Mean loss terms over the whole sample with the current tokens (and f_I), no grad."""
-        from llmsrec.e2e.loop import compute_states
-
         acc = {t: 0.0 for t in LOSS_TERMS}
         with torch.no_grad():
             pool_h = None
@@ -337,7 +332,6 @@ def refine_tokens(ds, cache, heads_dir, sasrec, out, *, llm: str | LoadedLLM | N
         return {t: acc[t] / len(sample) for t in LOSS_TERMS}
 
     before = sample_loss()
-    from tqdm import tqdm
 
     history = []
     t2 = time.perf_counter()

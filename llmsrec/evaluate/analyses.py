@@ -13,6 +13,7 @@ from collections import Counter
 from typing import Iterable, Sequence
 
 import numpy as np
+from scipy.spatial.distance import pdist
 
 from llmsrec.metrics import ranking_metrics
 
@@ -137,8 +138,6 @@ def mean_pairwise_distance(x: np.ndarray) -> float:
     Args:
         x: float ``(U, d)`` user representations.
     """
-    from scipy.spatial.distance import pdist
-
     return float(np.mean(pdist(np.asarray(x, dtype=np.float64))))
 
 

@@ -12,11 +12,18 @@ whose score is >= the target's (ties count against the model, as in
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from llmsrec.cache import open_cache
+from llmsrec.cfsrec import load_cfsrec, pad_left
+from llmsrec.errors import InputError
+from llmsrec.heads.model import load_heads
+from llmsrec.heads.train import cached_features
 from llmsrec.metrics import metrics_from_ranks
 
 __all__ = ["full_ranks", "full_metrics"]
@@ -95,14 +102,7 @@ def full_ranking_cfsrec(ds, checkpoint, device: str = "cpu", splits=("valid", "t
     Raises:
         InputError: an unreadable checkpoint or one for another item count.
     """
-    from llmsrec.cfsrec import pad_left
-    from llmsrec.errors import InputError
-
-    try:
-        from llmsrec.cfsrec import load_cfsrec as _load
-    except ImportError:  # only SASRec exists
-        from llmsrec.cfsrec import load_sasrec as _load
-    model = _load(checkpoint, device=device)
+    model = load_cfsrec(checkpoint, device=device)
     e = model.item_embeddings().detach().float().cpu()
     if e.shape[0] != ds.n_items + 1:
         raise InputError(f"{checkpoint}: model has {e.shape[0] - 1} items, dataset {ds.root} has {ds.n_items}")
@@ -130,13 +130,6 @@ def full_ranking_heads(ds, checkpoint, device: str = "cpu", cache=None, splits=(
     Raises:
         InputError: no cache given or recorded, or a cache for another dataset/width.
     """
-    import json
-    from pathlib import Path
-
-    from llmsrec.cache import open_cache
-    from llmsrec.errors import InputError
-    from llmsrec.heads.model import load_heads
-
     if cache is None:
         try:
             cache = json.loads((Path(checkpoint) / "heads_config.json").read_text())["provenance"]["cache"]
@@ -148,8 +141,6 @@ def full_ranking_heads(ds, checkpoint, device: str = "cpu", cache=None, splits=(
         if prov.get("dataset_sha256") not in (None, ds.digest):
             raise InputError(f"{cache}: built for another dataset (provenance field 'dataset_sha256')")
         n = ds.n_users if not isinstance(prov.get("max_users"), int) else min(ds.n_users, prov["max_users"])
-        from llmsrec.heads.train import cached_features
-
         item_h = torch.from_numpy(cached_features(c, "items", heads.config.item_readout))
         user_h = {s: torch.from_numpy(cached_features(c, s, heads.config.user_readout)[1 : n + 1]) for s in splits}
     if item_h.shape[-1] != heads.config.d_llm:

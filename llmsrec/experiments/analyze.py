@@ -58,11 +58,25 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import safetensors.numpy
+import torch
 
-from llmsrec.atomic import atomic_file, write_json
+from llmsrec.atomic import atomic_file, sha256_file, write_json
+from llmsrec.baselines import BASELINES, ViewScores, baseline_scores, fit_baseline, get_spec, view_scores
+from llmsrec.baselines.common import baseline_record, metrics_of, save_baseline
+from llmsrec.cache import open_cache
+from llmsrec.cfsrec import load_sasrec, pad_left, train_sasrec
+from llmsrec.data import load_prepared
+from llmsrec.defaults import HISTORY_WINDOW
 from llmsrec.errors import InputError
 from llmsrec.evaluate import analyses as A
+from llmsrec.experiments.compare import fresh_llm, llm4rec_train_options
+from llmsrec.heads.model import load_heads
+from llmsrec.heads.train import TrainConfig, load_cached_tensors, score_candidates, train_on_tensors
 from llmsrec.metrics import ranking_metrics
+from llmsrec.pipeline import extend_run_cache
+from llmsrec.precompute.prompts import build_view
+from llmsrec.seeds import parse_seeds
 
 ANALYSES = (
     "shuffled-inference",
@@ -87,8 +101,8 @@ TITLES = {
     "case-studies": "Case studies (Sec. 4.3.3, Fig. 6)",
 }
 METRICS = ("NDCG@10", "NDCG@20", "HR@10", "HR@20")
-#: LLM4Rec baselines ``--llm4rec`` can add (``llmsrec.baselines.BASELINES``) -> display name
-LLM4REC = {"tallrec": "TALLRec", "llara": "LLaRA", "collm": "CoLLM", "allmrec": "A-LLMRec"}
+#: LLM4Rec baselines ``--llm4rec`` can add -> display name
+LLM4REC = {m: get_spec(m).display for m in BASELINES}
 #: sections that use the LLM4Rec models
 LLM4REC_SECTIONS = ("shuffled-inference", "shuffled-training", "similarity")
 OUTPUTS_FILE = "outputs.safetensors"
@@ -132,19 +146,6 @@ def parse_llm4rec(text: str | None) -> tuple[str, ...]:
     return tuple(m for m in LLM4REC if m in asked)
 
 
-def parse_seeds(seeds: str | None, default: int) -> list[int]:
-    """``--seeds 0,1,2`` -> [0, 1, 2]; None = [default]. Raises InputError."""
-    if seeds is None:
-        return [default]
-    try:
-        out = [int(x) for x in str(seeds).split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
-    if not out or len(set(out)) != len(out) or min(out) < 0:
-        raise InputError(f"--seeds: expected distinct non-negative integers, got {seeds!r}")
-    return out
-
-
 # --- model outputs ----------------------------------------------------------------------------
 
 
@@ -185,9 +186,6 @@ class RunAnalysis:
 
     def __init__(self, run, out, seeds, *, progress: bool = True, log: Callable[[str], None] = print,
                  llm4rec=(), llm4rec_options: dict | None = None, llm=None, trust_remote_code: bool = False):
-        from llmsrec.cache import open_cache
-        from llmsrec.data import load_prepared
-
         self.run = Path(run)
         self.out = Path(out)
         self.seeds = list(seeds)
@@ -201,14 +199,13 @@ class RunAnalysis:
         with open_cache(self.cache_path) as c:
             self.provenance = dict(c.provenance)
         self.cache_seed = int(self.provenance.get("seed", 0))
-        self.window = int(self.provenance.get("history_window", 10))
+        self.window = int(self.provenance.get("history_window", HISTORY_WINDOW))
         try:
             self.sasrec_results = json.loads((self.run / "sasrec" / "results.json").read_text())
             self.heads_train = json.loads((self.run / "heads" / "heads_config.json").read_text())["train"]
         except (OSError, ValueError, KeyError) as e:
             raise InputError(f"{self.run}: cannot read sasrec/results.json or heads/heads_config.json ({e})") from None
         self.run_seed = int(self.sasrec_results.get("train", {}).get("seed", 0))
-        from llmsrec.experiments.compare import llm4rec_train_options
 
         self.llm4rec = tuple(llm4rec)
         self.b_opts, self.b_lora, self.b_stage1 = llm4rec_train_options(llm4rec_options)
@@ -224,9 +221,6 @@ class RunAnalysis:
 
     # -- shared inputs --
     def ensure_views(self, views) -> None:
-        from llmsrec.cache import open_cache
-        from llmsrec.pipeline import extend_run_cache
-
         with open_cache(self.cache_path) as c:
             missing = [v for v in views if v not in c.views]
         if missing:
@@ -235,9 +229,6 @@ class RunAnalysis:
             self._tensors = None
 
     def tensors(self):
-        from llmsrec.cache import open_cache
-        from llmsrec.heads.train import load_cached_tensors
-
         if self._tensors is None:
             readout = {k: self.heads_train.get(k, "out") for k in ("user_readout", "item_readout")}
             t = load_cached_tensors(self.ds, self.cache_path, eval_views=("valid", "test", "test-shuffled"),
@@ -261,8 +252,6 @@ class RunAnalysis:
 
     def test_inputs(self, view: str) -> list:
         """SASRec inputs of users 1..n for ``test`` or ``test-shuffled`` (permuted like the prompt)."""
-        from llmsrec.precompute.prompts import build_view
-
         n = self.n
         users = range(1, n + 1)
         vp = build_view(self.ds, view, history_window=self.window, seed=self.cache_seed, users=users)
@@ -282,8 +271,6 @@ class RunAnalysis:
         return opts
 
     def sasrec_dir(self, seed: int, shuffled_training: bool) -> Path:
-        from llmsrec.cfsrec import train_sasrec
-
         if seed == self.run_seed and not shuffled_training:
             return self.run / "sasrec"
         name = f"sasrec{'-shuffled-training' if shuffled_training else ''}-seed{seed}"
@@ -310,10 +297,6 @@ class RunAnalysis:
     def sasrec(self, seed: int, shuffled_training: bool = False) -> Outputs:
         key = ("sasrec", seed, shuffled_training)
         if key not in self._memo:
-            import torch
-
-            from llmsrec.cfsrec import load_sasrec, pad_left
-
             model = load_sasrec(self.sasrec_dir(seed, shuffled_training))
             cand = torch.from_numpy(np.asarray(self.ds.candidates("test"), dtype=np.int64)[: self.n])
             o = Outputs()
@@ -330,8 +313,6 @@ class RunAnalysis:
 
     # -- LLM-SRec heads --
     def heads_config(self, variant: str, seed: int):
-        from llmsrec.heads.train import TrainConfig
-
         base = {k: v for k, v in self.heads_train.items()}
         base.update(VARIANTS[variant])
         base["seed"] = seed
@@ -339,9 +320,6 @@ class RunAnalysis:
 
     def heads(self, variant: str, seed: int, shuffled_training: bool = False):
         """Trained heads (eval mode) of a variant; trains and saves them under ``models/`` once."""
-        from llmsrec.heads.model import load_heads
-        from llmsrec.heads.train import train_on_tensors
-
         cfg = self.heads_config(variant, seed)
         if variant == "LLM-SRec" and not shuffled_training and seed == int(self.heads_train.get("seed", -1)):
             return load_heads(self.run / "heads")
@@ -370,10 +348,6 @@ class RunAnalysis:
     def llmsrec(self, variant: str, seed: int, shuffled_training: bool = False) -> Outputs:
         key = ("llmsrec", variant, seed, shuffled_training)
         if key not in self._memo:
-            import torch
-
-            from llmsrec.heads.train import score_candidates
-
             heads = self.heads(variant, seed, shuffled_training)
             data = self.tensors()[0]
             o = Outputs()
@@ -395,9 +369,6 @@ class RunAnalysis:
         return self.llm if isinstance(self.llm, str) else str(getattr(self.llm, "name", "llm"))
 
     def baseline_stamp(self, name: str, seed: int, shuffled_training: bool) -> dict:
-        from llmsrec.baselines import get_spec
-        from llmsrec.atomic import sha256_file
-
         spec = get_spec(name)
         return json.loads(json.dumps({
             "model": name, "seed": seed, "options": self.b_opts, "lora": self.b_lora if spec.lora else None,
@@ -419,9 +390,6 @@ class RunAnalysis:
         key = ("llm4rec", name, seed, shuffled_training)
         if key in self._memo:
             return self._memo[key]
-        from llmsrec.baselines import ViewScores, baseline_scores, fit_baseline, get_spec, view_scores
-        from llmsrec.baselines.common import baseline_record, metrics_of, save_baseline
-        from llmsrec.experiments.compare import fresh_llm
 
         spec = get_spec(name)
         d = self.out / "models" / f"{name}{'-shuffled-training' if shuffled_training else ''}-seed{seed}"
@@ -491,8 +459,6 @@ class RunAnalysis:
 
     def raw_user_hidden(self, view: str) -> np.ndarray:
         """The frozen LLM's own last-layer [UserOut] states of users 1..n (whatever the heads read)."""
-        from llmsrec.cache import open_cache
-
         with open_cache(self.cache_path) as c:
             return np.asarray(c.user_hidden(view), dtype=np.float32)[1 : self.n + 1]
 
@@ -506,22 +472,18 @@ def _read_json(path: Path):
 
 def _read_outputs(d: Path, views) -> Outputs | None:
     """``outputs.safetensors`` of a model folder (``scores/<view>``, ``reps/<view>``), or None."""
-    from safetensors.numpy import load_file
-
     try:
-        arrays = load_file(str(d / OUTPUTS_FILE))
+        arrays = safetensors.numpy.load_file(str(d / OUTPUTS_FILE))
         return Outputs(scores={v: arrays[f"scores/{v}"] for v in views}, reps={v: arrays[f"reps/{v}"] for v in views})
     except Exception:  # missing, truncated or another layout: recompute
         return None
 
 
 def _write_outputs(d: Path, o: Outputs) -> None:
-    from safetensors.numpy import save
-
     arrays = {**{f"scores/{v}": np.ascontiguousarray(x, dtype=np.float32) for v, x in o.scores.items()},
               **{f"reps/{v}": np.ascontiguousarray(x, dtype=np.float32) for v, x in o.reps.items()}}
     with atomic_file(d / OUTPUTS_FILE, "wb") as f:
-        f.write(save(arrays))
+        f.write(safetensors.numpy.save(arrays))
 
 
 # --- formatting -----------------------------------------------------------------------------
@@ -565,10 +527,10 @@ def _fmt_ratio(cell: dict) -> str:
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # deferred: matplotlib takes a second to import; only the figures need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: after choosing the Agg backend
 
     return plt
 

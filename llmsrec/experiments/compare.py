@@ -39,34 +39,47 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
+from dataclasses import asdict, fields
 
-from llmsrec.atomic import atomic_file, write_json
-from llmsrec.defaults import LLM4REC_TRAINING
+import numpy as np
+import torch
+
+from llmsrec.atomic import atomic_file, sha256_file, write_json
+from llmsrec.baselines import get_spec, train_baseline
+from llmsrec.baselines.common import SHUFFLE_SEED
+from llmsrec.cache import open_cache
+from llmsrec.cfsrec import MODELS, evaluate_cfsrec, load_cfsrec, pad_left, train_cfsrec
+from llmsrec.data import load_prepared
+from llmsrec.defaults import BASELINES, HISTORY_WINDOW, LLM4REC_TRAINING
+from llmsrec.e2e.loop import E2EOptions
 from llmsrec.errors import InputError
+from llmsrec.evaluate.analyses import change_ratio
+from llmsrec.heads.train import TrainConfig, evaluate_heads, train_heads
+from llmsrec.metrics import ranking_metrics
+from llmsrec.precompute import precompute
+from llmsrec.precompute.prompts import build_view
+from llmsrec.seeds import parse_seeds
 
 __all__ = ["compare", "format_compare_md", "parse_models", "parse_seeds", "CF_MODELS", "LLM4REC_MODELS",
            "ALL_MODELS", "LLM4REC_DEFAULTS", "TEACHER_USERS"]
 
 #: CF-SRec models in the column order of the paper's Table 6.
 CF_MODELS = ("gru4rec", "bert4rec", "nextitnet", "sasrec")
-#: the LLM4Rec baselines (``llmsrec.baselines.BASELINES``), Table 6 order.
-LLM4REC_MODELS = ("tallrec", "llara", "collm", "allmrec")
+#: the LLM4Rec baselines, Table 6 order.
+LLM4REC_MODELS = BASELINES
 #: LLM-SRec and its w/o-L_Distill ablation (Table 7), both heads on the same cache
 LLMSREC_MODELS = ("llmsrec", "llmsrec-nodistill")
 ALL_MODELS = CF_MODELS + LLM4REC_MODELS + LLMSREC_MODELS
 #: the models that read a CF-SRec teacher (``cache`` / ``teacher`` apply only to them)
-TEACHER_USERS = ("llmsrec", "llara", "collm", "allmrec", "llmsrec-nodistill")
+TEACHER_USERS = ("llmsrec", *(m for m in LLM4REC_MODELS if get_spec(m).needs_sasrec), "llmsrec-nodistill")
 DISPLAY = {"gru4rec": "GRU4Rec", "bert4rec": "BERT4Rec", "nextitnet": "NextItNet", "sasrec": "SASRec",
-           "tallrec": "TALLRec", "llara": "LLaRA", "collm": "CoLLM", "allmrec": "A-LLMRec", "llmsrec": "LLM-SRec",
+           **{m: get_spec(m).display for m in LLM4REC_MODELS}, "llmsrec": "LLM-SRec",
            "llmsrec-nodistill": "LLM-SRec w/o L_Distill"}
 METRIC_KEYS = ("NDCG@10", "NDCG@20", "HR@10", "HR@20")
 #: LLM4Rec training defaults of compare (``llmsrec.defaults.LLM4REC_TRAINING``, Appendix E: at
 #: most 10 epochs, early stopping with patience 10; the rest are ``llmsrec train --model NAME``'s:
 #: batch 20, lr 1e-4, 3 sampled negatives, validation every tenth of an epoch on every user).
 LLM4REC_DEFAULTS = LLM4REC_TRAINING
-#: the shuffled views' permutation seed (precompute's and the baselines' default)
-SHUFFLE_SEED = 0
 #: trainer options of :func:`llmsrec.cfsrec.train_cfsrec` that ``cf_options`` may set.
 CF_TRAIN_OPTIONS = ("epochs", "patience", "eval_every", "batch_size", "lr", "loss", "device")
 REQUEST = "request.json"
@@ -85,30 +98,6 @@ def parse_models(text: str) -> list[str]:
         if m not in ALL_MODELS:
             raise InputError(f"--models: unknown model {m!r} (expected any of {', '.join(ALL_MODELS)})")
     return [m for m in ALL_MODELS if m in names]
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` -> ``[0, 1, 2]`` (order kept, duplicates dropped).
-
-    Raises:
-        InputError: empty, not integers, or negative.
-    """
-    out: list[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            s = int(part)
-        except ValueError:
-            raise InputError(f"--seeds: {part!r} is not an integer (expected e.g. 0,1,2)") from None
-        if s < 0:
-            raise InputError(f"--seeds: {s} is negative")
-        if s not in out:
-            out.append(s)
-    if not out:
-        raise InputError("--seeds: give at least one seed, e.g. 0,1,2")
-    return out
 
 
 def _jsonable(x: Any) -> Any:
@@ -146,8 +135,6 @@ def _shuffle_change(runs: dict[str, dict]) -> dict | None:
     """Per metric, the change ratio (shuffled - original) / original of every seed's test
     metrics (Sec. 2.3.2) and their mean / sample std; None when a run lacks ``test-shuffled``.
     An undefined ratio (original 0) is None."""
-    from llmsrec.evaluate.analyses import change_ratio
-
     if not runs or not all("test-shuffled" in r for r in runs.values()):
         return None
     out = {}
@@ -171,10 +158,6 @@ def _entry(name: str, runs: dict[str, dict]) -> dict:
 
 def _metrics(scores: np.ndarray) -> dict[str, float]:
     """``ranking_metrics`` as floats, keeping torch's thread count (numba may reset it)."""
-    import torch
-
-    from llmsrec.metrics import ranking_metrics
-
     threads = torch.get_num_threads()
     try:
         return {k: float(v) for k, v in ranking_metrics(scores).items()}
@@ -182,25 +165,20 @@ def _metrics(scores: np.ndarray) -> dict[str, float]:
         torch.set_num_threads(threads)
 
 
-def cf_shuffled_metrics(ds, run_dir, *, window: int = 10, seed: int = SHUFFLE_SEED, device: str = "cpu",
-                        batch_size: int = 512) -> dict[str, float]:
+def cf_shuffled_metrics(ds, run_dir, *, history_window: int = HISTORY_WINDOW, seed: int = SHUFFLE_SEED,
+                        device: str = "cpu", batch_size: int = 512) -> dict[str, float]:
     """Test metrics of a saved CF-SRec on the ``test-shuffled`` view: each user's test input
-    ``seq[:-1]`` with its last ``window`` items permuted exactly as in the LLM prompts of that
-    view (:func:`llmsrec.precompute.prompts.build_view`, permutation ``seed``), scored on the
-    stored test candidates (Sec. 2.3.2).
+    ``seq[:-1]`` with its last ``history_window`` items permuted exactly as in the LLM prompts
+    of that view (:func:`llmsrec.precompute.prompts.build_view`, permutation ``seed``), scored
+    on the stored test candidates (Sec. 2.3.2).
 
     Returns:
         ``{"NDCG@10", "NDCG@20", "HR@10", "HR@20"}`` floats.
     Raises:
         InputError: an unreadable checkpoint.
     """
-    import torch
-
-    from llmsrec.cfsrec import load_cfsrec, pad_left
-    from llmsrec.precompute.prompts import build_view
-
     model = load_cfsrec(run_dir, device=device).eval()
-    inputs = build_view(ds, "test-shuffled", history_window=window, seed=seed).cf_inputs[1:]
+    inputs = build_view(ds, "test-shuffled", history_window=history_window, seed=seed).cf_inputs[1:]
     cand = np.asarray(ds.candidates("test"), dtype=np.int64)
     dev = next(model.parameters()).device
     scores = np.empty(cand.shape, dtype=np.float32)
@@ -236,11 +214,6 @@ def llm4rec_train_options(options: dict | None, precompute_options: dict | None 
     Raises:
         InputError: an unknown field, or ``seed`` / ``llm`` (set by compare).
     """
-    from dataclasses import fields
-
-    from llmsrec.e2e.loop import E2EOptions
-    from llmsrec.heads.train import TrainConfig
-
     opts = {k: v for k, v in (options or {}).items() if v is not None}
     lora, stage1 = dict(opts.pop("lora", None) or {}), dict(opts.pop("stage1", None) or {})
     known = {f.name for f in fields(TrainConfig)} | {f.name for f in fields(E2EOptions)}
@@ -320,9 +293,6 @@ def compare(
             without a model of :data:`TEACHER_USERS`, a missing cache, a cache of another
             dataset, or any stage's bad input.
     """
-    from llmsrec.cfsrec import MODELS, evaluate_cfsrec, train_cfsrec
-    from llmsrec.data import load_prepared
-
     if not hasattr(ds, "digest"):
         ds = load_prepared(ds)
     out = Path(out)
@@ -354,7 +324,7 @@ def compare(
         teacher = teacher or "sasrec"
     out.mkdir(parents=True, exist_ok=True)
     precompute_options = precompute_options or {}
-    window = int(b_opts.get("history_window") or precompute_options.get("history_window") or 10)
+    window = int(b_opts.get("history_window") or precompute_options.get("history_window") or HISTORY_WINDOW)
 
     def cf_request(name: str, seed: int) -> dict:
         opts = {**model_options.get("*", {}), **model_options.get(name, {})}
@@ -402,7 +372,7 @@ def compare(
             ev = evaluate_cfsrec(ds, run_dir, device=device, expect=name)
             trained = _read_json(run_dir / "results.json") or {}
             runs[str(seed)] = {"valid": ev["valid"], "test": ev["test"],
-                               "test-shuffled": cf_shuffled_metrics(ds, run_dir, window=window, device=device),
+                               "test-shuffled": cf_shuffled_metrics(ds, run_dir, history_window=window, device=device),
                                "dir": str(run_dir), "seconds": trained.get("seconds"),
                                "best_epoch": trained.get("best_epoch")}
         results["models"][name] = _entry(name, runs)
@@ -425,7 +395,7 @@ def compare(
         info: dict = {"llm": _llm_name(llm), "options": _jsonable(b_opts), "lora": _jsonable(b_lora),
                       "stage1": _jsonable(b_stage1)}
         b_teacher = None
-        if any(m != "tallrec" for m in baselines):
+        if any(get_spec(m).needs_sasrec for m in baselines):
             b_teacher, info["teacher"] = _baseline_teacher(cache, teacher, teacher_dir, seeds[0], out, run_cf)
         results["llm4rec"] = info
         for name in baselines:
@@ -450,8 +420,6 @@ def _baseline_teacher(cache, teacher, teacher_dir, seed0, out: Path, run_cf) -> 
     if teacher_dir is not None:
         return Path(teacher_dir), f"{DISPLAY[teacher]} seed {seed0} ({teacher_dir}), LLM-SRec's teacher"
     if cache is not None:
-        from llmsrec.cache import open_cache
-
         with open_cache(cache) as reader:
             digest = reader.provenance.get("sasrec_sha256")
         found = _find_teacher(digest, Path(cache), out)
@@ -467,9 +435,6 @@ def _baseline_teacher(cache, teacher, teacher_dir, seed0, out: Path, run_cf) -> 
 def _run_baseline(ds, out: Path, name: str, seed: int, *, teacher_dir, llm, options: dict, lora: dict,
                   stage1: dict, force: bool, progress: bool, log) -> dict:
     """Train (or reuse) one LLM4Rec baseline run and return its compare entry."""
-    from llmsrec.baselines import get_spec, train_baseline
-    from llmsrec.atomic import sha256_file
-
     spec = get_spec(name)
     run_dir = out / f"{name}-seed{seed}"
     sas = Path(teacher_dir) if spec.needs_sasrec else None
@@ -499,16 +464,8 @@ def _run_llmsrec(ds, out: Path, *, seeds, cache, teacher, teacher_dir, llm, prec
                  force, progress, log, name: str = "llmsrec") -> tuple[dict, dict]:
     """LLM-SRec heads (``name``: ``llmsrec`` or its ablation) for every seed on one fixed cache
     (given, or built from ``teacher_dir``), in ``OUT/<name>-seed<k>``."""
-    from dataclasses import asdict
-
-    from llmsrec.cache import open_cache
-    from llmsrec.heads.train import TrainConfig, evaluate_heads, train_heads
-    from llmsrec.atomic import sha256_file
-
     info: dict = {}
     if cache is None:
-        from llmsrec.precompute import precompute
-
         cache_dir = out / f"cache-{teacher}-seed{seeds[0]}"
         cache = cache_dir / "cache.h5"
         # what the heads read: the readout layers, the prefix samples, and test-shuffled for the
@@ -560,8 +517,6 @@ def _run_llmsrec(ds, out: Path, *, seeds, cache, teacher, teacher_dir, llm, prec
 def _find_teacher(digest: str | None, cache: Path, out: Path) -> Path | None:
     """A CF-SRec checkpoint whose weights have ``digest``, looked for in ``llmsrec run``'s
     layout (``cache/../sasrec``) and in OUT's run folders."""
-    from llmsrec.atomic import sha256_file
-
     candidates = [cache.resolve().parent.parent / "sasrec", *sorted(out.glob("*-seed*"))]
     for d in candidates:
         w = d / "model.safetensors"

@@ -28,18 +28,23 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing as mp
 import os
 import time
 import tomllib
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from llmsrec.atomic import atomic_file, write_json
+from llmsrec.data import load_prepared
 from llmsrec.errors import InputError
-from llmsrec.heads.train import TrainConfig
+from llmsrec.heads.train import TrainConfig, fit_heads, load_cached_tensors, train_on_tensors
 
 __all__ = ["load_grid", "expand_grid", "sweep"]
 
@@ -116,7 +121,6 @@ _DATA: dict = {}
 
 def _init_worker(ds_root, cache: str, threads: int, eval_views=("valid",)) -> None:
     global _SOURCE, _DATA
-    import torch
 
     torch.set_num_threads(threads)
     _SOURCE, _DATA = (ds_root, cache, tuple(eval_views)), {}
@@ -124,8 +128,6 @@ def _init_worker(ds_root, cache: str, threads: int, eval_views=("valid",)) -> No
 
 def _data_for(cfg: TrainConfig):
     """The cached tensors ``cfg`` trains on (its readouts and prefix samples), loaded once."""
-    from llmsrec.heads.train import load_cached_tensors
-
     key = (cfg.user_readout, cfg.item_readout, cfg.prefixes)
     if key not in _DATA:
         ds, cache, views = _SOURCE
@@ -135,8 +137,6 @@ def _data_for(cfg: TrainConfig):
 
 
 def _fit_one(cfg_dict: dict) -> dict:
-    from llmsrec.heads.train import fit_heads
-
     cfg = TrainConfig(**cfg_dict)
     fit = fit_heads(_data_for(cfg), cfg, progress=False)
     return {"best_validation": fit.best["validation"], "best_step": fit.best["step"],
@@ -161,11 +161,6 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
     Raises:
         InputError: bad grid, options or cache.
     """
-    from tqdm.auto import tqdm
-
-    from llmsrec.data import load_prepared
-    from llmsrec.heads.train import train_on_tensors
-
     ds = load_prepared(ds) if isinstance(ds, (str, os.PathLike)) else ds
     grid, fixed = load_grid(grid_path)
     variants = expand_grid(grid, fixed, base)
@@ -207,9 +202,6 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
         for varied, cfg in todo:
             record(varied, cfg, _fit_one(asdict(cfg)))
     elif todo:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                  initargs=(str(ds.root), str(cache), threads)) as pool:
@@ -285,10 +277,10 @@ def _sweep_md(recs, grid, select, best, test, summary) -> str:
 
 
 def _sweep_png(recs, grid, path) -> None:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib takes a second to import; only the plot needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: after choosing the Agg backend
 
     inf = influence(recs, grid, "NDCG@10")
     key = max(inf, key=inf.get) if inf else list(grid)[0]

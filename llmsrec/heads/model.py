@@ -28,10 +28,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+from safetensors.torch import load_file, save
 import torch
 from torch import nn
 
+from llmsrec.atomic import atomic_file, write_json
 from llmsrec.errors import InputError
+from llmsrec.safetensors_io import check_checkpoint
 
 WEIGHTS_FILE = "heads.safetensors"
 CONFIG_FILE = "heads_config.json"
@@ -225,7 +228,8 @@ def fixed_item_projection(weight: np.ndarray, bias: np.ndarray) -> nn.Linear:
         weight: float (d_llm, d_cf); bias: float (d_llm,).
     Returns:
         A frozen ``nn.Linear(d_cf -> d_llm)``; f_I(E_i) is the soft token that replaces
-        ``[HistoryEmb]`` in the prompts. Nothing here trains it (DESIGN.md, cache mode).
+        ``[HistoryEmb]`` in the prompts. Nothing here trains it (cache mode fixes f_I before
+        precompute, :mod:`llmsrec.precompute.fit`).
     Raises:
         InputError: shapes do not match.
     """
@@ -247,10 +251,6 @@ def save_heads(heads: LLMSRecHeads, out_dir: str | Path, extra: dict | None = No
     Each file is written atomically (``llmsrec.atomic``) with the mode the umask gives
     (safetensors' own ``save_file`` would leave the weights at 0600).
     """
-    from safetensors.torch import save
-
-    from llmsrec.atomic import atomic_file, write_json
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in heads.state_dict().items()}
@@ -269,8 +269,6 @@ def load_heads(heads_dir: str | Path) -> LLMSRecHeads:
         InputError: the folder lacks the files, or the config/weights do not match (sizes
             are checked against the safetensors header before any module is built).
     """
-    from safetensors.torch import load_file
-
     heads_dir = Path(heads_dir)
     cfg_path, w_path = heads_dir / CONFIG_FILE, heads_dir / WEIGHTS_FILE
     for p in (cfg_path, w_path):
@@ -281,7 +279,6 @@ def load_heads(heads_dir: str | Path) -> LLMSRecHeads:
         cfg = HeadsConfig(**doc["heads"])
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"{cfg_path}: field 'heads' unreadable ({e})") from None
-    from llmsrec.safetensors_io import check_checkpoint
 
     check_checkpoint(w_path, cfg_path, doc["heads"], lambda: LLMSRecHeads(cfg))  # before allocating
     heads = LLMSRecHeads(cfg)

@@ -17,7 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmsrec.cache import open_cache
+from llmsrec.data import load_prepared
+from llmsrec.defaults import HISTORY_WINDOW
 from llmsrec.errors import InputError
+from llmsrec.heads.model import load_heads
+from llmsrec.heads.train import cached_features, readout_features
+from llmsrec.precompute.engine import tokenize_prompts
+from llmsrec.precompute.llm import USER_OUT, load_llm, recorded_trust
+from llmsrec.precompute.prompts import user_prompt
+from llmsrec.precompute.readouts import as_tree, forward_readouts
 
 __all__ = ["parse_history", "recommend", "format_recommendations"]
 
@@ -66,17 +75,11 @@ def parse_history(text: str, ds, default_ts: int) -> tuple[np.ndarray, np.ndarra
     return np.asarray(iids, dtype=np.int64), np.asarray(ts, dtype=np.int64)
 
 
-def _user_state_from_llm(run: Path, ds, cache, iids, ts, device: str = "cpu", trust_remote_code: bool = False,
+def _user_state_from_llm(run: Path, ds, reader, iids, ts, device: str = "cpu", trust_remote_code: bool = False,
                          readout: str = "out") -> tuple[torch.Tensor, str]:
     """f_user's input for a typed history: one LLM forward of its prompt, read as the
     cache was (``readout``: the heads' user readout; the cache's readout layers)."""
-    from llmsrec.heads.train import readout_features
-    from llmsrec.precompute.engine import tokenize_prompts
-    from llmsrec.precompute.readouts import as_tree, forward_readouts
-    from llmsrec.precompute.llm import USER_OUT, load_llm, recorded_trust
-    from llmsrec.precompute.prompts import user_prompt
-
-    prov = cache.provenance
+    prov = reader.provenance
     opts = {}
     record = run / "cache" / "stage.json"
     try:
@@ -87,21 +90,21 @@ def _user_state_from_llm(run: Path, ds, cache, iids, ts, device: str = "cpu", tr
         raise InputError(f"{record}: field 'options' is not an object")
     name = opts.get("llm", prov.get("model"))
     if not prov.get("model_weights_sha256"):
-        raise InputError(f"{cache.path}: provenance field 'model_weights_sha256' missing: the LLM {name!r} cannot "
+        raise InputError(f"{reader.path}: provenance field 'model_weights_sha256' missing: the LLM {name!r} cannot "
                          f"be checked before it is loaded")
     # the run folder names the model; only this command's flag may let its code run, and
     # the weights must be the ones the cache was built from (checked before loading)
     llm = load_llm(name, device=device, dtype=opts.get("dtype"),
                    trust_remote_code=recorded_trust(record, {**opts, "llm": name}, trust_remote_code),
                    expect_weights_digest=prov["model_weights_sha256"])
-    w = int(prov.get("history_window", 10))
+    w = int(prov.get("history_window", HISTORY_WINDOW))
     prompt = user_prompt(ds.titles, iids[-w:], ts[-w:], verb=prov.get("verb") or "purchases",
                          version=prov.get("template_version", "llmsrec-prompt-v1"))
     if (prompt.soft_items < 0).any():
-        raise InputError(f"{cache.path}: its prompts carry the CF-SRec user representation "
+        raise InputError(f"{reader.path}: its prompts carry the CF-SRec user representation "
                          f"(template {prov.get('template_version')}); --history needs the default template")
-    p = cache.params()
-    e = np.asarray(cache.item_cf(), dtype=np.float32)
+    p = reader.params()
+    e = np.asarray(reader.item_cf(), dtype=np.float32)
     soft = torch.from_numpy(e @ p["f_I/weight"].T + p["f_I/bias"]).to(llm.device, llm.dtype)
     out_vec = torch.from_numpy(np.asarray(p["tokens/user_out"], np.float32)).to(llm.device, llm.dtype)
     toks = tokenize_prompts(llm, [prompt], USER_OUT)
@@ -132,10 +135,6 @@ def recommend(run, *, user: str | None = None, history: str | None = None, k: in
             a user without a cached prompt, k < 1; ``--history``: a recorded
             ``trust_remote_code`` without the flag, LLM weights other than the cache's.
     """
-    from llmsrec.cache import open_cache
-    from llmsrec.data import load_prepared
-    from llmsrec.heads.model import load_heads
-
     if (user is None) == (history is None):
         raise InputError("give exactly one of --user or --history")
     if k < 1:
@@ -147,16 +146,15 @@ def recommend(run, *, user: str | None = None, history: str | None = None, k: in
     ds = load_prepared(run / "data")
     heads = load_heads(run / "heads")
     held = None
-    from llmsrec.heads.train import cached_features
 
-    with open_cache(run / "cache" / "cache.h5") as cache:
-        items_h = torch.from_numpy(cached_features(cache, "items", heads.config.item_readout))
+    with open_cache(run / "cache" / "cache.h5") as reader:
+        items_h = torch.from_numpy(cached_features(reader, "items", heads.config.item_readout))
         if user is not None:
             try:
                 uid = ds.raw_users.index(str(user), 1)
             except ValueError:
                 raise InputError(f"--user {user!r}: not a user of {ds.root} (raw ids as in sequences.jsonl)") from None
-            h = cached_features(cache, "test", heads.config.user_readout)[uid]
+            h = cached_features(reader, "test", heads.config.user_readout)[uid]
             if not np.any(h):
                 raise InputError(f"--user {user!r}: no cached test prompt (cache built with --max-users?)")
             h_u = torch.from_numpy(h)
@@ -167,7 +165,7 @@ def recommend(run, *, user: str | None = None, history: str | None = None, k: in
         else:
             last_ts = max(int(t[-1]) for t in ds.timestamps[1:])
             iids, ts = parse_history(history, ds, last_ts)
-            h_u, prompt_text = _user_state_from_llm(run, ds, cache, iids, ts, device=device,
+            h_u, prompt_text = _user_state_from_llm(run, ds, reader, iids, ts, device=device,
                                                     trust_remote_code=trust_remote_code,
                                                     readout=heads.config.user_readout)
             source = "LLM forward of this history"

@@ -1,13 +1,16 @@
-"""The fixed f_I of cache mode: a closed-form ridge regression (DESIGN.md, cache mode).
+"""The fixed f_I of cache mode: a closed-form fit before precompute, never trained.
 
 f_I maps a SASRec item embedding E_i (d_cf) to the LLM input space (d_llm). In the paper
 f_I is a trained MLP (Sec. 2.1.2); here it is fixed before precompute so that every
-``[HistoryEmb]`` soft token can be computed once: f_I is the ridge-regression fit from
-E_i to the mean input embedding of item i's title tokens, so soft tokens live where the
-LLM's own token embeddings live.
+``[HistoryEmb]`` soft token can be computed once, and it puts the soft tokens where the
+LLM's own token embeddings live: by default the moment-matched map
+(:func:`fit_moment_matched`), or the ridge-regression fit from E_i to the mean input
+embedding of item i's title tokens (:func:`fit_ridge`, ``--fi ridge``).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import scipy.linalg
@@ -103,8 +106,6 @@ def _embedding_axes(embed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     """Mean, singular values and principal axes of the centred input-embedding matrix
     ``(V, d_llm)``, in float64; memoised on the matrix's bytes because the SVD of a 49k x 576
     matrix costs seconds to a minute and every baseline / e2e model asks for the same one."""
-    import hashlib
-
     key = hashlib.blake2b(np.ascontiguousarray(embed).view(np.uint8), digest_size=16).hexdigest()
     key += f"{embed.dtype}{embed.shape}"
     if key not in _AXES:

@@ -13,16 +13,24 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
+from llmsrec import __version__
 from llmsrec.atomic import digest_arrays, sha256_file
 from llmsrec.cfsrec.teacher import load_teacher, teacher_user_reps
+from llmsrec.data import load_prepared
 from llmsrec.data.views import PREFIX_VIEW, check_view
 from llmsrec.errors import InputError
+from llmsrec.precompute.engine import forward_batch, make_batches, tokenize_prompts
+from llmsrec.precompute.fit import fit_moment_matched, fit_ridge, title_embedding_means
 from llmsrec.precompute.llm import ITEM_OUT, USER_OUT, LoadedLLM, load_llm
+from llmsrec.precompute.params import read_linear_params
 from llmsrec.precompute.prompts import (
     TEMPLATE_VERSION, TEMPLATES, USER_REP_ITEM, Prompt, PrefixPrompts, ViewPrompts, build_prefix_view,
     build_view, default_verb, has_user_rep, item_prompt, template_text,
 )
+from llmsrec.precompute.readouts import TreePrompt, as_tree, default_layers, forward_readouts, num_layers, tokenize_tree
 
 
 @dataclass
@@ -65,20 +73,14 @@ class Job:
     template: str = TEMPLATE_VERSION
 
 
-def prepare_job(ds, sasrec, out_h5, *, llm, views, history_window, verb, batch_tokens, chunk_prompts,
+def prepare_job(ds, sasrec, cache, *, llm, views, history_window, verb, batch_tokens, chunk_prompts,
              device, dtype, seed, force, max_users, ridge_alpha, fi, params, trust_remote_code,
              num_threads, attention_mask, progress, log, on_chunk, readout_layers=(), prefixes=1,
              template=TEMPLATE_VERSION) -> Job:
     """Check the options, load dataset, teacher and LLM, build the provenance (``Job``)."""
-    import torch
-
-    from llmsrec import __version__
-
     if num_threads:
         torch.set_num_threads(num_threads)
     if isinstance(ds, (str, os.PathLike)):
-        from llmsrec.data import load_prepared
-
         ds = load_prepared(ds)
     prefixes = int(prefixes)
     if prefixes < 1:
@@ -110,8 +112,6 @@ def prepare_job(ds, sasrec, out_h5, *, llm, views, history_window, verb, batch_t
     n_users = ds.n_users if max_users is None else min(int(max_users), ds.n_users)
     given = None
     if params is not None:
-        from llmsrec.precompute.params import read_linear_params
-
         given = read_linear_params(params, llm.d_llm, E.shape[1])
     prov = {
         "llmsrec_version": __version__,
@@ -134,8 +134,6 @@ def prepare_job(ds, sasrec, out_h5, *, llm, views, history_window, verb, batch_t
                 "moment-matched: PCA-whitened SASRec E onto the top principal axes of the input embeddings"),
     }
     if readout_layers or auto_layers:
-        from llmsrec.precompute.readouts import default_layers, num_layers
-
         if auto_layers:
             readout_layers = default_layers(num_layers(llm))
         bad = [x for x in readout_layers if not 1 <= x <= num_layers(llm)]
@@ -152,7 +150,7 @@ def prepare_job(ds, sasrec, out_h5, *, llm, views, history_window, verb, batch_t
         prov["f_I"] = "given: linear f_I and token embeddings from a params file"
         prov["params_sha256"] = sha256_file(params)
     groups = ["items"] + [f"users/{v}" for v in views]
-    return Job(ds=ds, sas=sas, E=E, llm=llm, out=Path(out_h5), views=views, n_users=n_users,
+    return Job(ds=ds, sas=sas, E=E, llm=llm, out=Path(cache), views=views, n_users=n_users,
                given=given, prov=prov, groups=groups, history_window=int(history_window),
                verb=verb, seed=int(seed), fi=fi, ridge_alpha=ridge_alpha,
                batch_tokens=batch_tokens, chunk_prompts=chunk_prompts, force=force,
@@ -172,8 +170,6 @@ def setup_cache(w, job: Job, *, hidden: bool = True):
         ``((W, b, user_out, item_out), {view: ViewPrompts})`` with ``W`` float32
         ``(d_llm, d_cf)``, ``b``, ``user_out``, ``item_out`` float32 ``(d_llm,)``.
     """
-    from llmsrec.precompute.fit import fit_moment_matched, fit_ridge, title_embedding_means
-
     ds, llm, E, given = job.ds, job.llm, job.E, job.given
     if w.has("params/f_I/weight"):
         W, b = w.read("params/f_I/weight"), w.read("params/f_I/bias")
@@ -231,7 +227,7 @@ def setup_cache(w, job: Job, *, hidden: bool = True):
 
 
 def _require_readouts(w, job: Job, g: str, n_rows: int, n_slots: int) -> None:
-    """The readout datasets of group ``g`` (docs/internals.md, cache layout)."""
+    """The readout datasets of group ``g`` (docs/cache-schema.md)."""
     if not job.readout_layers:
         return
     nl, d = len(job.readout_layers), job.llm.d_llm
@@ -253,8 +249,6 @@ def view_prompts(job: Job, view: str) -> ViewPrompts | PrefixPrompts:
 def group_prompts(job: Job, group: str, vp: ViewPrompts | None = None):
     """``(rows, tokenized)`` of a group: the rows (iids or uids, int64, ascending) that get
     a prompt and their ``TokenizedPrompt`` s. ``vp``: the view's prompts if already built."""
-    from llmsrec.precompute.engine import tokenize_prompts
-
     if group == "items":
         ds = job.ds
         item_prompts = [item_prompt(ds.titles, i, version=job.template) for i in range(1, ds.n_items + 1)]
@@ -262,8 +256,6 @@ def group_prompts(job: Job, group: str, vp: ViewPrompts | None = None):
                 tokenize_prompts(job.llm, item_prompts, ITEM_OUT))
     vp = vp if vp is not None else view_prompts(job, group.removeprefix("users/"))
     if isinstance(vp, PrefixPrompts):
-        from llmsrec.precompute.readouts import tokenize_tree
-
         users = [u for u in range(1, job.n_users + 1) if vp.prompts[u]]
         rows = np.asarray(users, dtype=np.int64)
         return rows, [tokenize_tree(job.llm, vp.prompts[u], USER_OUT) for u in users]
@@ -318,12 +310,6 @@ def run_plan(w, job: Job, plan: list, work: dict, fixed, *, progress: bool | Non
         ``{"prompts", "real", "padded", "wall"}``: prompts and real / padded tokens run,
         forward wall seconds.
     """
-    import torch
-    from tqdm.auto import tqdm
-
-    from llmsrec.precompute.engine import forward_batch, make_batches
-    from llmsrec.precompute.readouts import TreePrompt, as_tree, forward_readouts
-
     llm = job.llm
     W, b, user_out, item_out = fixed
     dev = llm.device

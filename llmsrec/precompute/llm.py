@@ -19,7 +19,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmsrec.atomic import sha256_file
+import torch
+
+from llmsrec.atomic import atomic_dir, follow_umask, sha256_file, write_json
 from llmsrec.devices import hpu_lazy_mode, resolve_device  # noqa: F401  (re-exported)
 from llmsrec.distributed import local_device
 from llmsrec.errors import InputError
@@ -125,10 +127,7 @@ def _bundled_copy(name: str) -> tuple[Path, str]:
 
     The copy is written atomically under ``cache_dir()/models/<name>/``.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from llmsrec.atomic import atomic_dir, follow_umask, write_json
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: transformers takes seconds to import
 
     dist, gguf = BUNDLED[name]
     folder = cache_dir() / "models" / name
@@ -166,7 +165,7 @@ def _bundled_copy(name: str) -> tuple[Path, str]:
 def _local_snapshot(repo_id: str) -> Path | None:
     """Folder of a model id already in the local Hugging Face cache (never downloads)."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # deferred: optional here, a missing package is handled
 
         return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:  # not cached, bad id, or huggingface_hub missing
@@ -175,8 +174,6 @@ def _local_snapshot(repo_id: str) -> Path | None:
 
 def resolve_dtype(dtype: str | None, device: str):
     """``fp32|bf16|fp16|None`` -> torch dtype; None means fp32 on CPU, bf16 on GPU/HPU."""
-    import torch
-
     table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
     if dtype is None:
@@ -207,17 +204,17 @@ def check_llm_options(device: str = "cpu", *, load_in_8bit: bool = False, hpu_gr
         if kind != "cuda":
             raise InputError(f"--load-in-8bit: needs --device cuda (bitsandbytes), got --device {device}")
         try:
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes  # noqa: F401  (deferred: optional dependency, checked only for --load-in-8bit)
         except ImportError:
             raise InputError("--load-in-8bit: bitsandbytes is not installed (pip install bitsandbytes)") from None
     if hpu_graphs and kind != "hpu":
         raise InputError(f"--hpu-graphs: needs --device hpu, got --device {device}")
 
 
-def _prepare_gaudi() -> None:
+def prepare_gaudi() -> None:
     """optimum-habana's Gaudi versions of the transformers model classes, before loading."""
     try:
-        from optimum.habana.transformers.modeling_utils import adapt_transformers_to_gaudi
+        from optimum.habana.transformers.modeling_utils import adapt_transformers_to_gaudi  # deferred: optional
     except ImportError as e:
         raise InputError("--device hpu: optimum-habana is not installed "
                          "(pip install 'llmsrec[gaudi]')") from e
@@ -278,8 +275,6 @@ def load_llm(
             tokenizer that splits a special token, weights other than
             ``expect_weights_digest``, or see :func:`check_llm_options`.
     """
-    import torch
-
     check_llm_options(device, load_in_8bit=load_in_8bit, hpu_graphs=hpu_graphs)
     device = local_device(device)
     tdev = resolve_device(device)
@@ -288,9 +283,9 @@ def load_llm(
     if model is not None and load_in_8bit:
         raise InputError("--load-in-8bit: applies to a model loaded from weights, not to a given model")
     if kind == "hpu" and model is None:
-        _prepare_gaudi()
+        prepare_gaudi()
     if model is None:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # deferred: transformers takes seconds
 
         if llm in BUNDLED:
             folder, digest = _bundled_copy(llm)
@@ -325,7 +320,7 @@ def load_llm(
         if kind != "hpu":  # the Gaudi model classes pick their own attention kernels
             kwargs["attn_implementation"] = "sdpa"
         if load_in_8bit:
-            from transformers import BitsAndBytesConfig
+            from transformers import BitsAndBytesConfig  # deferred: transformers takes seconds to import
 
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
             kwargs["device_map"] = {"": tdev.index if tdev.index is not None else torch.cuda.current_device()}
@@ -365,7 +360,7 @@ def load_llm(
         model.to(device=tdev, dtype=tdtype)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     if hpu_graphs and hpu_lazy_mode():
-        from habana_frameworks.torch.hpu import wrap_in_hpu_graph
+        from habana_frameworks.torch.hpu import wrap_in_hpu_graph  # deferred: optional (Gaudi)
 
         decoder = wrap_in_hpu_graph(decoder)
     try:

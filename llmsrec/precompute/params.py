@@ -25,8 +25,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
 
+from llmsrec.atomic import atomic_file
 from llmsrec.errors import InputError
+from llmsrec.safetensors_io import save_numpy
 
 FORMAT = "llmsrec-llm-params-v1"
 LINEAR_KEYS = ("f_I/weight", "f_I/bias", "tokens/user_out", "tokens/item_out")
@@ -47,9 +50,6 @@ def write_params(path: str | os.PathLike, arrays: dict[str, np.ndarray], *, arch
     Raises:
         InputError: a required key is missing or ``arch`` is unknown.
     """
-    from llmsrec.atomic import atomic_file
-    from llmsrec.safetensors_io import save_numpy
-
     if arch not in ("linear", "mlp"):
         raise InputError(f"params: f_I arch {arch!r}: expected 'linear' or 'mlp'")
     need = LINEAR_KEYS if arch == "linear" else LINEAR_KEYS[2:]
@@ -73,8 +73,6 @@ def read_params(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[st
     Raises:
         InputError: missing/unreadable file, or the token vectors are missing.
     """
-    from safetensors import safe_open
-
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such params file")

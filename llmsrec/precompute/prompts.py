@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmsrec.data.views import check_view, view_permutation
+from llmsrec.defaults import HISTORY_WINDOW
 from llmsrec.errors import InputError
 from llmsrec.precompute.llm import HISTORY_EMB, ITEM_OUT, SPECIAL_TOKENS, USER_OUT
 
@@ -172,7 +173,7 @@ class ViewPrompts:
     permutation: np.ndarray | None
 
 
-def build_view(ds, view: str, *, history_window: int = 10, verb: str | None = None,
+def build_view(ds, view: str, *, history_window: int = HISTORY_WINDOW, verb: str | None = None,
                seed: int = 0, users=None, version: str = TEMPLATE_VERSION) -> ViewPrompts:
     """Build the user prompts of ``view`` for a PreparedDataset.
 
@@ -254,7 +255,7 @@ class PrefixPrompts:
     cf_inputs: list
 
 
-def build_prefix_view(ds, k: int, *, history_window: int = 10, verb: str | None = None,
+def build_prefix_view(ds, k: int, *, history_window: int = HISTORY_WINDOW, verb: str | None = None,
                       users=None, version: str = TEMPLATE_VERSION) -> PrefixPrompts:
     """Build the prefix training samples (:class:`PrefixPrompts`) of a PreparedDataset.
 

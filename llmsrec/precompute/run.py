@@ -1,5 +1,5 @@
 """``precompute``: every item prompt and every user prompt of the asked views through the
-frozen LLM once, into the HDF5 cache (DESIGN.md, "The cache-first idea, exactly")."""
+frozen LLM once, into the HDF5 cache (cache mode; the schema: docs/cache-schema.md)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,18 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from llmsrec.cache.store import CacheWriter
 from llmsrec.data.views import PREFIX_VIEW
+from llmsrec.defaults import HISTORY_WINDOW
 from llmsrec.distributed import dist_env
 from llmsrec.errors import InputError
+from llmsrec.precompute import shards
 from llmsrec.precompute.job import (
     Job, group_prompts, plan_chunks, prefix_sample_rows, prepare_job, run_plan, setup_cache, summary,
 )
 from llmsrec.precompute.llm import LoadedLLM
 from llmsrec.precompute.prompts import TEMPLATE_VERSION, has_user_rep
+from llmsrec.precompute.shards import remove_unused_shards
 
 DEFAULT_VIEWS = ("train", "valid", "test", "test-shuffled")
 ASSEMBLE_MODES = ("copy", "virtual")
@@ -24,11 +28,11 @@ ASSEMBLE_MODES = ("copy", "virtual")
 def precompute(
     ds,
     sasrec,
-    out_h5,
+    cache,
     *,
     llm: str | LoadedLLM = "smollm2-135m",
     views=DEFAULT_VIEWS,
-    history_window: int = 10,
+    history_window: int = HISTORY_WINDOW,
     verb: str | None = None,
     batch_tokens: int = 4096,
     chunk_prompts: int = 64,
@@ -55,8 +59,8 @@ def precompute(
 
     Under ``torchrun`` with ``WORLD_SIZE > 1`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set)
     every process calls this with the same arguments: the prompts are sharded across the
-    processes, each writes ``<out_h5>.shards/rank<r>-of-<n>.h5``, and rank 0 assembles
-    ``out_h5`` (see ``llmsrec.precompute.shards``; same layout and provenance as one
+    processes, each writes ``<cache>.shards/rank<r>-of-<n>.h5``, and rank 0 assembles
+    ``cache`` (see ``llmsrec.precompute.shards``; same layout and provenance as one
     process, values equal up to float rounding of other batch shapes). ``llmsrec
     precompute --nproc N`` starts such a run.
 
@@ -64,7 +68,7 @@ def precompute(
         ds: a ``PreparedDataset`` or its folder.
         sasrec: the teacher: a CF-SRec checkpoint folder (SASRec in the paper; any model of
             ``llmsrec.cfsrec.MODELS``), or such a module (for tests).
-        out_h5: the cache file (built as ``<out_h5>.tmp``, renamed when complete).
+        cache: the cache file to write (built as ``<cache>.tmp``, renamed when complete).
         llm: ``smollm2-135m``, a local HF folder, or a ``LoadedLLM``.
         views: user views to compute (``train valid test`` and their ``-shuffled``);
             items are always computed.
@@ -79,7 +83,7 @@ def precompute(
             recorded in the provenance. None = all users.
         fi: the fixed f_I of cache mode: ``moment`` (default; ``fit_moment_matched``:
             keeps all of E, soft tokens with the token embeddings' mean/covariance) or
-            ``ridge`` (DESIGN.md's first choice, ``fit_ridge`` to mean title embeddings).
+            ``ridge`` (``fit_ridge``: a ridge regression to the mean title embeddings).
         ridge_alpha: relative ridge strength of the ``ridge`` f_I fit.
         params: a params file (``llmsrec.precompute.params``: linear f_I + the two token
             vectors, e.g. written by ``llmsrec refine-tokens`` or an e2e run) used instead
@@ -95,7 +99,7 @@ def precompute(
             done (tests use it to simulate a kill); in a sharded run the index is the
             chunk's within this process's shard.
         assemble: sharded runs only: ``copy`` (default) or ``virtual``, how rank 0 turns
-            the shards into ``out_h5`` (``llmsrec.precompute.shards.assemble_shards``).
+            the shards into ``cache`` (``llmsrec.precompute.shards.assemble_shards``).
         readout_layers: layers (``1..n_layers``) whose states are also cached: at the
             out token (``out_layers``) and at every ``[HistoryEmb]`` slot (``slots``; the
             item's own soft token in an item prompt), see ``llmsrec.precompute.readouts``;
@@ -111,7 +115,7 @@ def precompute(
             token before the history; not with ``prefixes`` > 1).
 
     Returns:
-        ``Path(out_h5)``.
+        ``Path(cache)``.
 
     Raises:
         InputError: bad view names, missing inputs, provenance mismatch (without
@@ -129,8 +133,6 @@ def precompute(
         raise InputError("--assemble virtual: only for several processes (--nproc N or torchrun); "
                          "one process writes --out directly")
     if env is not None and env[1] > 1:
-        from llmsrec.precompute import shards
-
         if readout_layers or prefixes > 1 or PREFIX_VIEW in views or has_user_rep(template):
             raise InputError("--readout-layers / --prefixes / a user-representation --template: a "
                              "single-process precompute only for now; with several processes pass "
@@ -139,7 +141,7 @@ def precompute(
         ctx = shards.join(device)  # process group first: it picks this process's device
         device = ctx.device
     try:
-        job = prepare_job(ds, sasrec, out_h5, llm=llm, views=views, history_window=history_window,
+        job = prepare_job(ds, sasrec, cache, llm=llm, views=views, history_window=history_window,
                        verb=verb, batch_tokens=batch_tokens, chunk_prompts=chunk_prompts,
                        device=device, dtype=dtype, seed=seed, force=force, max_users=max_users,
                        ridge_alpha=ridge_alpha, fi=fi, params=params,
@@ -156,16 +158,13 @@ def precompute(
 
 def _run_single(job: Job) -> Path:
     """One process: the whole cache through ``CacheWriter`` (the original path)."""
-    from llmsrec.cache.store import CacheWriter
+    cache, log = job.out, job.log
 
-    out_h5, log = job.out, job.log
-    from llmsrec.precompute.shards import remove_unused_shards
-
-    w = CacheWriter(out_h5, job.prov, force=job.force, log=log)
+    w = CacheWriter(cache, job.prov, force=job.force, log=log)
     if not w.needs(job.groups):
-        log(f"{out_h5}: already complete for items and views {', '.join(job.views)}")
-        remove_unused_shards(out_h5, log)
-        return Path(out_h5)
+        log(f"{cache}: already complete for items and views {', '.join(job.views)}")
+        remove_unused_shards(cache, log)
+        return Path(cache)
     try:
         fixed, vps = setup_cache(w, job)
         work = {}  # group -> (rows, tokenized, hidden dataset name, first row)
@@ -190,5 +189,5 @@ def _run_single(job: Job) -> Path:
     finally:
         w.close()
     log(summary(stats, job))
-    remove_unused_shards(out_h5, log)  # e.g. a killed --nproc run's shards, finished by one process
-    return Path(out_h5)
+    remove_unused_shards(cache, log)  # e.g. a killed --nproc run's shards, finished by one process
+    return Path(cache)

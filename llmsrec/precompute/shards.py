@@ -48,9 +48,16 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import h5py
 import numpy as np
+import torch
+import torch.distributed as dist
 
+from llmsrec.atomic import digest_arrays
+from llmsrec.cache.store import CacheWriter, group_complete, provenance_diff, read_provenance, virtual_source_files
+from llmsrec.distributed import check_nproc, dist_env, init_distributed, local_device, shutdown_distributed
 from llmsrec.errors import InputError
+from llmsrec.precompute.job import group_prompts, plan_chunks, run_plan, setup_cache, summary
 
 #: timeout of the coordination group: ranks wait at barriers for the slowest shard
 COORD_TIMEOUT = timedelta(days=7)
@@ -88,10 +95,6 @@ def remove_unused_shards(out, log) -> list[str]:
     Returns:
         the names of the removed files.
     """
-    import h5py
-
-    from llmsrec.cache.store import virtual_source_files
-
     folder = shard_dir(out)
     if not folder.is_dir():
         return []
@@ -158,17 +161,11 @@ class Context:
     owns: bool
 
     def barrier(self) -> None:
-        import torch.distributed as dist
-
         dist.barrier(group=self.group)
 
     def leave(self) -> None:
         """Destroy the process group if :func:`join` created it (no collective call), its
         worker threads joined before this returns (``shutdown_distributed``)."""
-        import torch.distributed as dist
-
-        from llmsrec.distributed import shutdown_distributed
-
         if self.owns and dist.is_initialized():
             self.group = None  # our reference would keep the coordination group (and its threads) alive
             shutdown_distributed(barrier=False)
@@ -182,10 +179,6 @@ def join(device: str) -> Context:
         InputError: not under torchrun, or ``device`` cannot give every process its own
             accelerator (``check_nproc``).
     """
-    import torch.distributed as dist
-
-    from llmsrec.distributed import check_nproc, dist_env, init_distributed, local_device
-
     env = dist_env()
     if env is None:
         raise InputError("sharded precompute: RANK and WORLD_SIZE are not set (start it with torchrun)")
@@ -201,9 +194,6 @@ def join(device: str) -> Context:
 
 def _broadcast(ctx: Context, arrays: list[np.ndarray]) -> list[np.ndarray]:
     """Rank 0's arrays to every rank (shapes and dtypes must be known to all)."""
-    import torch
-    import torch.distributed as dist
-
     out = []
     for a in arrays:
         t = torch.from_numpy(np.ascontiguousarray(a)).clone()
@@ -213,9 +203,6 @@ def _broadcast(ctx: Context, arrays: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _gather_stats(ctx: Context, stats: dict) -> list[dict]:
-    import torch
-    import torch.distributed as dist
-
     keys = ("prompts", "real", "padded", "wall")
     mine = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
     parts = [torch.zeros_like(mine) for _ in range(ctx.world)]
@@ -238,10 +225,6 @@ def run_sharded(ctx: Context, job, *, assemble: str = "copy") -> Path:
         InputError: as one-process precompute (rank 0 reports it; the other ranks stop
             with a line pointing at it), or shards left by another run (pass --force).
     """
-    from llmsrec.cache.store import CacheWriter
-    from llmsrec.atomic import digest_arrays
-    from llmsrec.precompute.job import setup_cache, summary
-
     rank, world = ctx.rank, ctx.world
     log = lambda m: job.log(f"[rank {rank}/{world}] {m}")  # noqa: E731
     d_llm, d_cf = job.llm.d_llm, job.E.shape[1]
@@ -305,9 +288,6 @@ def compute_shard(ctx: Context, job, need: list[str], fixed: tuple, prov: dict, 
         InputError: the shard file has another provenance or other rows (without
             ``--force``).
     """
-    from llmsrec.cache.store import CacheWriter
-    from llmsrec.precompute.job import group_prompts, plan_chunks, run_plan
-
     none = {"prompts": 0, "real": 0, "padded": 0, "wall": 0.0}
     path = shard_path(job.out, ctx.rank, ctx.world)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -367,10 +347,6 @@ def assemble_shards(w, job, need: list[str], world: int, prov: dict, vps: dict, 
         InputError: a shard missing, incomplete, of another provenance, or whose rows
             do not cover the group's prompts exactly once (pass --force to rebuild).
     """
-    import h5py
-
-    from llmsrec.cache.store import _complete, _read_provenance, provenance_diff
-
     paths = [shard_path(job.out, r, world) for r in range(world)]
     files = []
     try:
@@ -379,7 +355,7 @@ def assemble_shards(w, job, need: list[str], world: int, prov: dict, vps: dict, 
                 raise InputError(f"{p}: shard missing after all ranks finished")
             f = h5py.File(p, "r")
             files.append(f)
-            field = provenance_diff(_read_provenance(f, p), prov)
+            field = provenance_diff(read_provenance(f, p), prov)
             if field:
                 raise InputError(f"{p}: shard differs in provenance field '{field}'; "
                                  f"pass --force to rebuild")
@@ -394,7 +370,7 @@ def assemble_shards(w, job, need: list[str], world: int, prov: dict, vps: dict, 
                 n_rows = ds.n_users + 1
             parts = []
             for p, f in zip(paths, files):
-                if not _complete(f, g):
+                if not group_complete(f, g):
                     raise InputError(f"{p}: group {g} is not complete")
                 rows = f[f"{g}/rows"][()]
                 parts.append((p, f, int(rows[0]) if len(rows) else 0, len(rows),
