@@ -16,3 +16,17 @@ HISTORY_WINDOW = 10
 #: the LLM4Rec baselines' ``--model`` names, in the paper's order (Table 6); the one list
 #: behind ``llmsrec.baselines.BASELINES`` (kept here so the CLI can name them without torch).
 BASELINES = ("tallrec", "llara", "collm", "allmrec")
+
+#: The heads trainer's defaults: the fields of ``llmsrec.heads.train.TrainConfig`` (beside
+#: ``seed`` and the readout fields above) and the defaults of ``llmsrec train``'s head options;
+#: TrainConfig's docstring says where each comes from.
+HEADS_TRAINING = {"epochs": 30, "batch_size": 20, "lr": 1e-4, "beta1": 0.9, "beta2": 0.98, "weight_decay": 0.0,
+                  "lr_decay": 1.0, "train_negatives": "all", "evals_per_epoch": 10, "patience": 20,
+                  "select_metric": "NDCG@10", "hidden": 2048, "d_out": 128, "cf_hidden": 128, "distill": "mse",
+                  "retrieval_weight": 1.0, "distill_weight": 1.0, "uniform_weight": 1.0,
+                  "contrastive_temperature": 1.0}
+
+#: The LLM4Rec baselines' training budget in ``llmsrec compare`` and ``analyze --llm4rec``
+#: (``llmsrec.experiments.compare.LLM4REC_DEFAULTS``; paper, Appendix E: at most 10 epochs,
+#: early stopping with patience 10); their other options are ``llmsrec train --model NAME``'s.
+LLM4REC_TRAINING = {"epochs": 10, "patience": 10}

@@ -257,13 +257,13 @@ def run_pipeline(
         "timings": {stage: seconds spent in this invocation}}``; ``full`` holds
         ``{"valid", "test"}`` full-catalogue metrics (``NDCG@K``, ``HR@K``, ``MRR``).
     Raises:
-        InputError: from any stage (bad inputs, options, or a mismatched cache); ``out``
-            holds a run of other data (another prepare request) and not ``force``.
+        InputError: from any stage (bad inputs, options, or a mismatched cache); the views
+            lack ``valid``/``test`` (or ``train`` when the heads read one sample per user);
+            ``out`` holds a run of other data (another prepare request) and not ``force``.
     """
     from llmsrec.heads.train import TrainConfig  # deferred: imports torch
 
     run_dir = Path(out)
-    run_dir.mkdir(parents=True, exist_ok=True)
     files = {k: (str(v) if v is not None and k != "title_field" else v) for k, v in (files or {}).items()}
     data_opts = {k: v for k, v in (data_opts or {}).items() if v is not None}
     s_opts = {**SASREC_DEFAULTS, **{k: v for k, v in (sasrec_opts or {}).items() if v is not None}}
@@ -274,6 +274,11 @@ def run_pipeline(
     h_opts = {k: v for k, v in (head_opts or {}).items() if v is not None}
     h_opts.setdefault("seed", seed)
     cfg = TrainConfig.from_options(**h_opts)  # bad head options fail before any stage runs
+    # with prefix samples the heads train on the train-prefix view, not on train
+    for v in ("train", "valid", "test") if cfg.prefixes == 1 else ("valid", "test"):
+        if v not in p_opts["views"]:
+            raise InputError(f"--views: {v} is required by `run`" + (" with --prefixes 1" if v == "train" else ""))
+    run_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
     def stage_header(name: str, reused: bool, detail: str = "") -> None:

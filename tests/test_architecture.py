@@ -24,7 +24,7 @@ LAYERS = [
     {"evaluate"},
     {"pipeline"},
     {"experiments", "doctor"},
-    {"cli", "cli_guard", "__main__"},
+    {"cli", "__main__"},
 ]
 
 

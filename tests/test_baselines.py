@@ -99,16 +99,17 @@ def _fixed_batch(data):
 
 
 def test_registry_matches_the_cli_names():
-    from llmsrec import cli
+    from llmsrec.cli import main
 
+    train = {p.name: p for p in main.commands["train"].params}
     assert BASELINES == ("tallrec", "llara", "collm", "allmrec")
-    assert tuple(cli._BASELINE_NAMES) == BASELINES
+    assert tuple(train["model_name"].type.choices) == ("llmsrec", *BASELINES)
     assert [get_spec(m).display for m in BASELINES] == ["TALLRec", "LLaRA", "CoLLM", "A-LLMRec"]
     assert [get_spec(m).lora for m in BASELINES] == [True, True, True, False]
     with pytest.raises(InputError, match="expected one of"):
         get_spec("sasrec")
     # the CLI's documented defaults are the dataclasses'
-    defaults = {o.name: o.default for o in cli.train.params}
+    defaults = {name: o.default for name, o in train.items()}
     lora = LoraOptions()
     assert (defaults["lora_r"], defaults["lora_alpha"], defaults["lora_dropout"]) == (lora.r, lora.alpha, lora.dropout)
     assert tuple(defaults["lora_targets"].split(",")) == lora.targets == ("q_proj", "v_proj")

@@ -71,7 +71,6 @@ def three_models(ds, tmp_path_factory):
 
 
 def test_parsing_and_option_defaults():
-    from llmsrec import cli
     from llmsrec.heads.train import TrainConfig
 
     assert parse_models("llmsrec,allmrec,sasrec,tallrec") == ["sasrec", "tallrec", "allmrec", "llmsrec"]
@@ -86,7 +85,7 @@ def test_parsing_and_option_defaults():
     with pytest.raises(InputError, match="unknown LLM4Rec option"):
         llm4rec_train_options({"seed": 3})
     # the CLI's documented defaults are compare's (paper: 10 epochs, patience 10) and TrainConfig's
-    for cmd in (cli.compare, cli.analyze):
+    for cmd in (main.commands["compare"], main.commands["analyze"]):
         d = {o.name: o.default for o in cmd.params}
         assert (d["llm4rec_epochs"], d["llm4rec_patience"]) == (LLM4REC_DEFAULTS["epochs"],
                                                                 LLM4REC_DEFAULTS["patience"])

@@ -50,7 +50,7 @@ from llmsrec.baselines.common import SHUFFLE_SEED
 from llmsrec.cache import open_cache
 from llmsrec.cfsrec import MODELS, evaluate_cfsrec, load_cfsrec, pad_left, train_cfsrec
 from llmsrec.data import load_prepared
-from llmsrec.defaults import BASELINES, HISTORY_WINDOW
+from llmsrec.defaults import BASELINES, HISTORY_WINDOW, LLM4REC_TRAINING
 from llmsrec.e2e.loop import E2EOptions
 from llmsrec.errors import InputError
 from llmsrec.evaluate.analyses import change_ratio
@@ -76,10 +76,10 @@ DISPLAY = {"gru4rec": "GRU4Rec", "bert4rec": "BERT4Rec", "nextitnet": "NextItNet
            **{m: get_spec(m).display for m in LLM4REC_MODELS}, "llmsrec": "LLM-SRec",
            "llmsrec-nodistill": "LLM-SRec w/o L_Distill"}
 METRIC_KEYS = ("NDCG@10", "NDCG@20", "HR@10", "HR@20")
-#: LLM4Rec training defaults of compare (Appendix E: at most 10 epochs, early stopping with
-#: patience 10; the rest are ``llmsrec train --model NAME``'s: batch 20, lr 1e-4, 3 sampled
-#: negatives, validation every tenth of an epoch on every user).
-LLM4REC_DEFAULTS = {"epochs": 10, "patience": 10}
+#: LLM4Rec training defaults of compare (``llmsrec.defaults.LLM4REC_TRAINING``, Appendix E: at
+#: most 10 epochs, early stopping with patience 10; the rest are ``llmsrec train --model NAME``'s:
+#: batch 20, lr 1e-4, 3 sampled negatives, validation every tenth of an epoch on every user).
+LLM4REC_DEFAULTS = LLM4REC_TRAINING
 #: trainer options of :func:`llmsrec.cfsrec.train_cfsrec` that ``cf_options`` may set.
 CF_TRAIN_OPTIONS = ("epochs", "patience", "eval_every", "batch_size", "lr", "loss", "device")
 REQUEST = "request.json"

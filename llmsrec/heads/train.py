@@ -36,6 +36,7 @@ from llmsrec.atomic import atomic_dir, write_json
 from llmsrec.cache import open_cache
 from llmsrec.data import load_prepared
 from llmsrec.data.views import PREFIX_VIEW
+from llmsrec.defaults import HEADS_TRAINING
 from llmsrec.devices import mark_step, resolve_device, to_device
 from llmsrec.errors import InputError
 from llmsrec.heads.losses import (
@@ -48,7 +49,7 @@ from llmsrec.heads.losses import (
     total_loss,
     uniformity_loss,
 )
-from llmsrec.heads.model import HeadsConfig, LLMSRecHeads, load_heads, save_heads
+from llmsrec.heads.model import HeadsConfig, LLMSRecHeads, check_readouts, load_heads, save_heads
 from llmsrec.metrics import ranking_metrics
 from llmsrec.training import Tick, eval_points, plot_curve, train_loop, write_history
 
@@ -304,7 +305,8 @@ def _check_dataset_digest(cache_path, provenance, ds) -> None:
 
 @dataclass
 class TrainConfig:
-    """Every knob of the heads trainer (CLI ``llmsrec train`` options map 1:1 onto these).
+    """Every knob of the heads trainer (CLI ``llmsrec train`` options map 1:1 onto these;
+    the defaults are ``llmsrec.defaults.HEADS_TRAINING``, which the CLI shows).
 
     Attributes:
         seed: seeds weight init (torch) and user order + negatives (numpy).
@@ -333,34 +335,32 @@ class TrainConfig:
     """
 
     seed: int = 0
-    epochs: int = 30
-    batch_size: int = 20
-    lr: float = 1e-4
-    beta1: float = 0.9
-    beta2: float = 0.98
-    weight_decay: float = 0.0
-    lr_decay: float = 1.0
-    train_negatives: int | str = "all"
-    evals_per_epoch: int = 10
-    patience: int = 20
-    select_metric: str = "NDCG@10"
-    hidden: int = 2048
-    d_out: int = 128
-    cf_hidden: int = 128
-    distill: str = "mse"
+    epochs: int = HEADS_TRAINING["epochs"]
+    batch_size: int = HEADS_TRAINING["batch_size"]
+    lr: float = HEADS_TRAINING["lr"]
+    beta1: float = HEADS_TRAINING["beta1"]
+    beta2: float = HEADS_TRAINING["beta2"]
+    weight_decay: float = HEADS_TRAINING["weight_decay"]
+    lr_decay: float = HEADS_TRAINING["lr_decay"]
+    train_negatives: int | str = HEADS_TRAINING["train_negatives"]
+    evals_per_epoch: int = HEADS_TRAINING["evals_per_epoch"]
+    patience: int = HEADS_TRAINING["patience"]
+    select_metric: str = HEADS_TRAINING["select_metric"]
+    hidden: int = HEADS_TRAINING["hidden"]
+    d_out: int = HEADS_TRAINING["d_out"]
+    cf_hidden: int = HEADS_TRAINING["cf_hidden"]
+    distill: str = HEADS_TRAINING["distill"]
     uniform: bool = True
-    retrieval_weight: float = 1.0
-    distill_weight: float = 1.0
-    uniform_weight: float = 1.0
-    contrastive_temperature: float = 1.0
+    retrieval_weight: float = HEADS_TRAINING["retrieval_weight"]
+    distill_weight: float = HEADS_TRAINING["distill_weight"]
+    uniform_weight: float = HEADS_TRAINING["uniform_weight"]
+    contrastive_temperature: float = HEADS_TRAINING["contrastive_temperature"]
     prefixes: int = 1
     user_readout: str = "out"
     item_readout: str = "out"
 
     def __post_init__(self) -> None:
         self._check_types()
-        from llmsrec.heads.model import check_readouts
-
         if self.prefixes < 1:
             raise InputError(f"--prefixes {self.prefixes}: must be >= 1")
         check_readouts(self.user_readout, self.item_readout)
@@ -371,7 +371,8 @@ class TrainConfig:
             except ValueError:
                 raise InputError(f"--train-negatives: expected a positive integer or 'all', got {tn!r}") from None
         if not isinstance(tn, str) and tn < 1:
-            raise InputError(f"--train-negatives: expected a positive integer or 'all', got {tn!r}")
+            raise InputError(f"--train-negatives: expected a positive integer or 'all', got "
+                             f"{self.train_negatives!r}")
         self.train_negatives = tn
         for name in ("epochs", "batch_size", "evals_per_epoch", "patience"):
             if getattr(self, name) < 1:

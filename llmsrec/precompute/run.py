@@ -120,7 +120,8 @@ def precompute(
     Raises:
         InputError: bad view names, missing inputs, provenance mismatch (without
             ``force``), prompts too long for the model, device out of memory; sharded:
-            a ``cuda:N`` device or fewer devices than processes, a bad ``assemble``;
+            a ``cuda:N`` device or fewer devices than processes, a bad ``assemble``
+            (``virtual`` in one process);
             ``readout_layers`` or ``prefixes`` in a sharded run (single process only).
     """
     log = log or (lambda m: print(m, file=sys.stderr))
@@ -128,6 +129,9 @@ def precompute(
         raise InputError(f"--assemble {assemble!r}: expected 'copy' or 'virtual'")
     ctx = None
     env = dist_env()
+    if assemble == "virtual" and (env is None or env[1] == 1):
+        raise InputError("--assemble virtual: only for several processes (--nproc N or torchrun); "
+                         "one process writes --out directly")
     if env is not None and env[1] > 1:
         if readout_layers or prefixes > 1 or PREFIX_VIEW in views or has_user_rep(template):
             raise InputError("--readout-layers / --prefixes / a user-representation --template: a "

@@ -1,6 +1,9 @@
 """What every ``llmsrec`` command does around its work: lock its output, and turn the
 failures a user can act on into one line.
 
+- :class:`LlmsrecGroup` (the ``llmsrec`` group and its subgroups) prints bad input
+  (``InputError``) and an ``OSError`` as one line ``error: ...`` and exits 2; a Ctrl-C
+  exits 130 with :func:`interrupt_line`.
 - :class:`GuardedCommand` takes the exclusive lock of the command's output
   (``llmsrec.locks``) before the command starts, so a second writer of the same ``--out``
   is refused at once, not after an hour of training.
@@ -14,9 +17,14 @@ from __future__ import annotations
 import errno
 import os
 import re
+import sys
 from pathlib import Path
 
 import click
+
+from llmsrec.distributed import dist_env
+from llmsrec.errors import InputError
+from llmsrec.locks import output_lock
 
 #: commands whose rerun continues where an interrupted run stopped
 RESUMING = {"precompute": "finished chunks are kept", "run": "finished stages and chunks are kept",
@@ -61,8 +69,6 @@ class GuardedCommand(click.Command):
     """
 
     def invoke(self, ctx: click.Context):
-        from llmsrec.locks import output_lock
-
         ctx.find_root().meta["llmsrec.command"] = ctx  # for the message of a Ctrl-C
         outs = [] if _world_size() > 1 or (ctx.params.get("nproc") or 1) > 1 else command_outputs(ctx)
         held = []
@@ -117,3 +123,41 @@ def interrupt_line(root: click.Context) -> str:
         return f"Aborted: interrupted; {RESUMING[command]} in{where or ' the output'}: rerun the same command to resume"
     return (f"Aborted: interrupted; nothing half-written was left{(' in' + where) if where else ''} "
             f"(outputs are renamed into place when complete): rerun the same command to start again")
+
+
+class LlmsrecGroup(click.Group):
+    """The ``llmsrec`` group (and its subgroups): commands are :class:`GuardedCommand`; bad
+    input (``InputError``) and an ``OSError`` print one line ``error: ...`` and exit 2; a
+    Ctrl-C exits 130 with :func:`interrupt_line` (printed once, by the top group)."""
+
+    command_class = GuardedCommand  # holds the lock of the command's output (llmsrec.locks)
+    group_class = type  # subgroups (sasrec, cfsrec) are LlmsrecGroup too
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except InputError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except OSError as e:  # a full disk, a permission, a read-only file system: one line
+            if isinstance(e, BrokenPipeError):
+                raise
+            click.echo(f"error: {oserror_line(e)}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            if _world_size() > 1:
+                sys.exit(130)  # one of several processes: the launcher reports the interrupt once
+            if ctx.parent is None:  # the top group reports it once: exit 130, what was kept
+                click.echo(interrupt_line(ctx), err=True)
+                sys.exit(130)
+            raise
+
+
+def refuse_distributed(message: str) -> None:
+    """Under torchrun with several processes: rank 0 prints ``error: message``, every rank exits 2."""
+    env = dist_env()
+    if env is None or env[1] == 1:
+        return
+    if env[0] == 0:
+        click.echo(f"error: {message}", err=True)
+    sys.exit(2)

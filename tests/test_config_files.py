@@ -1,0 +1,120 @@
+"""`--config FILE.toml` of train/run/compare/sweep and the resolved config.toml they write."""
+
+import json
+import tomllib
+
+import pytest
+from click.testing import CliRunner
+
+from llmsrec.cli import main
+from test_heads_cache import ds, write_cache  # noqa: F401  (module fixture + cache builder)
+from test_sweep import GRID
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# tiny heads on the synthetic cache of test_heads_cache (the paper's last-layer readouts)
+HEADS = """
+hidden = 32
+d-out = 16
+cf_hidden = 8
+lr = 0.01
+epochs = 3
+train-negatives = "3"
+prefixes = 1
+user-readout = "out"
+item_readout = "out"
+no-progress = true
+"""
+
+
+@pytest.fixture(scope="module")
+def cache(ds, tmp_path_factory):  # noqa: F811
+    return write_cache(tmp_path_factory.mktemp("c") / "cache.h5", ds)
+
+
+def _train(*args):
+    return CliRunner().invoke(main, ["train", *map(str, args)])
+
+
+def test_file_values_are_used_and_flags_override_them(ds, cache, tmp_path):  # noqa: F811
+    cfg = tmp_path / "heads.toml"
+    cfg.write_text(f'data = "{ds.root}"\ncache = "{cache}"\n' + HEADS)
+    out = tmp_path / "h"
+    r = _train("--config", cfg, "--out", out, "--epochs", "1")
+    assert r.exit_code == 0, r.output
+    train = json.loads((out / "heads_config.json").read_text())["train"]
+    assert train["lr"] == 0.01 and train["hidden"] == 32 and train["train_negatives"] == 3  # from the file
+    assert train["epochs"] == 1  # the flag wins over the file's 3
+    resolved = tomllib.loads((out / "config.toml").read_text())
+    assert resolved["epochs"] == 1 and resolved["lr"] == 0.01 and resolved["out"] == str(out)
+    assert resolved["data"] == str(ds.root) and resolved["train-negatives"] == "3"
+    assert resolved["batch-size"] == 20 and resolved["model"] == "llmsrec"  # defaults are written too
+    assert "config" not in resolved and "threads" not in resolved  # no value: left out
+
+
+def test_written_config_reruns_the_same_options(ds, cache, tmp_path):  # noqa: F811
+    first, second = tmp_path / "a", tmp_path / "b"
+    r = _train("--data", ds.root, "--cache", cache, "--out", first, "--hidden", "32", "--d-out", "16",
+               "--cf-hidden", "8", "--epochs", "2", "--train-negatives", "3", "--prefixes", "1",
+               "--user-readout", "out", "--item-readout", "out", "--no-progress")
+    assert r.exit_code == 0, r.output
+    # every option is in the file, the LoRA ones too: at their defaults they do not count as given
+    r = _train("--config", first / "config.toml", "--out", second)
+    assert r.exit_code == 0, r.output
+    a, b = (tomllib.loads((d / "config.toml").read_text()) for d in (first, second))
+    assert a.pop("out") == str(first) and b.pop("out") == str(second)
+    assert a == b and a["lora-r"] == 8
+    res = [json.loads((d / "results.json").read_text()) for d in (first, second)]
+    assert res[0]["valid"] == res[1]["valid"] and res[0]["test"] == res[1]["test"]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("bogus = 1", "key 'bogus': not an option of llmsrec train"),
+    ('epochs = "many"', "key 'epochs': expected an integer, got \"many\""),
+    ("epochs = 2.5", "key 'epochs': expected an integer, got 2.5"),
+    ("epochs = 0", "key 'epochs': 0 is not in the range x>=1."),
+    ("lr = true", "key 'lr': expected a number, got true"),
+    ('mode = "fast"', "key 'mode': 'fast' is not one of 'cache', 'e2e'."),
+    ("no-progress = 1", "key 'no-progress': expected true or false, got 1"),
+    ("hidden = [32]", "key 'hidden': expected an integer, got [32]"),
+    ("[cache]\npath = 'c.h5'", "key 'cache': expected a string, got a table"),
+])
+def test_a_bad_key_is_one_line_and_exit_2(tmp_path, line, message):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(line + "\n")
+    r = _train("--config", cfg, "--data", tmp_path, "--out", tmp_path / "h")
+    assert r.exit_code == 2
+    assert r.output.splitlines() == [f"error: {cfg}: {message}"]
+    assert not (tmp_path / "h").exists()
+
+
+def test_a_file_that_is_not_toml_is_one_line(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("epochs = = 3\n")
+    r = _train("--config", cfg)
+    assert r.exit_code == 2 and len(r.output.splitlines()) == 1
+    assert r.output.startswith(f"error: {cfg}: not a TOML file")
+    r = _train("--config", tmp_path / "missing.toml")
+    assert r.exit_code == 2 and r.output.splitlines() == [
+        f"error: {tmp_path / 'missing.toml'}: No such file or directory"]
+
+
+def test_sweep_writes_and_reads_its_config(ds, cache, tmp_path):  # noqa: F811
+    grid = tmp_path / "g.toml"
+    grid.write_text(GRID)
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text(f'data = "{ds.root}"\ncache = "{cache}"\ngrid = "{grid}"\nno_progress = true\n')
+    r = CliRunner().invoke(main, ["sweep", "--config", str(cfg), "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    resolved = tomllib.loads((tmp_path / "s" / "config.toml").read_text())
+    assert resolved == {"data": str(ds.root), "cache": str(cache), "grid": str(grid), "out": str(tmp_path / "s"),
+                        "jobs": 1, "no-progress": True}
+    r = CliRunner().invoke(main, ["sweep", "--config", str(tmp_path / "s" / "config.toml")])
+    assert r.exit_code == 0, r.output  # reruns (resumes) the same sweep from its own record
+
+
+def test_config_option_of_each_command():
+    for name in ("run", "train", "compare", "sweep"):
+        assert "config" in {p.name for p in main.commands[name].params}, name
+    for name in ("prepare", "precompute", "evaluate", "analyze"):
+        assert "config" not in {p.name for p in main.commands[name].params}, name
