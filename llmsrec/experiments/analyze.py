@@ -67,7 +67,7 @@ from llmsrec.baselines.common import baseline_record, metrics_of, save_baseline
 from llmsrec.cache import open_cache
 from llmsrec.cfsrec import load_sasrec, pad_left, train_sasrec
 from llmsrec.data import load_prepared
-from llmsrec.defaults import HISTORY_WINDOW
+from llmsrec.defaults import HISTORY_WINDOW, LLM
 from llmsrec.errors import InputError
 from llmsrec.evaluate import analyses as A
 from llmsrec.experiments.compare import fresh_llm, llm4rec_train_options
@@ -430,7 +430,7 @@ class RunAnalysis:
                 llm = fresh_llm(self.llm)
                 scores = baseline_scores(ev, d, views, device=self.b_opts.get("device", "cpu"),
                                          llm=None if isinstance(llm, str) else llm,
-                                         batch_tokens=self.b_opts.get("batch_tokens", 4096), expect=name)
+                                         batch_tokens=self.b_opts.get("batch_tokens", LLM["batch_tokens"]), expect=name)
             o = Outputs(scores={v: scores[v].scores for v in views}, reps={v: scores[v].user for v in views})
             _write_outputs(d, o)
             write_json(d / "analysis.json", stamp)
