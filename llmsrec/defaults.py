@@ -37,11 +37,12 @@ LLM4REC_TRAINING = {"epochs": 10, "patience": 10}
 #: mode and the prompt template (the paper's Table 2 (b); ``llmsrec.precompute.prompts``).
 LLM = {"llm": "smollm2-135m", "batch_tokens": 4096, "fi": "moment", "template": "llmsrec-prompt-v1"}
 
-#: ``llmsrec precompute``'s defaults: prompts per resumable chunk, and the user views that
-#: ``precompute`` and ``run`` compute (the prefix view train-prefix comes with ``--prefixes``).
+#: ``llmsrec precompute``'s defaults: prompts per resumable chunk, how several processes'
+#: shards become one cache (copied into it), and the user views that ``precompute`` and ``run``
+#: compute (the prefix view train-prefix comes with ``--prefixes``).
 #: ``llmsrec.precompute.precompute()`` itself keeps the paper's views, ``DEFAULT_VIEWS`` (train
 #: for one sample per user), as ``llmsrec.pipeline.PRECOMPUTE_DEFAULTS`` does.
-PRECOMPUTE = {"chunk_prompts": 64, "views": ("valid", "test", "test-shuffled")}
+PRECOMPUTE = {"chunk_prompts": 64, "assemble": "copy", "views": ("valid", "test", "test-shuffled")}
 
 #: The LLM-in-the-loop trainers' defaults (``train --mode e2e``, the baselines, ``refine-tokens``):
 #: the trainable f_I (``linear``, initialised from the ``fi`` fit) and the padded tokens of one

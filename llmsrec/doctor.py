@@ -19,8 +19,8 @@ from pathlib import Path
 
 from llmsrec import __version__
 from llmsrec.data import bundled_ml100k_dir
-from llmsrec.distributed import dist_env
 from llmsrec.defaults import LLM
+from llmsrec.distributed import dist_env
 from llmsrec.errors import InputError
 
 #: distributions whose versions are shown (``llmsrec`` and Python come first)

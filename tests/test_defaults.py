@@ -42,7 +42,7 @@ def test_precompute_options_are_the_stage_defaults():
     from llmsrec.precompute.run import precompute
 
     cli, api = option_defaults("precompute"), signature_defaults(precompute)
-    same(cli, api, ["llm", "batch_tokens", "chunk_prompts", "fi", "template"])
+    same(cli, api, ["llm", "batch_tokens", "chunk_prompts", "fi", "template", "assemble"])
     assert api["template"] == TEMPLATE_VERSION == defaults.LLM["template"]
     # the CLI's views are llmsrec's (train-prefix comes with --prefixes); precompute() keeps the paper's
     assert cli["views"] == option_defaults("run")["views"] == ",".join(defaults.PRECOMPUTE["views"])

@@ -53,7 +53,7 @@ from llmsrec.errors import InputError
               help="Processes, started with torchrun's launcher (= torchrun --standalone "
                    "--nproc-per-node N -m llmsrec precompute ...): one per GPU/HPU with --device "
                    "cuda/hpu; on CPU they share the cores [default: 1, no launcher].")
-@click.option("--assemble", default="copy", show_default=True, type=click.Choice(["copy", "virtual"]),
+@click.option("--assemble", default=PRECOMPUTE["assemble"], show_default=True, type=click.Choice(["copy", "virtual"]),
               help="With several processes: copy the shards (OUT.shards/) into OUT and delete them, "
                    "or make OUT's states HDF5 virtual datasets over them (no copy; keep OUT.shards/ "
                    "beside OUT).")

@@ -17,8 +17,8 @@ from llmsrec.cli.options import (
     parse_layers,
     parse_views,
 )
-from llmsrec.devices import resolve_device
 from llmsrec.defaults import PRECOMPUTE, PREPARE, SASREC_TRAINING
+from llmsrec.devices import resolve_device
 from llmsrec.pipeline import format_results_md, run_pipeline
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from llmsrec.atomic import atomic_dir, follow_umask, sha256_file, write_json
+from llmsrec.defaults import LLM
 from llmsrec.devices import hpu_lazy_mode, resolve_device  # noqa: F401  (re-exported)
 from llmsrec.distributed import local_device
-from llmsrec.defaults import LLM
 from llmsrec.errors import InputError
 
 HISTORY_EMB = "[HistoryEmb]"

@@ -50,7 +50,7 @@ def precompute(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     on_chunk: Callable[[str, int], None] | None = None,
-    assemble: str = "copy",
+    assemble: str = PRECOMPUTE["assemble"],
     readout_layers=(),
     prefixes: int = 1,
     template: str = TEMPLATE_VERSION,
