@@ -30,3 +30,43 @@ HEADS_TRAINING = {"epochs": 30, "batch_size": 20, "lr": 1e-4, "beta1": 0.9, "bet
 #: (``llmsrec.experiments.compare.LLM4REC_DEFAULTS``; paper, Appendix E: at most 10 epochs,
 #: early stopping with patience 10); their other options are ``llmsrec train --model NAME``'s.
 LLM4REC_TRAINING = {"epochs": 10, "patience": 10}
+
+#: The frozen LLM's defaults wherever one runs (``precompute``, ``run``, ``train --mode e2e``,
+#: the LLM4Rec baselines, ``refine-tokens``, ``doctor``): the bundled SmolLM2-135M GGUF, the
+#: token budget of one padded batch (batch size x longest prompt), the fixed f_I fit of cache
+#: mode and the prompt template (the paper's Table 2 (b); ``llmsrec.precompute.prompts``).
+LLM = {"llm": "smollm2-135m", "batch_tokens": 4096, "fi": "moment", "template": "llmsrec-prompt-v1"}
+
+#: ``llmsrec precompute``'s defaults: prompts per resumable chunk, how several processes'
+#: shards become one cache (copied into it), and the user views that ``precompute`` and ``run``
+#: compute (the prefix view train-prefix comes with ``--prefixes``).
+#: ``llmsrec.precompute.precompute()`` itself keeps the paper's views, ``DEFAULT_VIEWS`` (train
+#: for one sample per user), as ``llmsrec.pipeline.PRECOMPUTE_DEFAULTS`` does.
+PRECOMPUTE = {"chunk_prompts": 64, "assemble": "copy", "views": ("valid", "test", "test-shuffled")}
+
+#: The LLM-in-the-loop trainers' defaults (``train --mode e2e``, the baselines, ``refine-tokens``):
+#: the trainable f_I (``linear``, initialised from the ``fi`` fit) and the padded tokens of one
+#: forward that keeps its graph.
+E2E = {"fi_arch": "linear", "grad_batch_tokens": 2048}
+
+#: LoRA of the TALLRec / LLaRA / CoLLM baselines (``llmsrec.baselines.LoraOptions``,
+#: ``--lora-*``): the paper gives none, so peft's common ones.
+LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "targets": ("q_proj", "v_proj")}
+
+#: A-LLMRec's stage-1 alignment (``llmsrec.baselines.allmrec.Stage1Options``, ``--stage1-*``):
+#: passes over the items, items per step (Appendix E), Adam lr, width of the codes.
+ALLMREC_STAGE1 = {"epochs": 20, "batch_size": 64, "lr": 1e-3, "latent": 128}
+
+#: ``llmsrec prepare``'s (and ``run``'s) split: the iterative k-core (items need K
+#: interactions, users max(K, 3)) and the stored negatives per user for validation and test.
+PREPARE = {"kcore": 5, "num_negatives": 99}
+
+#: SASRec's training (``llmsrec sasrec train``, ``run``'s ``--sasrec-*``,
+#: ``llmsrec.cfsrec.train_sasrec`` and ``SASRecConfig``; the first five are also ``cfsrec
+#: train``'s): at most 200 epochs, validated every 5, early stop after 5 validations without gain.
+SASREC_TRAINING = {"epochs": 200, "patience": 5, "eval_every": 5, "batch_size": 128, "lr": 1e-3, "hidden": 64,
+                   "blocks": 2, "heads": 1, "dropout": 0.1, "maxlen": 128}
+
+#: ``llmsrec refine-tokens`` (``llmsrec.e2e.refine.refine_tokens``): sampled users, the item
+#: pool, Adam steps, users per step and the lr of the two token embeddings.
+REFINE_TOKENS = {"users": 128, "items": 256, "steps": 50, "batch_size": 20, "lr": 1e-3}

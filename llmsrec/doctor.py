@@ -19,6 +19,7 @@ from pathlib import Path
 
 from llmsrec import __version__
 from llmsrec.data import bundled_ml100k_dir
+from llmsrec.defaults import LLM
 from llmsrec.distributed import dist_env
 from llmsrec.errors import InputError
 
@@ -28,7 +29,7 @@ SHOWN = ("torch", "transformers", "h5py", "numba", "numpy", "peft")
 REQUIRED = ("torch", "transformers", "h5py", "numba", "numpy", "gguf", "safetensors", "scipy", "click")
 #: optional distributions (never imported here) -> what they enable
 OPTIONAL = {"bitsandbytes": "--load-in-8bit on CUDA", "optimum-habana": "Gaudi, --device hpu"}
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = LLM["llm"]
 MIN_PYTHON = (3, 11)
 
 

@@ -33,20 +33,21 @@ import numpy as np
 from llmsrec import data
 from llmsrec.atomic import atomic_file, write_json
 from llmsrec.data import bundled_ml100k_dir, dataset_digest, load_prepared
-from llmsrec.defaults import HISTORY_WINDOW
+from llmsrec.defaults import HISTORY_WINDOW, LLM, PRECOMPUTE, SASREC_TRAINING
 from llmsrec.errors import InputError
 from llmsrec.run_layout import STAGE_DIRS, file_digest
 
 METRIC_KEYS = ("NDCG@10", "NDCG@20", "HR@10", "HR@20")
 
-#: SASRec options of ``llmsrec run`` (the ``sasrec train`` defaults).
-SASREC_DEFAULTS = dict(epochs=200, patience=5, eval_every=5, batch_size=128, lr=1e-3, hidden=64, blocks=2,
-                       heads=1, dropout=0.1, maxlen=128)
-#: precompute options of ``llmsrec run``.
+#: SASRec options of :func:`run_pipeline` (the ``sasrec train`` defaults, ``defaults.SASREC_TRAINING``).
+SASREC_DEFAULTS = SASREC_TRAINING
+#: precompute options of :func:`run_pipeline`: the paper's heads' views and cache (one sample per
+#: user on ``train``, last-layer states only); ``llmsrec run`` passes its own views, readout
+#: layers and prefixes.
 PRECOMPUTE_DEFAULTS = dict(views=("train", "valid", "test"), history_window=HISTORY_WINDOW, verb=None,
-                           batch_tokens=4096, chunk_prompts=64, device="cpu", dtype=None, fi="moment", ridge_alpha=1e-3,
-                           trust_remote_code=False, threads=None, readout_layers=(), prefixes=1,
-                           template="llmsrec-prompt-v1")
+                           batch_tokens=LLM["batch_tokens"], chunk_prompts=PRECOMPUTE["chunk_prompts"], device="cpu",
+                           dtype=None, fi=LLM["fi"], ridge_alpha=1e-3, trust_remote_code=False, threads=None,
+                           readout_layers=(), prefixes=1, template=LLM["template"])
 
 
 def _jsonable(x: Any) -> Any:
@@ -228,7 +229,7 @@ def run_pipeline(
     dataset: str = "ml-100k",
     files: dict | None = None,
     data_opts: dict | None = None,
-    llm: str = "smollm2-135m",
+    llm: str = LLM["llm"],
     sasrec_opts: dict | None = None,
     precompute_opts: dict | None = None,
     head_opts: dict | None = None,

@@ -108,13 +108,17 @@ def test_registry_matches_the_cli_names():
     assert [get_spec(m).lora for m in BASELINES] == [True, True, True, False]
     with pytest.raises(InputError, match="expected one of"):
         get_spec("sasrec")
-    # the CLI's documented defaults are the dataclasses'
+    # the CLI's documented defaults are the dataclasses' (both read llmsrec.defaults), and the
+    # documented values
     defaults = {name: o.default for name, o in train.items()}
     lora = LoraOptions()
-    assert (defaults["lora_r"], defaults["lora_alpha"], defaults["lora_dropout"]) == (lora.r, lora.alpha, lora.dropout)
+    assert (defaults["lora_r"], defaults["lora_alpha"], defaults["lora_dropout"]) == \
+        (lora.r, lora.alpha, lora.dropout) == (8, 16, 0.05)
     assert tuple(defaults["lora_targets"].split(",")) == lora.targets == ("q_proj", "v_proj")
     st = Stage1Options()
-    assert (defaults["stage1_epochs"], defaults["stage1_lr"], defaults["stage1_latent"]) == (st.epochs, st.lr, st.latent)
+    assert (defaults["stage1_epochs"], defaults["stage1_lr"], defaults["stage1_latent"]) == \
+        (st.epochs, st.lr, st.latent) == (20, 1e-3, 128)
+    assert st.batch_size == 64 and "batches of 64" in train["stage1_epochs"].help
 
 
 def test_tallrec_prompts_are_text_only(ds):

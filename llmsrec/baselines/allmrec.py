@@ -44,6 +44,7 @@ from torch import nn
 
 from llmsrec.baselines.collm import TEMPLATE as COLLM_TEMPLATE
 from llmsrec.baselines.common import BaselineSpec, register
+from llmsrec.defaults import ALLMREC_STAGE1
 from llmsrec.errors import InputError
 from llmsrec.precompute.fit import title_embedding_means
 
@@ -61,10 +62,10 @@ class Stage1Options:
         recon_weight: weight of the two reconstruction terms (1.0).
     """
 
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 1e-3
-    latent: int = 128
+    epochs: int = ALLMREC_STAGE1["epochs"]
+    batch_size: int = ALLMREC_STAGE1["batch_size"]
+    lr: float = ALLMREC_STAGE1["lr"]
+    latent: int = ALLMREC_STAGE1["latent"]
     recon_weight: float = 1.0
 
     def __post_init__(self) -> None:

@@ -72,7 +72,7 @@ from llmsrec.atomic import atomic_dir, atomic_file, write_json
 from llmsrec.cfsrec.teacher import load_teacher, teacher_user_reps
 from llmsrec.data import load_prepared
 from llmsrec.data.views import check_view
-from llmsrec.defaults import BASELINES, HISTORY_WINDOW
+from llmsrec.defaults import BASELINES, E2E, HISTORY_WINDOW, LLM, LORA
 from llmsrec.errors import InputError
 from llmsrec.e2e.loop import (
     E2E_DEFAULT_NEGATIVES,
@@ -196,10 +196,10 @@ class LoraOptions:
             attention; a name that matches nothing is an error).
     """
 
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.05
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    r: int = LORA["r"]
+    alpha: float = LORA["alpha"]
+    dropout: float = LORA["dropout"]
+    targets: tuple[str, ...] = LORA["targets"]
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, str):
@@ -523,7 +523,7 @@ def _user_projection(llm: LoadedLLM, o_rows: np.ndarray, arch: str, seed: int) -
 
 
 def initial_inputs(spec: BaselineSpec, llm: LoadedLLM, data: BaselineData, features: np.ndarray, *,
-                   fi: str = "moment", arch: str = "linear", seed: int = 0, titles=None) -> BaselineInputs:
+                   fi: str = LLM["fi"], arch: str = E2E["fi_arch"], seed: int = 0, titles=None) -> BaselineInputs:
     """The starting point: both out tokens at the mean input embedding (as e2e mode); f_I as
     e2e mode's (``fi`` fit for a linear f_I on ``features``, default init for ``mlp``); f_U
     likewise on the training users' O_u."""
@@ -875,7 +875,7 @@ def read_baseline_config(checkpoint) -> dict:
 
 
 def load_baseline_checkpoint(ds, checkpoint, *, device: str = "cpu", llm: LoadedLLM | None = None,
-                             batch_tokens: int = 4096, views=EVAL_VIEWS, expect: str | None = None) -> BaselineTrainer:
+                             batch_tokens: int = LLM["batch_tokens"], views=EVAL_VIEWS, expect: str | None = None) -> BaselineTrainer:
     """Rebuild a trained baseline for scoring: the base LLM (as recorded) with the saved LoRA
     weights injected, the CF-SRec outputs, f_I/f_U/tokens and the heads. The CF-SRec is the
     checkpoint's own ``teacher/`` copy, else (older checkpoints) the folder it recorded.
@@ -949,7 +949,7 @@ def load_baseline_checkpoint(ds, checkpoint, *, device: str = "cpu", llm: Loaded
 
 
 def baseline_scores(ds, checkpoint, views=EVAL_VIEWS, *, device: str = "cpu", llm: LoadedLLM | None = None,
-                    batch_tokens: int = 4096, expect: str | None = None) -> dict[str, ViewScores]:
+                    batch_tokens: int = LLM["batch_tokens"], expect: str | None = None) -> dict[str, ViewScores]:
     """Per-user scores (and f_user outputs) of a trained baseline on each of ``views``.
 
     All states are recomputed with the checkpoint (item states once). ``scores[view]`` rows
@@ -970,7 +970,7 @@ def baseline_scores(ds, checkpoint, views=EVAL_VIEWS, *, device: str = "cpu", ll
 
 
 def evaluate_baseline_checkpoint(ds, checkpoint, device: str = "cpu", llm: LoadedLLM | None = None,
-                                 batch_tokens: int = 4096, views=EVAL_VIEWS, expect: str | None = None) -> dict:
+                                 batch_tokens: int = LLM["batch_tokens"], views=EVAL_VIEWS, expect: str | None = None) -> dict:
     """``llmsrec evaluate --model tallrec|llara|collm|allmrec``: recompute the states with the
     checkpoint and score every user on the stored candidates.
 

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from llmsrec.defaults import SASREC_TRAINING
+
 __all__ = ["SASRecConfig", "SASRec", "pad_left"]
 
 
@@ -75,11 +77,11 @@ class SASRecConfig:
     """
 
     n_items: int
-    hidden: int = 64
-    blocks: int = 2
-    heads: int = 1
-    dropout: float = 0.1
-    maxlen: int = 128
+    hidden: int = SASREC_TRAINING["hidden"]
+    blocks: int = SASREC_TRAINING["blocks"]
+    heads: int = SASREC_TRAINING["heads"]
+    dropout: float = SASREC_TRAINING["dropout"]
+    maxlen: int = SASREC_TRAINING["maxlen"]
 
     def __post_init__(self) -> None:
         check_positive_ints(self, ("n_items", "hidden", "blocks", "heads", "maxlen"))

@@ -40,6 +40,7 @@ from llmsrec.cfsrec.bert4rec import BERT4Rec, BERT4RecConfig, cloze_batch
 from llmsrec.cfsrec.gru4rec import GRU4Rec, GRU4RecConfig
 from llmsrec.cfsrec.nextitnet import NextItNet, NextItNetConfig
 from llmsrec.cfsrec.sasrec import SASRec, SASRecConfig, pad_left
+from llmsrec.defaults import SASREC_TRAINING
 from llmsrec.errors import InputError
 from llmsrec.metrics import ranking_metrics
 from llmsrec.safetensors_io import check_checkpoint, save_torch
@@ -498,12 +499,12 @@ def train_cfsrec(
     out: str | Path,
     *,
     model: str = "sasrec",
-    epochs: int = 200,
-    patience: int = 5,
-    eval_every: int = 5,
+    epochs: int = SASREC_TRAINING["epochs"],
+    patience: int = SASREC_TRAINING["patience"],
+    eval_every: int = SASREC_TRAINING["eval_every"],
     seed: int = 0,
-    batch_size: int = 128,
-    lr: float = 1e-3,
+    batch_size: int = SASREC_TRAINING["batch_size"],
+    lr: float = SASREC_TRAINING["lr"],
     loss: str | None = None,
     device: str = "cpu",
     force: bool = False,
@@ -612,18 +613,18 @@ def train_sasrec(
     ds: "PreparedDataset",
     out: str | Path,
     *,
-    epochs: int = 200,
-    patience: int = 5,
-    eval_every: int = 5,
+    epochs: int = SASREC_TRAINING["epochs"],
+    patience: int = SASREC_TRAINING["patience"],
+    eval_every: int = SASREC_TRAINING["eval_every"],
     seed: int = 0,
-    batch_size: int = 128,
-    lr: float = 1e-3,
+    batch_size: int = SASREC_TRAINING["batch_size"],
+    lr: float = SASREC_TRAINING["lr"],
     device: str = "cpu",
-    hidden: int = 64,
-    blocks: int = 2,
-    heads: int = 1,
-    dropout: float = 0.1,
-    maxlen: int = 128,
+    hidden: int = SASREC_TRAINING["hidden"],
+    blocks: int = SASREC_TRAINING["blocks"],
+    heads: int = SASREC_TRAINING["heads"],
+    dropout: float = SASREC_TRAINING["dropout"],
+    maxlen: int = SASREC_TRAINING["maxlen"],
     force: bool = False,
     progress: bool = True,
 ) -> dict:

@@ -7,9 +7,9 @@ import click
 from llmsrec.cli.guard import LlmsrecGroup
 from llmsrec.cli.options import CF_MODEL_NAMES
 from llmsrec.data import load_prepared
+from llmsrec.defaults import SASREC_TRAINING
 from llmsrec.devices import resolve_device
 from llmsrec.errors import InputError
-from llmsrec.pipeline import SASREC_DEFAULTS
 
 
 @click.group(cls=LlmsrecGroup)
@@ -23,27 +23,27 @@ def sasrec() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run folder to create: model.safetensors, config.json, history.jsonl, "
                    "results.json.")
-@click.option("--epochs", default=SASREC_DEFAULTS["epochs"], show_default=True, type=click.IntRange(min=1),
+@click.option("--epochs", default=SASREC_TRAINING["epochs"], show_default=True, type=click.IntRange(min=1),
               help="Maximum epochs (paper: 200).")
-@click.option("--patience", default=SASREC_DEFAULTS["patience"], show_default=True, type=click.IntRange(min=1),
+@click.option("--patience", default=SASREC_TRAINING["patience"], show_default=True, type=click.IntRange(min=1),
               help="Stop after this many validations without a better validation NDCG@10.")
-@click.option("--eval-every", default=SASREC_DEFAULTS["eval_every"], show_default=True, type=click.IntRange(min=1),
+@click.option("--eval-every", default=SASREC_TRAINING["eval_every"], show_default=True, type=click.IntRange(min=1),
               help="Validate every this many epochs.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seeds initialisation, dropout, user order and sampled negatives.")
-@click.option("--batch-size", default=SASREC_DEFAULTS["batch_size"], show_default=True, type=click.IntRange(min=1),
+@click.option("--batch-size", default=SASREC_TRAINING["batch_size"], show_default=True, type=click.IntRange(min=1),
               help="Users per step.")
-@click.option("--lr", default=SASREC_DEFAULTS["lr"], show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--lr", default=SASREC_TRAINING["lr"], show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Adam learning rate (betas 0.9, 0.98).")
-@click.option("--hidden", default=SASREC_DEFAULTS["hidden"], show_default=True, type=click.IntRange(min=1),
+@click.option("--hidden", default=SASREC_TRAINING["hidden"], show_default=True, type=click.IntRange(min=1),
               help="Embedding / model width d.")
-@click.option("--blocks", default=SASREC_DEFAULTS["blocks"], show_default=True, type=click.IntRange(min=1),
+@click.option("--blocks", default=SASREC_TRAINING["blocks"], show_default=True, type=click.IntRange(min=1),
               help="Self-attention blocks.")
-@click.option("--heads", default=SASREC_DEFAULTS["heads"], show_default=True, type=click.IntRange(min=1),
+@click.option("--heads", default=SASREC_TRAINING["heads"], show_default=True, type=click.IntRange(min=1),
               help="Attention heads.")
-@click.option("--dropout", default=SASREC_DEFAULTS["dropout"], show_default=True,
+@click.option("--dropout", default=SASREC_TRAINING["dropout"], show_default=True,
               type=click.FloatRange(min=0, max=1, max_open=True), help="Dropout rate.")
-@click.option("--maxlen", default=SASREC_DEFAULTS["maxlen"], show_default=True, type=click.IntRange(min=1),
+@click.option("--maxlen", default=SASREC_TRAINING["maxlen"], show_default=True, type=click.IntRange(min=1),
               help="Longest input window (the last MAXLEN items are kept).")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
@@ -86,17 +86,17 @@ def cfsrec() -> None:
               help="Which CF-SRec to train.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run folder to create: model.safetensors, config.json, history.jsonl, results.json.")
-@click.option("--epochs", default=SASREC_DEFAULTS["epochs"], show_default=True,
+@click.option("--epochs", default=SASREC_TRAINING["epochs"], show_default=True,
               type=click.IntRange(min=1), help="Maximum epochs.")
-@click.option("--patience", default=SASREC_DEFAULTS["patience"], show_default=True, type=click.IntRange(min=1),
+@click.option("--patience", default=SASREC_TRAINING["patience"], show_default=True, type=click.IntRange(min=1),
               help="Stop after this many validations without a better validation NDCG@10.")
-@click.option("--eval-every", default=SASREC_DEFAULTS["eval_every"], show_default=True, type=click.IntRange(min=1),
+@click.option("--eval-every", default=SASREC_TRAINING["eval_every"], show_default=True, type=click.IntRange(min=1),
               help="Validate every this many epochs.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seeds initialisation, dropout, user order, negatives and cloze masks.")
-@click.option("--batch-size", default=SASREC_DEFAULTS["batch_size"], show_default=True,
+@click.option("--batch-size", default=SASREC_TRAINING["batch_size"], show_default=True,
               type=click.IntRange(min=1), help="Users per step.")
-@click.option("--lr", default=SASREC_DEFAULTS["lr"], show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--lr", default=SASREC_TRAINING["lr"], show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Adam learning rate (betas 0.9, 0.98).")
 @click.option("--loss", default=None, type=click.Choice(["bce", "ce"]),
               help="bce: one sampled negative per position; ce: softmax over all items "

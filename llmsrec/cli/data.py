@@ -9,7 +9,7 @@ from llmsrec import data
 from llmsrec.cli.guard import GuardedCommand
 from llmsrec.data import load_prepared
 from llmsrec.data.views import ALL_VIEWS
-from llmsrec.defaults import HISTORY_WINDOW
+from llmsrec.defaults import HISTORY_WINDOW, PREPARE
 from llmsrec.errors import InputError
 
 
@@ -30,11 +30,11 @@ from llmsrec.errors import InputError
               help="amazon2023: reviews .jsonl or .jsonl.gz (user_id, parent_asin, timestamp ms).")
 @click.option("--meta", type=click.Path(dir_okay=False),
               help="amazon2023: metadata .jsonl or .jsonl.gz (parent_asin, title, description).")
-@click.option("--kcore", default=5, show_default=True, type=int,
+@click.option("--kcore", default=PREPARE["kcore"], show_default=True, type=int,
               help="Iterative k-core: items need K interactions, users max(K, 3).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the user sample and of the negatives.")
-@click.option("--num-negatives", default=99, show_default=True, type=int,
+@click.option("--num-negatives", default=PREPARE["num_negatives"], show_default=True, type=int,
               help="Stored negatives per user for validation and for test.")
 @click.option("--max-users", default=None, type=int,
               help="Keep a seeded sample of N users before the k-core filter [default: all].")

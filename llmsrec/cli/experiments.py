@@ -11,9 +11,8 @@ import click
 from llmsrec.cli.config import config_option, write_config
 from llmsrec.cli.guard import GuardedCommand
 from llmsrec.cli.options import CF_MODEL_NAMES, llm4rec_kwargs, llm4rec_options, llm_options, refuse_unused
-from llmsrec.defaults import LLMSREC_HEADS
+from llmsrec.defaults import LLMSREC_HEADS, SASREC_TRAINING
 from llmsrec.devices import resolve_device
-from llmsrec.pipeline import SASREC_DEFAULTS
 
 
 @click.command(cls=GuardedCommand)
@@ -34,15 +33,15 @@ from llmsrec.pipeline import SASREC_DEFAULTS
               help="llmsrec without --cache, and llara/collm/allmrec: the CF-SRec (its first-seed run) "
                    "whose O_u and E the frozen LLM's cache is built from and the baselines read "
                    "[default: sasrec; with --cache the baselines use the cache's own teacher].")
-@click.option("--epochs", default=SASREC_DEFAULTS["epochs"], show_default=True, type=click.IntRange(min=1),
+@click.option("--epochs", default=SASREC_TRAINING["epochs"], show_default=True, type=click.IntRange(min=1),
               help="CF-SRec maximum epochs.")
-@click.option("--patience", default=SASREC_DEFAULTS["patience"], show_default=True, type=click.IntRange(min=1),
+@click.option("--patience", default=SASREC_TRAINING["patience"], show_default=True, type=click.IntRange(min=1),
               help="CF-SRec early-stopping patience (validations).")
-@click.option("--eval-every", default=SASREC_DEFAULTS["eval_every"], show_default=True, type=click.IntRange(min=1),
+@click.option("--eval-every", default=SASREC_TRAINING["eval_every"], show_default=True, type=click.IntRange(min=1),
               help="CF-SRec validation interval (epochs).")
-@click.option("--batch-size", default=SASREC_DEFAULTS["batch_size"], show_default=True, type=click.IntRange(min=1),
+@click.option("--batch-size", default=SASREC_TRAINING["batch_size"], show_default=True, type=click.IntRange(min=1),
               help="CF-SRec users per step.")
-@click.option("--lr", default=SASREC_DEFAULTS["lr"], show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--lr", default=SASREC_TRAINING["lr"], show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="CF-SRec Adam learning rate.")
 @click.option("--maxlen", default=None, type=click.IntRange(min=1),
               help="Input window of every CF-SRec [default: 128].")

@@ -1,8 +1,8 @@
 """Options several ``llmsrec`` commands share, and the parsing of their values.
 
 Each ``*_OPTIONS`` list is a group of click options; ``with_options(LIST)`` adds them to a
-command in list order. Defaults come from the stages' constants (``llmsrec.defaults``,
-``llmsrec.pipeline.SASREC_DEFAULTS``) so the CLI and the Python API agree.
+command in list order. Defaults come from ``llmsrec.defaults``, which the stages' signatures
+read too, so the CLI and the Python API agree (tests/test_defaults.py).
 """
 
 from __future__ import annotations
@@ -10,7 +10,16 @@ from __future__ import annotations
 import click
 
 from llmsrec.data.views import ALL_VIEWS
-from llmsrec.defaults import HEADS_TRAINING, HISTORY_WINDOW, LLM4REC_TRAINING, LLMSREC_HEADS
+from llmsrec.defaults import (
+    ALLMREC_STAGE1,
+    E2E,
+    HEADS_TRAINING,
+    HISTORY_WINDOW,
+    LLM,
+    LLM4REC_TRAINING,
+    LLMSREC_HEADS,
+    LORA,
+)
 from llmsrec.errors import InputError
 
 #: the CF-SRec models (``llmsrec.cfsrec.MODELS``; --model of ``cfsrec train``, --teacher of ``compare``)
@@ -37,12 +46,12 @@ def parse_views(views: str) -> list[str]:
 
 # Options of the frozen-LLM forward, shared by `precompute` and `run`.
 LLM_OPTIONS = [
-    click.option("--llm", default="smollm2-135m", show_default=True,
+    click.option("--llm", default=LLM["llm"], show_default=True,
                  help="Frozen LLM: 'smollm2-135m' (bundled GGUF), a local Hugging Face folder, or "
                       "a model id already in the local HF cache (never downloaded)."),
     click.option("--history-window", default=HISTORY_WINDOW, show_default=True, type=click.IntRange(min=1),
                  help="Last W history items shown in a user prompt."),
-    click.option("--batch-tokens", default=4096, show_default=True, type=click.IntRange(min=1),
+    click.option("--batch-tokens", default=LLM["batch_tokens"], show_default=True, type=click.IntRange(min=1),
                  help="Token budget of one padded batch (batch size x longest prompt)."),
     click.option("--device", default="cpu", show_default=True,
                  help="Device of the LLM forward: cpu, cuda[:N] or hpu."),
@@ -50,7 +59,7 @@ LLM_OPTIONS = [
                  help="Compute dtype of the LLM [default: fp32 on CPU, bf16 on GPU/HPU]."),
     click.option("--threads", default=None, type=click.IntRange(min=1),
                  help="torch CPU threads of the LLM forward [default: torch's choice]."),
-    click.option("--fi", default="moment", show_default=True, type=click.Choice(["moment", "ridge"]),
+    click.option("--fi", default=LLM["fi"], show_default=True, type=click.Choice(["moment", "ridge"]),
                  help="Fixed f_I of cache mode. moment: PCA-whitened SASRec E laid on the top "
                       "principal axes of the token embeddings (keeps all of E); ridge: ridge fit "
                       "to each title's mean token embedding (loses most of E, see README)."),
@@ -93,7 +102,7 @@ CACHE_READOUT_OPTIONS = [
                       "(8,16,24,30 of SmolLM2-135M); 'none' = the paper's last-layer "
                       "[UserOut]/[ItemOut] state only. "
                       "Needed by --user-readout/--item-readout other than 'out'."),
-    click.option("--template", default="llmsrec-prompt-v1", show_default=True,
+    click.option("--template", default=LLM["template"], show_default=True,
                  type=click.Choice(["llmsrec-prompt-v1", "llmsrec-prompt-v1-userrep"]),
                  help="Prompt template: llmsrec-prompt-v1 = the paper's Table 2 (b); "
                       "llmsrec-prompt-v1-userrep = Table 11's prompt with the CF-SRec user "
@@ -194,10 +203,10 @@ def head_kwargs(kw: dict) -> dict:
 
 
 E2E_OPTIONS = [
-    click.option("--fi-arch", default="linear", show_default=True, type=click.Choice(["linear", "mlp"]),
+    click.option("--fi-arch", default=E2E["fi_arch"], show_default=True, type=click.Choice(["linear", "mlp"]),
                  help="e2e: trainable f_I. linear: initialised from the --fi fit (e2e starts where "
                       "cache mode is); mlp: the authors' Linear-LayerNorm-LeakyReLU-Linear."),
-    click.option("--grad-batch-tokens", default=2048, show_default=True, type=click.IntRange(min=1),
+    click.option("--grad-batch-tokens", default=E2E["grad_batch_tokens"], show_default=True, type=click.IntRange(min=1),
                  help="e2e: padded tokens of one forward that keeps its graph; a step with more runs "
                       "in two passes with exact gradients (raise it on a large GPU)."),
     click.option("--grad-checkpointing", is_flag=True,
@@ -213,21 +222,26 @@ E2E_OPTIONS = [
 e2e_options = with_options(E2E_OPTIONS)
 
 
-# defaults = llmsrec.baselines.LoraOptions() / Stage1Options() (checked by tests/test_baselines.py)
+# defaults = llmsrec.baselines.LoraOptions() / Stage1Options(): defaults.LORA / ALLMREC_STAGE1
+# (alpha shown as a float, the type of the option; checked by tests/test_baselines.py)
 BASELINE_OPTIONS = [
-    click.option("--lora-r", default=8, show_default=True, type=click.IntRange(min=1),
+    click.option("--lora-r", default=LORA["r"], show_default=True, type=click.IntRange(min=1),
                  help="tallrec/llara/collm: LoRA rank (the paper gives no LoRA settings; peft's common ones)."),
-    click.option("--lora-alpha", default=16.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+    click.option("--lora-alpha", default=float(LORA["alpha"]), show_default=True,
+                 type=click.FloatRange(min=0, min_open=True),
                  help="tallrec/llara/collm: LoRA scaling, the update is alpha/r * B A."),
-    click.option("--lora-dropout", default=0.05, show_default=True, type=click.FloatRange(0, 1, max_open=True),
+    click.option("--lora-dropout", default=LORA["dropout"], show_default=True,
+                 type=click.FloatRange(0, 1, max_open=True),
                  help="tallrec/llara/collm: dropout on the adapters' input during training steps."),
-    click.option("--lora-targets", default="q_proj,v_proj", show_default=True,
+    click.option("--lora-targets", default=",".join(LORA["targets"]), show_default=True,
                  help="tallrec/llara/collm: comma-separated names of the linear layers to adapt."),
-    click.option("--stage1-epochs", default=20, show_default=True, type=click.IntRange(min=1),
-                 help="allmrec: stage-1 (alignment) passes over the items, batches of 64."),
-    click.option("--stage1-lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+    click.option("--stage1-epochs", default=ALLMREC_STAGE1["epochs"], show_default=True, type=click.IntRange(min=1),
+                 help="allmrec: stage-1 (alignment) passes over the items, batches of "
+                      f"{ALLMREC_STAGE1['batch_size']}."),
+    click.option("--stage1-lr", default=ALLMREC_STAGE1["lr"], show_default=True,
+                 type=click.FloatRange(min=0, min_open=True),
                  help="allmrec: stage-1 Adam learning rate."),
-    click.option("--stage1-latent", default=128, show_default=True, type=click.IntRange(min=1),
+    click.option("--stage1-latent", default=ALLMREC_STAGE1["latent"], show_default=True, type=click.IntRange(min=1),
                  help="allmrec: width of the stage-1 codes (the aligned item embeddings)."),
 ]
 

@@ -11,7 +11,7 @@ from llmsrec.cli.guard import GuardedCommand
 from llmsrec.cli.options import cache_readout_options, llm_options, parse_layers, parse_views
 from llmsrec.data import load_prepared
 from llmsrec.data.views import ALL_VIEWS
-from llmsrec.defaults import LLMSREC_HEADS
+from llmsrec.defaults import LLM, LLMSREC_HEADS, PRECOMPUTE, REFINE_TOKENS
 from llmsrec.devices import resolve_device
 from llmsrec.distributed import check_nproc, dist_env, launch, local_device
 from llmsrec.errors import InputError
@@ -24,13 +24,13 @@ from llmsrec.errors import InputError
               help="SASRec checkpoint folder (model.safetensors + config.json).")
 @click.option("--out", "out_h5", required=True, type=click.Path(dir_okay=False),
               help="Cache file to create or extend (built as OUT.tmp, renamed when complete).")
-@click.option("--views", default="valid,test,test-shuffled", show_default=True,
+@click.option("--views", default=",".join(PRECOMPUTE["views"]), show_default=True,
               help=f"Comma-separated user views to compute; any of {', '.join(ALL_VIEWS)} (the prefix "
                    f"view train-prefix comes with --prefixes; add train for --paper-settings heads).")
 @click.option("--verb", default=None,
               help="Noun phrase of the prompt, e.g. 'purchases' or 'watched movies' "
                    "[default: by dataset].")
-@click.option("--chunk-prompts", default=64, show_default=True, type=click.IntRange(min=1),
+@click.option("--chunk-prompts", default=PRECOMPUTE["chunk_prompts"], show_default=True, type=click.IntRange(min=1),
               help="Prompts per resumable chunk (a killed run redoes at most one chunk).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the shuffled views' permutations.")
@@ -53,7 +53,7 @@ from llmsrec.errors import InputError
               help="Processes, started with torchrun's launcher (= torchrun --standalone "
                    "--nproc-per-node N -m llmsrec precompute ...): one per GPU/HPU with --device "
                    "cuda/hpu; on CPU they share the cores [default: 1, no launcher].")
-@click.option("--assemble", default="copy", show_default=True, type=click.Choice(["copy", "virtual"]),
+@click.option("--assemble", default=PRECOMPUTE["assemble"], show_default=True, type=click.Choice(["copy", "virtual"]),
               help="With several processes: copy the shards (OUT.shards/) into OUT and delete them, "
                    "or make OUT's states HDF5 virtual datasets over them (no copy; keep OUT.shards/ "
                    "beside OUT).")
@@ -138,21 +138,22 @@ def given_args(ctx: click.Context, drop=()) -> list[str]:
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder to create: params.safetensors, refine.json, history.jsonl, cache.h5.")
 @click.option("--llm", default=None, help="Frozen LLM [default: the cache's model].")
-@click.option("--users", default=128, show_default=True, type=click.IntRange(min=1),
+@click.option("--users", default=REFINE_TOKENS["users"], show_default=True, type=click.IntRange(min=1),
               help="Seeded sample of users whose train prompts are used.")
-@click.option("--items", default=256, show_default=True, type=click.IntRange(min=1),
+@click.option("--items", default=REFINE_TOKENS["items"], show_default=True, type=click.IntRange(min=1),
               help="Item pool: the sampled users' targets plus random items up to this many.")
-@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1), help="Adam steps.")
-@click.option("--batch-size", default=20, show_default=True, type=click.IntRange(min=1),
+@click.option("--steps", default=REFINE_TOKENS["steps"], show_default=True, type=click.IntRange(min=1),
+              help="Adam steps.")
+@click.option("--batch-size", default=REFINE_TOKENS["batch_size"], show_default=True, type=click.IntRange(min=1),
               help="Sampled users per step.")
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--lr", default=REFINE_TOKENS["lr"], show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Adam learning rate of the token embeddings.")
 @click.option("--train-fi", is_flag=True,
               help="Also train the linear f_I (its soft tokens are in the prefix: each step then runs "
                    "the full prompts forward and backward).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seeds the sample and the batch order.")
-@click.option("--batch-tokens", default=4096, show_default=True, type=click.IntRange(min=1),
+@click.option("--batch-tokens", default=LLM["batch_tokens"], show_default=True, type=click.IntRange(min=1),
               help="Token budget of the prefix and refresh forwards.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda[:N] or hpu.")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,

@@ -17,8 +17,9 @@ from llmsrec.cli.options import (
     parse_layers,
     parse_views,
 )
+from llmsrec.defaults import PRECOMPUTE, PREPARE, SASREC_TRAINING
 from llmsrec.devices import resolve_device
-from llmsrec.pipeline import SASREC_DEFAULTS, format_results_md, run_pipeline
+from llmsrec.pipeline import format_results_md, run_pipeline
 
 
 @click.command(cls=GuardedCommand)
@@ -30,8 +31,8 @@ from llmsrec.pipeline import SASREC_DEFAULTS, format_results_md, run_pipeline
 @click.option("--title-field", default=None, help="atomic: title field of the .item file.")
 @click.option("--reviews", type=click.Path(dir_okay=False), help="amazon2023: reviews .jsonl[.gz].")
 @click.option("--meta", type=click.Path(dir_okay=False), help="amazon2023: metadata .jsonl[.gz].")
-@click.option("--kcore", default=5, show_default=True, type=int, help="Iterative k-core.")
-@click.option("--num-negatives", default=99, show_default=True, type=int,
+@click.option("--kcore", default=PREPARE["kcore"], show_default=True, type=int, help="Iterative k-core.")
+@click.option("--num-negatives", default=PREPARE["num_negatives"], show_default=True, type=int,
               help="Stored negatives per user for validation and for test.")
 @click.option("--max-users", default=None, type=click.IntRange(min=1),
               help="Seeded sample of N users before the k-core filter (quick runs) [default: all].")
@@ -41,14 +42,14 @@ from llmsrec.pipeline import SASREC_DEFAULTS, format_results_md, run_pipeline
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="One seed for every stage.")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Run folder [default: runs/DATASET].")
-@click.option("--sasrec-epochs", default=SASREC_DEFAULTS["epochs"], show_default=True, type=click.IntRange(min=1),
+@click.option("--sasrec-epochs", default=SASREC_TRAINING["epochs"], show_default=True, type=click.IntRange(min=1),
               help="SASRec maximum epochs.")
-@click.option("--sasrec-patience", default=SASREC_DEFAULTS["patience"], show_default=True, type=click.IntRange(min=1),
+@click.option("--sasrec-patience", default=SASREC_TRAINING["patience"], show_default=True, type=click.IntRange(min=1),
               help="SASRec early-stopping patience (validations).")
-@click.option("--sasrec-eval-every", default=SASREC_DEFAULTS["eval_every"], show_default=True,
+@click.option("--sasrec-eval-every", default=SASREC_TRAINING["eval_every"], show_default=True,
               type=click.IntRange(min=1),
               help="SASRec validation interval (epochs).")
-@click.option("--views", default="valid,test,test-shuffled", show_default=True,
+@click.option("--views", default=",".join(PRECOMPUTE["views"]), show_default=True,
               help="User views to precompute besides train-prefix (--prefixes); test-shuffled gives "
                    "the shuffled-inference metrics of every model in results.json; add train for "
                    "--prefixes 1 / --paper-settings.")

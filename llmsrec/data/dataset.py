@@ -53,6 +53,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llmsrec.atomic import atomic_dir
+from llmsrec.defaults import PREPARE
 from llmsrec.errors import InputError
 
 FORMAT_VERSION = 1
@@ -194,9 +195,9 @@ def prepare_from_interactions(
     titles: Mapping[str, str],
     out: str | os.PathLike,
     *,
-    kcore: int = 5,
+    kcore: int = PREPARE["kcore"],
     seed: int = 0,
-    num_negatives: int = 99,
+    num_negatives: int = PREPARE["num_negatives"],
     max_users: int | None = None,
     descriptions: Mapping[str, str] | None = None,
     stats_extra: Mapping | None = None,

@@ -56,7 +56,7 @@ from llmsrec.atomic import atomic_dir, sha256_file, write_json
 from llmsrec.cache import open_cache
 from llmsrec.cfsrec.teacher import load_teacher, teacher_user_reps
 from llmsrec.data import load_prepared
-from llmsrec.defaults import HISTORY_WINDOW
+from llmsrec.defaults import E2E, HISTORY_WINDOW, LLM
 from llmsrec.devices import mark_step
 from llmsrec.errors import InputError
 from llmsrec.heads.losses import retrieval_loss, sample_negatives, total_loss
@@ -160,7 +160,7 @@ class LLMInputs(nn.Module):
         return cls(f, uo, arrays["tokens/item_out"], E)
 
     @classmethod
-    def initial(cls, llm: LoadedLLM, E, *, fi: str = "moment", arch: str = "linear", seed: int = 0,
+    def initial(cls, llm: LoadedLLM, E, *, fi: str = LLM["fi"], arch: str = E2E["fi_arch"], seed: int = 0,
                 titles=None, ridge_alpha: float = 1e-3) -> "LLMInputs":
         """The starting point of e2e training.
 
@@ -280,7 +280,7 @@ def _padded(toks: list[TokenizedPrompt]) -> int:
 
 @torch.no_grad()
 def compute_states(llm: LoadedLLM, inputs: LLMInputs, toks: list[TokenizedPrompt], out_token: str,
-                   batch_tokens: int = 4096) -> np.ndarray:
+                   batch_tokens: int = LLM["batch_tokens"]) -> np.ndarray:
     """States at the out token with the current f_I and token (no grad, batched by length).
 
     The same forward as precompute (:func:`~llmsrec.precompute.engine.forward_batch` with the
@@ -371,16 +371,16 @@ class E2EOptions:
             always uses every user.
     """
 
-    llm: str = "smollm2-135m"
+    llm: str = LLM["llm"]
     history_window: int = HISTORY_WINDOW
     verb: str | None = None
-    batch_tokens: int = 4096
-    grad_batch_tokens: int = 2048
+    batch_tokens: int = LLM["batch_tokens"]
+    grad_batch_tokens: int = E2E["grad_batch_tokens"]
     device: str = "cpu"
     dtype: str | None = None
     threads: int | None = None
-    fi: str = "moment"
-    fi_arch: str = "linear"
+    fi: str = LLM["fi"]
+    fi_arch: str = E2E["fi_arch"]
     grad_checkpointing: bool = False
     max_steps: int | None = None
     eval_users: int | None = None
@@ -907,7 +907,7 @@ def checkpoint_teacher(ckpt: Path, prov: dict) -> Path:
 
 
 def evaluate_e2e_checkpoint(ds, checkpoint, device: str = "cpu", llm: LoadedLLM | None = None,
-                            batch_tokens: int = 4096) -> dict:
+                            batch_tokens: int = LLM["batch_tokens"]) -> dict:
     """``llmsrec evaluate --model llmsrec-e2e``: recompute valid/test states with the checkpoint's
     f_I and tokens (LLM, prompt options and SASRec as recorded in ``heads_config.json``) and score
     every user.

@@ -57,6 +57,7 @@ from llmsrec.atomic import atomic_dir, write_json
 from llmsrec.cache import open_cache
 from llmsrec.cfsrec.teacher import load_teacher
 from llmsrec.data import load_prepared
+from llmsrec.defaults import E2E, LLM, REFINE_TOKENS
 from llmsrec.errors import InputError
 from llmsrec.e2e.loop import LLMInputs, as_float, backward_through_llm, compute_states
 from llmsrec.heads.losses import full_retrieval_loss, total_loss
@@ -89,7 +90,7 @@ class PrefixCache:
 
     @torch.no_grad()
     def __init__(self, llm: LoadedLLM, toks: list[TokenizedPrompt], soft_table: torch.Tensor,
-                 batch_tokens: int = 4096):
+                 batch_tokens: int = LLM["batch_tokens"]):
         self.llm = llm
         self.lengths = np.asarray([t.out_pos for t in toks], dtype=np.int64)
         if len(toks) and self.lengths.min() < 1:
@@ -180,10 +181,11 @@ def _pool_mask(users, targets, exclude, pool) -> tuple[torch.Tensor, torch.Tenso
     return mask, tcol
 
 
-def refine_tokens(ds, cache, heads_dir, sasrec, out, *, llm: str | LoadedLLM | None = None, users: int = 128,
-                  items: int = 256, steps: int = 50, batch_size: int = 20, lr: float = 1e-3,
-                  train_fi: bool = False, seed: int = 0, batch_tokens: int = 4096,
-                  grad_batch_tokens: int = 2048, device: str = "cpu", dtype: str | None = None,
+def refine_tokens(ds, cache, heads_dir, sasrec, out, *, llm: str | LoadedLLM | None = None,
+                  users: int = REFINE_TOKENS["users"], items: int = REFINE_TOKENS["items"],
+                  steps: int = REFINE_TOKENS["steps"], batch_size: int = REFINE_TOKENS["batch_size"],
+                  lr: float = REFINE_TOKENS["lr"], train_fi: bool = False, seed: int = 0,
+                  batch_tokens: int = LLM["batch_tokens"], grad_batch_tokens: int = E2E["grad_batch_tokens"], device: str = "cpu", dtype: str | None = None,
                   threads: int | None = None, refresh: bool = True, views=None, force: bool = False,
                   progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
     """One token-refinement round on a cache (module docstring: method and cost model).

@@ -67,7 +67,7 @@ from llmsrec.baselines.common import baseline_record, metrics_of, save_baseline
 from llmsrec.cache import open_cache
 from llmsrec.cfsrec import load_sasrec, pad_left, train_sasrec
 from llmsrec.data import load_prepared
-from llmsrec.defaults import HISTORY_WINDOW
+from llmsrec.defaults import HISTORY_WINDOW, LLM
 from llmsrec.errors import InputError
 from llmsrec.evaluate import analyses as A
 from llmsrec.experiments.compare import fresh_llm, llm4rec_train_options
@@ -195,8 +195,8 @@ class RunAnalysis:
             if not (self.run / sub).exists():
                 raise InputError(f"{self.run / sub}: missing; --run must be a folder written by `llmsrec run`")
         self.ds = load_prepared(self.run / "data")
-        self.cache_path = self.run / "cache" / "cache.h5"
-        with open_cache(self.cache_path) as c:
+        self.cache = self.run / "cache" / "cache.h5"
+        with open_cache(self.cache) as c:
             self.provenance = dict(c.provenance)
         self.cache_seed = int(self.provenance.get("seed", 0))
         self.window = int(self.provenance.get("history_window", HISTORY_WINDOW))
@@ -221,7 +221,7 @@ class RunAnalysis:
 
     # -- shared inputs --
     def ensure_views(self, views) -> None:
-        with open_cache(self.cache_path) as c:
+        with open_cache(self.cache) as c:
             missing = [v for v in views if v not in c.views]
         if missing:
             extend_run_cache(self.run, missing, progress=self.progress, log=self.log,
@@ -231,16 +231,16 @@ class RunAnalysis:
     def tensors(self):
         if self._tensors is None:
             readout = {k: self.heads_train.get(k, "out") for k in ("user_readout", "item_readout")}
-            t = load_cached_tensors(self.ds, self.cache_path, eval_views=("valid", "test", "test-shuffled"),
+            t = load_cached_tensors(self.ds, self.cache, eval_views=("valid", "test", "test-shuffled"),
                                     prefixes=int(self.heads_train.get("prefixes", 1)), **readout)
             if "test-shuffled" not in t.eval_hidden:
-                raise InputError(f"{self.cache_path}: view test-shuffled missing")
-            with open_cache(self.cache_path) as c:
+                raise InputError(f"{self.cache}: view test-shuffled missing")
+            with open_cache(self.cache) as c:
                 perm = c.permutation("test-shuffled")
                 extra = {}
                 if "train-shuffled" in c.views:
                     # shuffled training (Table 3): one sample per user, from the shuffled view
-                    extra = {"tensors": load_cached_tensors(self.ds, self.cache_path, eval_views=(),
+                    extra = {"tensors": load_cached_tensors(self.ds, self.cache, eval_views=(),
                                                             train_view="train-shuffled", **readout)}
             self._tensors = (t, perm, extra)
         return self._tensors
@@ -258,7 +258,7 @@ class RunAnalysis:
         if view.endswith("-shuffled"):
             perm = self.tensors()[1]
             if perm is not None and not np.array_equal(vp.permutation[: n + 1, : perm.shape[1]], perm[: n + 1]):
-                raise InputError(f"{self.cache_path}: stored test-shuffled permutations differ from the "
+                raise InputError(f"{self.cache}: stored test-shuffled permutations differ from the "
                                  f"rebuilt ones (cache from another llmsrec version?)")
         return [vp.cf_inputs[u] for u in users]
 
@@ -335,7 +335,7 @@ class RunAnalysis:
         data, _, extra = self.tensors()
         if shuffled_training:
             if not extra:
-                raise InputError(f"{self.cache_path}: view train-shuffled missing")
+                raise InputError(f"{self.cache}: view train-shuffled missing")
             data = replace(extra["tensors"], eval_hidden=data.eval_hidden)
             cfg = replace(cfg, prefixes=1)
         self.log(f"[analyze] training heads {name}")
@@ -430,7 +430,7 @@ class RunAnalysis:
                 llm = fresh_llm(self.llm)
                 scores = baseline_scores(ev, d, views, device=self.b_opts.get("device", "cpu"),
                                          llm=None if isinstance(llm, str) else llm,
-                                         batch_tokens=self.b_opts.get("batch_tokens", 4096), expect=name)
+                                         batch_tokens=self.b_opts.get("batch_tokens", LLM["batch_tokens"]), expect=name)
             o = Outputs(scores={v: scores[v].scores for v in views}, reps={v: scores[v].user for v in views})
             _write_outputs(d, o)
             write_json(d / "analysis.json", stamp)
@@ -459,7 +459,7 @@ class RunAnalysis:
 
     def raw_user_hidden(self, view: str) -> np.ndarray:
         """The frozen LLM's own last-layer [UserOut] states of users 1..n (whatever the heads read)."""
-        with open_cache(self.cache_path) as c:
+        with open_cache(self.cache) as c:
             return np.asarray(c.user_hidden(view), dtype=np.float32)[1 : self.n + 1]
 
 

@@ -50,7 +50,7 @@ from llmsrec.baselines.common import SHUFFLE_SEED
 from llmsrec.cache import open_cache
 from llmsrec.cfsrec import MODELS, evaluate_cfsrec, load_cfsrec, pad_left, train_cfsrec
 from llmsrec.data import load_prepared
-from llmsrec.defaults import BASELINES, HISTORY_WINDOW, LLM4REC_TRAINING
+from llmsrec.defaults import BASELINES, HISTORY_WINDOW, LLM, LLM4REC_TRAINING
 from llmsrec.e2e.loop import E2EOptions
 from llmsrec.errors import InputError
 from llmsrec.evaluate.analyses import change_ratio
@@ -237,7 +237,7 @@ def compare(
     model_options: dict[str, dict] | None = None,
     cache: str | Path | None = None,
     teacher: str | None = None,
-    llm: Any = "smollm2-135m",
+    llm: Any = LLM["llm"],
     precompute_options: dict | None = None,
     head_options: dict | None = None,
     llm4rec_options: dict | None = None,

@@ -153,25 +153,25 @@ def readout_features(kind: str, hidden, out_layers=None, slots=None) -> np.ndarr
     return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
 
 
-def cached_features(cache, group: str, kind: str) -> np.ndarray:
-    """:func:`readout_features` of every row of ``items`` or a user view of an open cache.
+def cached_features(reader, group: str, kind: str) -> np.ndarray:
+    """:func:`readout_features` of every row of ``items`` or a user view of an open cache (``CacheReader``).
 
     Raises:
         InputError: the cache lacks the readout (``CacheReader.readouts``).
     """
     if kind == "out":
-        return readout_features(kind, cache.item_hidden() if group == "items" else cache.user_hidden(group))
-    r = cache.readouts(group)
+        return readout_features(kind, reader.item_hidden() if group == "items" else reader.user_hidden(group))
+    r = reader.readouts(group)
     return readout_features(kind, None, r["out_layers"], r["slots"])
 
 
-def load_cached_tensors(ds, cache_path, eval_views=("valid", "test"), *, user_readout: str = "out",
+def load_cached_tensors(ds, cache, eval_views=("valid", "test"), *, user_readout: str = "out",
                         item_readout: str = "out", prefixes: int = 1, train_view: str | None = None) -> CachedTensors:
     """Read the cache once into memory, checked against the prepared dataset.
 
     Args:
         ds: ``PreparedDataset`` (or its folder).
-        cache_path: HDF5 cache written by precompute (docs/cache-schema.md).
+        cache: HDF5 cache written by precompute (docs/cache-schema.md).
         eval_views: views to load for evaluation; ``valid``/``test`` must exist, shuffled
             ones are loaded only if present in the cache.
         user_readout, item_readout: which cached states feed f_user / f_item
@@ -186,36 +186,36 @@ def load_cached_tensors(ds, cache_path, eval_views=("valid", "test"), *, user_re
     """
     ds = _as_dataset(ds)
     prefixes = int(prefixes)
-    with _opened(open_cache(cache_path)) as cache:
-        views = set(cache.views)
+    with _opened(open_cache(cache)) as reader:
+        views = set(reader.views)
         if train_view not in (None, "train", "train-shuffled") or (train_view and prefixes > 1):
             raise InputError(f"train view {train_view!r}: expected train or train-shuffled, with prefixes 1")
         train_view = PREFIX_VIEW if prefixes > 1 else (train_view or "train")
         need = {train_view, "valid", "test"} & ({train_view} | set(eval_views))
         missing = sorted(need - views)
-        if prefixes > 1 and cache.prefixes < prefixes:
-            raise InputError(f"{cache_path}: --prefixes {prefixes} but the cache holds {cache.prefixes} prefix "
+        if prefixes > 1 and reader.prefixes < prefixes:
+            raise InputError(f"{cache}: --prefixes {prefixes} but the cache holds {reader.prefixes} prefix "
                              f"sample(s) per user (precompute with --prefixes {prefixes})")
         if missing:
-            raise InputError(f"{cache_path}: view(s) {', '.join(missing)} missing (run precompute with them)")
-        _check_dataset_digest(cache_path, cache.provenance, ds)
-        layers = cache.readout_layers
-        item_hidden = cached_features(cache, "items", item_readout)
-        train_hidden = cached_features(cache, train_view, user_readout)
-        train_cf = np.asarray(cache.user_cf(train_view), dtype=np.float32)
-        train_targets = np.asarray(cache.targets(train_view), dtype=np.int64)
-        train_uid = cache.prefix_uids() if prefixes > 1 else None
-        k_cache = cache.prefixes
+            raise InputError(f"{cache}: view(s) {', '.join(missing)} missing (run precompute with them)")
+        _check_dataset_digest(cache, reader.provenance, ds)
+        layers = reader.readout_layers
+        item_hidden = cached_features(reader, "items", item_readout)
+        train_hidden = cached_features(reader, train_view, user_readout)
+        train_cf = np.asarray(reader.user_cf(train_view), dtype=np.float32)
+        train_targets = np.asarray(reader.targets(train_view), dtype=np.int64)
+        train_uid = reader.prefix_uids() if prefixes > 1 else None
+        k_cache = reader.prefixes
         eval_hidden = {
-            v: cached_features(cache, v, user_readout) for v in eval_views if v in views
+            v: cached_features(reader, v, user_readout) for v in eval_views if v in views
         }
-        provenance = cache.provenance if isinstance(cache.provenance, dict) else {}
+        provenance = reader.provenance if isinstance(reader.provenance, dict) else {}
     readout = dict(user_readout=user_readout, item_readout=item_readout, n_layers=len(layers),
                    n_slots=int(provenance.get("history_window", 0)) if "slots" in user_readout else 0)
     n_users_cached = next(iter(eval_hidden.values())).shape[0] if eval_hidden else train_hidden.shape[0]
     if item_hidden.shape[0] != ds.n_items + 1 or n_users_cached != ds.n_users + 1:
         raise InputError(
-            f"{cache_path}: has {item_hidden.shape[0] - 1} items / {n_users_cached - 1} users, "
+            f"{cache}: has {item_hidden.shape[0] - 1} items / {n_users_cached - 1} users, "
             f"dataset {ds.root} has {ds.n_items} / {ds.n_users}"
         )
     inputs, targets = ds.view("train")
@@ -227,7 +227,7 @@ def load_cached_tensors(ds, cache_path, eval_views=("valid", "test"), *, user_re
     exclude = [np.zeros(0, dtype=np.int64)] + [np.array(s[:-2], dtype=np.int64) for s in ds.seqs[1 : n + 1]]
     if train_uid is None:
         if not np.array_equal(np.asarray(targets[: n + 1], dtype=np.int64), train_targets[: n + 1]):
-            raise InputError(f"{cache_path}: /users/{train_view}/target differs from the dataset's train view")
+            raise InputError(f"{cache}: /users/{train_view}/target differs from the dataset's train view")
         train_users = np.array([u for u in range(1, n + 1) if len(inputs[u]) > 0 and targets[u] > 0],
                                dtype=np.int64)
         train_hidden, train_cf, train_targets = train_hidden[: n + 1], train_cf[: n + 1], train_targets[: n + 1]
@@ -241,7 +241,7 @@ def load_cached_tensors(ds, cache_path, eval_views=("valid", "test"), *, user_re
         for row in range(1, len(keep)):  # sample j's target is the user's item seq[-3-j]
             u, j = int(sample_uid[row]), int((keep[row] - 1) % k_cache)
             if train_targets[row] != ds.seqs[u][-3 - j]:
-                raise InputError(f"{cache_path}: /users/{PREFIX_VIEW}/target row {keep[row]} is not user {u}'s "
+                raise InputError(f"{cache}: /users/{PREFIX_VIEW}/target row {keep[row]} is not user {u}'s "
                                  f"item seq[-{3 + j}] (a cache of another dataset?)")
         exclude = [exclude[int(u)] if u else exclude[0] for u in sample_uid]
         train_users = np.arange(1, len(keep), dtype=np.int64)
@@ -257,7 +257,7 @@ def load_cached_tensors(ds, cache_path, eval_views=("valid", "test"), *, user_re
         eval_hidden=eval_hidden,
         candidates=candidates,
         train_users=train_users,
-        provenance={"cache": str(Path(cache_path).resolve()), "cache_provenance": provenance, "dataset_digest": ds.digest,
+        provenance={"cache": str(Path(cache).resolve()), "cache_provenance": provenance, "dataset_digest": ds.digest,
                     "users": n, "prefixes": prefixes, "train_samples": int(len(train_users))},
         **readout,
     )
@@ -286,7 +286,7 @@ class _opened:
         return False
 
 
-def _check_dataset_digest(cache_path, provenance, ds) -> None:
+def _check_dataset_digest(cache, provenance, ds) -> None:
     if not isinstance(provenance, dict):
         return
     for key in ("dataset_sha256", "dataset_digest", "dataset"):
@@ -295,7 +295,7 @@ def _check_dataset_digest(cache_path, provenance, ds) -> None:
             v = v.get("digest")
         if isinstance(v, str) and v and getattr(ds, "digest", None) and v != ds.digest:
             raise InputError(
-                f"{cache_path}: provenance field '{key}' is {v[:12]}..., but dataset {ds.root} has "
+                f"{cache}: provenance field '{key}' is {v[:12]}..., but dataset {ds.root} has "
                 f"digest {ds.digest[:12]}... (rebuild the cache for this dataset)"
             )
 
@@ -845,7 +845,7 @@ def train_on_tensors(data: CachedTensors, out, config: TrainConfig | None = None
     return results
 
 
-def train_heads(ds, cache_path, out, *, force: bool = False, progress: bool = True, device: str = "cpu",
+def train_heads(ds, cache, out, *, force: bool = False, progress: bool = True, device: str = "cpu",
                 **opts: Any) -> dict:
     """``llmsrec train``: read the cache into memory once, train the heads, write ``out``.
 
@@ -857,7 +857,7 @@ def train_heads(ds, cache_path, out, *, force: bool = False, progress: bool = Tr
 
     Args:
         ds: ``PreparedDataset`` or its folder.
-        cache_path: HDF5 cache from precompute (same dataset).
+        cache: HDF5 cache from precompute (same dataset).
         out: output folder (see :func:`train_on_tensors` for its files).
         device: where the heads train: ``cpu`` (default), ``cuda[:N]``, ``hpu``.
         **opts: :class:`TrainConfig` fields (``None`` = default).
@@ -875,7 +875,7 @@ def train_heads(ds, cache_path, out, *, force: bool = False, progress: bool = Tr
         dd.init_distributed(device)
     ok = False
     try:
-        data = load_cached_tensors(ds, cache_path, eval_views=EVAL_VIEWS, user_readout=cfg.user_readout,
+        data = load_cached_tensors(ds, cache, eval_views=EVAL_VIEWS, user_readout=cfg.user_readout,
                                    item_readout=cfg.item_readout, prefixes=cfg.prefixes)
         res = train_on_tensors(data, out, cfg, force=force, progress=progress, device=dd.local_device(device))
         ok = True

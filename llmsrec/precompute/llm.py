@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from llmsrec.atomic import atomic_dir, follow_umask, sha256_file, write_json
+from llmsrec.defaults import LLM
 from llmsrec.devices import hpu_lazy_mode, resolve_device  # noqa: F401  (re-exported)
 from llmsrec.distributed import local_device
 from llmsrec.errors import InputError
@@ -222,7 +223,7 @@ def prepare_gaudi() -> None:
 
 
 def load_llm(
-    llm: str = "smollm2-135m",
+    llm: str = LLM["llm"],
     *,
     device: str = "cpu",
     dtype: str | None = None,

@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmsrec.data.views import check_view, view_permutation
-from llmsrec.defaults import HISTORY_WINDOW
+from llmsrec.defaults import HISTORY_WINDOW, LLM
 from llmsrec.errors import InputError
 from llmsrec.precompute.llm import HISTORY_EMB, ITEM_OUT, SPECIAL_TOKENS, USER_OUT
 
-TEMPLATE_VERSION = "llmsrec-prompt-v1"
+#: the default template (``--template``), the paper's Table 2 (b)
+TEMPLATE_VERSION = LLM["template"]
 
 #: version -> template pieces. ``{verb}`` is the dataset's noun phrase ("purchases",
 #: "watched movies"); with "purchases" the text is exactly Table 2 (b).

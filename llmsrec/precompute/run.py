@@ -10,7 +10,7 @@ from typing import Callable
 
 from llmsrec.cache.store import CacheWriter
 from llmsrec.data.views import PREFIX_VIEW
-from llmsrec.defaults import HISTORY_WINDOW
+from llmsrec.defaults import HISTORY_WINDOW, LLM, PRECOMPUTE
 from llmsrec.distributed import dist_env
 from llmsrec.errors import InputError
 from llmsrec.precompute import shards
@@ -30,19 +30,19 @@ def precompute(
     sasrec,
     cache,
     *,
-    llm: str | LoadedLLM = "smollm2-135m",
+    llm: str | LoadedLLM = LLM["llm"],
     views=DEFAULT_VIEWS,
     history_window: int = HISTORY_WINDOW,
     verb: str | None = None,
-    batch_tokens: int = 4096,
-    chunk_prompts: int = 64,
+    batch_tokens: int = LLM["batch_tokens"],
+    chunk_prompts: int = PRECOMPUTE["chunk_prompts"],
     device: str = "cpu",
     dtype: str | None = None,
     seed: int = 0,
     force: bool = False,
     max_users: int | None = None,
     ridge_alpha: float = 1e-3,
-    fi: str = "moment",
+    fi: str = LLM["fi"],
     params: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
     num_threads: int | None = None,
@@ -50,7 +50,7 @@ def precompute(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     on_chunk: Callable[[str, int], None] | None = None,
-    assemble: str = "copy",
+    assemble: str = PRECOMPUTE["assemble"],
     readout_layers=(),
     prefixes: int = 1,
     template: str = TEMPLATE_VERSION,

@@ -55,6 +55,7 @@ import torch.distributed as dist
 
 from llmsrec.atomic import digest_arrays
 from llmsrec.cache.store import CacheWriter, group_complete, provenance_diff, read_provenance, virtual_source_files
+from llmsrec.defaults import PRECOMPUTE
 from llmsrec.distributed import check_nproc, dist_env, init_distributed, local_device, shutdown_distributed
 from llmsrec.errors import InputError
 from llmsrec.precompute.job import group_prompts, plan_chunks, run_plan, setup_cache, summary
@@ -210,7 +211,7 @@ def _gather_stats(ctx: Context, stats: dict) -> list[dict]:
     return [dict(zip(keys, p.tolist())) for p in parts]
 
 
-def run_sharded(ctx: Context, job, *, assemble: str = "copy") -> Path:
+def run_sharded(ctx: Context, job, *, assemble: str = PRECOMPUTE["assemble"]) -> Path:
     """The sharded precompute of one process (module docstring, steps 1-3).
 
     Args:
