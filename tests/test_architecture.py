@@ -121,6 +121,12 @@ def test_no_import_cycles():
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
+def test_cli_modules_stay_thin():
+    """Each command group's module parses, calls one stage function and prints: <= 300 lines."""
+    long = {p.name: n for p in (PKG / "cli").glob("*.py") if (n := len(p.read_text().splitlines())) > 300}
+    assert not long, f"llmsrec/cli modules over 300 lines: {long}"
+
+
 @pytest.mark.parametrize("text, expected", [
     ("from llmsrec.heads.train import TrainConfig\n", ["llmsrec.heads.train"]),
     ("def f():\n    from llmsrec.cli import main\n", ["llmsrec.cli"]),

@@ -10,7 +10,8 @@ import click
 
 from llmsrec.cli.config import config_option, write_config
 from llmsrec.cli.guard import GuardedCommand
-from llmsrec.cli.options import CF_MODEL_NAMES, llm4rec_kwargs, llm4rec_options, llm_options, refuse_unused
+from llmsrec.cli.baseline_options import llm4rec_kwargs, llm4rec_options
+from llmsrec.cli.options import CF_MODEL_NAMES, llm_options, refuse_unused
 from llmsrec.defaults import LLMSREC_HEADS, SASREC_TRAINING
 from llmsrec.devices import resolve_device
 

@@ -10,10 +10,9 @@ import click
 from llmsrec.atomic import write_json
 from llmsrec.cli.config import config_option, write_config
 from llmsrec.cli.guard import GuardedCommand, refuse_distributed
+from llmsrec.cli.baseline_options import baseline_kwargs, baseline_options
 from llmsrec.cli.options import (
     CF_MODEL_NAMES,
-    baseline_kwargs,
-    baseline_options,
     e2e_options,
     head_kwargs,
     head_options,
