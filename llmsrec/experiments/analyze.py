@@ -280,16 +280,22 @@ class RunAnalysis:
             done = json.loads((d / "results.json").read_text())
             if done.get("data", {}).get("digest") == self._sasrec_digest(shuffled_training):
                 return d
-        ds = self.ds
-        if shuffled_training:
-            ds = copy.copy(self.ds)
-            ds.seqs = A.shuffle_training_sequences(self.ds.seqs, self.cache_seed)
-            ds.digest = self._sasrec_digest(True)
+        ds = self.training_dataset(shuffled_training)
         self.log(f"[analyze] training {name} ({opts.get('epochs')} epochs at most)")
         t = time.perf_counter()
         train_sasrec(ds, d, seed=seed, force=True, progress=self.progress, **opts)
         self.seconds[name] = round(time.perf_counter() - t, 1)
         return d
+
+    def training_dataset(self, shuffled_training: bool):
+        """The run's dataset, or a copy whose training sequences are shuffled once per user
+        (Table 3's shuffled training; seeded by the cache's seed) with its own digest."""
+        if not shuffled_training:
+            return self.ds
+        ds = copy.copy(self.ds)
+        ds.seqs = A.shuffle_training_sequences(self.ds.seqs, self.cache_seed)
+        ds.digest = self._sasrec_digest(True)
+        return ds
 
     def _sasrec_digest(self, shuffled_training: bool) -> str:
         return self.ds.digest + (f"+shuffled-training-seed{self.cache_seed}" if shuffled_training else "")
@@ -397,11 +403,7 @@ class RunAnalysis:
         views = stamp["views"]
         o = _read_outputs(d, views) if _read_json(d / "analysis.json") == stamp else None
         if o is None:
-            ds = self.ds
-            if shuffled_training:
-                ds = copy.copy(self.ds)
-                ds.seqs = A.shuffle_training_sequences(self.ds.seqs, self.cache_seed)
-                ds.digest = self._sasrec_digest(True)
+            ds = self.training_dataset(shuffled_training)
             self.log(f"[analyze] training {d.name} ({self._budget()})")
             t = time.perf_counter()
             bf = fit_baseline(name, ds, self.run / "sasrec" if spec.needs_sasrec else None, llm=fresh_llm(self.llm),
