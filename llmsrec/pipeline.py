@@ -32,7 +32,7 @@ import numpy as np
 
 from llmsrec import data
 from llmsrec.atomic import atomic_file, write_json
-from llmsrec.data import bundled_ml100k_dir, dataset_digest, load_prepared
+from llmsrec.data import bundled_ml1m_dir, bundled_ml100k_dir, dataset_digest, load_prepared
 from llmsrec.defaults import HISTORY_WINDOW, LLM, PRECOMPUTE, SASREC_TRAINING
 from llmsrec.errors import InputError
 from llmsrec.run_layout import STAGE_DIRS, file_digest
@@ -149,6 +149,9 @@ def _data_inputs(dataset: str, files: dict) -> dict:
     if dataset == "ml-100k":
         d = bundled_ml100k_dir()
         files = {"inter": d / "ml-100k.inter", "item": d / "ml-100k.item"}
+    elif dataset == "ml-1m":
+        d = bundled_ml1m_dir()
+        files = {"inter": d / "ml-1m.inter", "item": d / "ml-1m.item"}
     return {k: input_fingerprint(v) for k, v in files.items() if v is not None}
 
 
@@ -156,6 +159,8 @@ def _prepare(dataset: str, out: Path, files: dict, opts: dict):
     kw = dict(opts, force=True)
     if dataset == "ml-100k":
         return data.prepare_ml100k(out, **kw)
+    if dataset == "ml-1m":
+        return data.prepare_ml1m(out, **kw)
     if dataset == "atomic":
         if not files.get("inter") or not files.get("item"):
             raise InputError("--dataset atomic needs --inter and --item")
@@ -242,7 +247,7 @@ def run_pipeline(
 
     Args:
         out: run folder.
-        dataset: ``ml-100k`` | ``atomic`` | ``amazon2023``.
+        dataset: ``ml-100k`` | ``ml-1m`` | ``atomic`` | ``amazon2023``.
         files: raw inputs of ``atomic`` (``inter``, ``item``, ``title_field``) or
             ``amazon2023`` (``reviews``, ``meta``).
         data_opts: ``kcore``, ``num_negatives``, ``max_users``, ``skip_bad_lines`` of prepare.

