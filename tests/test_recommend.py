@@ -70,3 +70,20 @@ def test_parse_history(run_dir):  # noqa: F811
         parse_history("i2@", ds, 0)
     with pytest.raises(InputError, match="no item ids"):
         parse_history(" , ", ds, 0)
+
+
+def test_parse_history_keeps_ids_that_hold_commas(run_dir):  # noqa: F811
+    """MovieLens-1M ids such as "American President, The (1995)" contain commas."""
+    import copy
+
+    ds = copy.copy(load_prepared(run_dir / "data"))
+    ds.raw_items = list(ds.raw_items)
+    iid = {raw: i for i, raw in enumerate(ds.raw_items)}
+    a, b = [i for i in range(1, len(ds.raw_items)) if ds.raw_items[i] not in ("i2", "i4", "i8")][:2]
+    ds.raw_items[a] = "Cape Fear, The (1991)"
+    ds.raw_items[b] = "i2, i4"  # a comma id that is also two ids: the longest known id wins
+    iids, ts = parse_history("i2, Cape Fear, The (1991)@1998-03-01,i8", ds, 7)
+    assert iids.tolist() == [iid["i2"], a, iid["i8"]] and ts.tolist() == [888710400] * 3
+    assert parse_history("i2, i4,i8", ds, 7)[0].tolist() == [b, iid["i8"]]
+    with pytest.raises(InputError, match="entry 2: unknown item id 'Cape Fear'"):
+        parse_history("i2,Cape Fear,i8", ds, 0)

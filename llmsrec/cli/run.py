@@ -104,7 +104,8 @@ def run(dataset, inter, item, title_field, reviews, meta, kcore, num_negatives, 
               help="A run folder written by `llmsrec run`.")
 @click.option("--user", default=None, help="A raw user id of the dataset (scored from the cached test view).")
 @click.option("--history", default=None,
-              help="A new user's history: raw item ids, oldest first, comma-separated, each optionally "
+              help="A new user's history: raw item ids, oldest first, comma-separated (an id that holds "
+                   "commas is matched whole), each optionally "
                    "@YYYY-MM-DD (default: the dataset's last day). Runs the LLM once.")
 @click.option("--k", default=10, show_default=True, type=click.IntRange(min=1), help="Items to recommend.")
 @click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "json"]),

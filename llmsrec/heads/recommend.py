@@ -31,8 +31,25 @@ from llmsrec.precompute.readouts import as_tree, forward_readouts
 __all__ = ["parse_history", "recommend", "format_recommendations"]
 
 
+def _split_entries(text: str, index: dict) -> list[str]:
+    """Split a comma-separated history into entries; an item id that itself holds commas
+    (MovieLens-1M: "American President, The (1995)") stays one entry: at each position the
+    longest run of comma-separated pieces that names a known id (before any ``@date``) wins."""
+    pieces = text.split(",")
+    out, i = [], 0
+    while i < len(pieces):
+        j = next((j for j in range(len(pieces), i + 1, -1)
+                  if not any("@" in x for x in pieces[i:j - 1])  # a date ends its entry
+                  and ",".join(pieces[i:j]).partition("@")[0].strip() in index), i + 1)
+        out.append(",".join(pieces[i:j]).strip())
+        i = j
+    return out
+
+
 def parse_history(text: str, ds, default_ts: int) -> tuple[np.ndarray, np.ndarray]:
     """``"RAW,RAW@2024-05-01,..."`` -> (iids int64 (k,), Unix-second timestamps int64 (k,)).
+
+    Raw ids may contain commas ("American President, The (1995)"): the longest known id wins.
 
     An entry without ``@YYYY-MM-DD`` (or ``YYYY/MM/DD``) takes the previous entry's date
     (leading undated entries: the first date given, else ``default_ts``).
@@ -43,7 +60,7 @@ def parse_history(text: str, ds, default_ts: int) -> tuple[np.ndarray, np.ndarra
     """
     index = {raw: i for i, raw in enumerate(ds.raw_items) if i > 0}
     iids, ts = [], []
-    entries = [x.strip() for x in text.split(",")]
+    entries = _split_entries(text, index)
     if not any(entries):
         raise InputError("--history: no item ids given")
     for pos, entry in enumerate(entries):
