@@ -206,6 +206,7 @@ class RunAnalysis:
         except (OSError, ValueError, KeyError) as e:
             raise InputError(f"{self.run}: cannot read sasrec/results.json or heads/heads_config.json ({e})") from None
         self.run_seed = int(self.sasrec_results.get("train", {}).get("seed", 0))
+        self.prefixes = int(self.heads_train.get("prefixes", 1))
 
         self.llm4rec = tuple(llm4rec)
         self.b_opts, self.b_lora, self.b_stage1 = llm4rec_train_options(llm4rec_options)
@@ -242,6 +243,8 @@ class RunAnalysis:
                     # shuffled training (Table 3): one sample per user, from the shuffled view
                     extra = {"tensors": load_cached_tensors(self.ds, self.cache, eval_views=(),
                                                             train_view="train-shuffled", **readout)}
+                    if self.prefixes > 1 and "train" in c.views:  # its reference: one original sample per user
+                        extra["one_sample"] = load_cached_tensors(self.ds, self.cache, eval_views=(), **readout)
             self._tensors = (t, perm, extra)
         return self._tensors
 
@@ -324,12 +327,21 @@ class RunAnalysis:
         base["seed"] = seed
         return TrainConfig.from_options(**base)
 
-    def heads(self, variant: str, seed: int, shuffled_training: bool = False):
-        """Trained heads (eval mode) of a variant; trains and saves them under ``models/`` once."""
+    def heads(self, variant: str, seed: int, shuffled_training: bool = False, one_sample: bool = False):
+        """Trained heads (eval mode) of a variant; trains and saves them under ``models/`` once.
+
+        ``one_sample``: trained on one original sample per user (the ``train`` view) instead
+        of the run's prefix samples: the reference of shuffled training, whose cached view
+        has one sample per user."""
         cfg = self.heads_config(variant, seed)
-        if variant == "LLM-SRec" and not shuffled_training and seed == int(self.heads_train.get("seed", -1)):
+        one_sample = one_sample and not shuffled_training and self.prefixes > 1
+        if one_sample:
+            cfg = replace(cfg, prefixes=1)
+        if (variant == "LLM-SRec" and not shuffled_training and not one_sample
+                and seed == int(self.heads_train.get("seed", -1))):
             return load_heads(self.run / "heads")
-        name = f"{_SLUG[variant]}{'-shuffled-training' if shuffled_training else ''}-seed{seed}"
+        tag = "-shuffled-training" if shuffled_training else "-one-sample" if one_sample else ""
+        name = f"{_SLUG[variant]}{tag}-seed{seed}"
         d = self.out / "models" / name
         stamp = {"config": asdict(cfg), "cache_view": "train-shuffled" if shuffled_training else "train",
                  "cache_f_I_sha256": self.provenance.get("f_I_sha256"), "dataset": self.ds.digest}
@@ -344,6 +356,10 @@ class RunAnalysis:
                 raise InputError(f"{self.cache}: view train-shuffled missing")
             data = replace(extra["tensors"], eval_hidden=data.eval_hidden)
             cfg = replace(cfg, prefixes=1)
+        elif one_sample:
+            if "one_sample" not in extra:
+                raise InputError(f"{self.cache}: view train missing (the reference of shuffled training)")
+            data = replace(extra["one_sample"], eval_hidden=data.eval_hidden)
         self.log(f"[analyze] training heads {name}")
         t = time.perf_counter()
         train_on_tensors(data, d, cfg, force=True, progress=self.progress)
@@ -351,10 +367,10 @@ class RunAnalysis:
         self.seconds[name] = round(time.perf_counter() - t, 1)
         return load_heads(d)
 
-    def llmsrec(self, variant: str, seed: int, shuffled_training: bool = False) -> Outputs:
-        key = ("llmsrec", variant, seed, shuffled_training)
+    def llmsrec(self, variant: str, seed: int, shuffled_training: bool = False, one_sample: bool = False) -> Outputs:
+        key = ("llmsrec", variant, seed, shuffled_training, one_sample)
         if key not in self._memo:
-            heads = self.heads(variant, seed, shuffled_training)
+            heads = self.heads(variant, seed, shuffled_training, one_sample)
             data = self.tensors()[0]
             o = Outputs()
             with torch.no_grad():
@@ -451,13 +467,14 @@ class RunAnalysis:
             parts.append(f"validation on {o['eval_users']} users")
         return ", ".join(parts)
 
-    def model(self, name: str, seed: int, shuffled_training: bool = False) -> Outputs:
+    def model(self, name: str, seed: int, shuffled_training: bool = False, one_sample: bool = False) -> Outputs:
+        """A model's test outputs; ``one_sample`` applies to LLM-SRec variants (see :meth:`heads`)."""
         if name == "SASRec":
             return self.sasrec(seed, shuffled_training)
         for key, display in LLM4REC.items():
             if name == display:
                 return self.baseline(key, seed, shuffled_training)
-        return self.llmsrec(name, seed, shuffled_training)
+        return self.llmsrec(name, seed, shuffled_training, one_sample)
 
     def raw_user_hidden(self, view: str) -> np.ndarray:
         """The frozen LLM's own last-layer [UserOut] states of users 1..n (whatever the heads read)."""
@@ -559,10 +576,11 @@ class Report:
         return (f"Split: test (leave-last-out, target + {self.ra.ds.test_negatives.shape[1]} stored negatives); "
                 f"{views}; {seeds}; {self.ra.n} users.")
 
-    def _per_seed(self, name: str, view: str, shuffled_training: bool = False, rows=None) -> dict:
+    def _per_seed(self, name: str, view: str, shuffled_training: bool = False, rows=None,
+                  one_sample: bool = False) -> dict:
         out = []
         for s in self.ra.seeds:
-            sc = self.ra.model(name, s, shuffled_training).scores[view]
+            sc = self.ra.model(name, s, shuffled_training, one_sample).scores[view]
             out.append(A.subset_metrics(sc, rows) if rows is not None else
                        {k: float(v) for k, v in ranking_metrics(sc).items()})
         return _agg(out)
@@ -623,13 +641,22 @@ class Report:
     def shuffled_training(self) -> dict:
         models = ["SASRec", "LLM-SRec", "w/o L_Uniform", "w/o L_Distill, L_Uniform", *self.ra.llm4rec_names]
         rows = {}
+        k_run = self.ra.prefixes
         for m in models:
             o, s = self._per_seed(m, "test"), self._per_seed(m, "test", shuffled_training=True)
-            rows[m] = {"original": o, "shuffled": s, "change": {k: _ratio_cell(o, s, k) for k in METRICS}}
+            rows[m] = {"original": o, "shuffled": s}
+            if k_run > 1 and m in VARIANTS:  # the change against one original sample per user
+                rows[m] = {"original, K prefix samples": o, "original": self._per_seed(m, "test", one_sample=True),
+                           "shuffled": s}
+            rows[m]["change"] = {k: _ratio_cell(rows[m]["original"], s, k) for k in METRICS}
         md = ["| model | trained on | NDCG@10 | NDCG@20 | HR@10 | HR@20 |", "|---|---|---:|---:|---:|---:|"]
         for m, r in rows.items():
-            md.append(f"| {m} | original | " + " | ".join(_fmt(r["original"][k]) for k in METRICS) + " |")
-            md.append(f"| {m} | shuffled | " + " | ".join(_fmt(r["shuffled"][k]) for k in METRICS) + " |")
+            if "original, K prefix samples" in r:
+                md.append(f"| {m} | original, {k_run} prefix samples per user (the run's) | "
+                          + " | ".join(_fmt(r["original, K prefix samples"][k]) for k in METRICS) + " |")
+            one = ", 1 sample per user" if "original, K prefix samples" in r else ""
+            md.append(f"| {m} | original{one} | " + " | ".join(_fmt(r["original"][k]) for k in METRICS) + " |")
+            md.append(f"| {m} | shuffled{one} | " + " | ".join(_fmt(r["shuffled"][k]) for k in METRICS) + " |")
             md.append(f"| {m} | change ratio | " + " | ".join(_fmt_ratio(r["change"][k]) for k in METRICS) + " |")
         ch = {m: rows[m]["change"]["NDCG@10"]["mean"] for m in models}
         line = (f"{_moves('LLM-SRec trained on shuffled sequences', ch['LLM-SRec'], 'in test NDCG@10')}; "
@@ -645,6 +672,9 @@ class Report:
             "evaluated on original test sequences; shuffled training: SASRec on `seq[:-2]` shuffled once "
             f"per user (seed {self.ra.cache_seed}), LLM-SRec heads on the cached `train-shuffled` view (last "
             f"{self.ra.window} inputs permuted; the distillation target is the run's SASRec on that input)"
+            + (f"; the cached shuffled view holds one sample per user, so the LLM-SRec heads' change is "
+               f"against heads trained on one original sample per user (the run's heads train on "
+               f"{k_run} prefix samples per user, shown too)" if k_run > 1 else "")
             + llm4rec)
         return {"json": {"rows": rows}, "md": md, "line": line, "scope": scope}
 
@@ -697,9 +727,11 @@ class Report:
             o = self._per_seed(m, "test")
             si = self._per_seed(m, "test-shuffled")
             st = self._per_seed(m, "test", shuffled_training=True)
+            # shuffled training has one sample per user: its reference too (see shuffled_training)
+            ot = self._per_seed(m, "test", one_sample=True) if self.ra.prefixes > 1 else o
             rows[labels[m]] = {"original": o, "shuffled inference": si, "shuffled training": st,
                                "change (inference)": {k: _ratio_cell(o, si, k) for k in METRICS},
-                               "change (training)": {k: _ratio_cell(o, st, k) for k in METRICS}}
+                               "change (training)": {k: _ratio_cell(ot, st, k) for k in METRICS}}
         md = ["| variant | setting | NDCG@10 | NDCG@20 | HR@10 | HR@20 |", "|---|---|---:|---:|---:|---:|"]
         for m, r in rows.items():
             for setting in ("original", "shuffled inference", "change (inference)", "shuffled training",
@@ -894,7 +926,11 @@ def analyze_run(run, out=None, *, only=None, seeds=None, llm4rec=None, llm4rec_o
     ra = RunAnalysis(run, out, [], progress=progress, log=log, llm4rec=baselines,
                      llm4rec_options=llm4rec_options, llm=llm, trust_remote_code=trust_remote_code)
     ra.seeds = parse_seeds(seeds, ra.run_seed)
-    views = ["test-shuffled"] + (["train-shuffled"] if {"shuffled-training", "ablations"} & set(names) else [])
+    views = ["test-shuffled"]
+    if {"shuffled-training", "ablations"} & set(names):
+        # shuffled training has one sample per user; with prefix-trained heads its reference
+        # is heads trained on the train view (one original sample per user, the same window)
+        views += ["train-shuffled"] + (["train"] if ra.prefixes > 1 else [])
     ra.ensure_views(views)
     rep = Report(ra)
     docs = {}
