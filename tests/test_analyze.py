@@ -209,3 +209,56 @@ def test_cli_errors(run_dir, tmp_path):
     assert r.exit_code == 2 and "unknown analysis 'bogus'" in r.output
     r = CliRunner().invoke(main, ["analyze", "--run", str(tmp_path), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "missing; --run must be a folder written by `llmsrec run`" in r.output
+
+
+def test_shuffled_training_of_prefix_heads_is_compared_with_one_sample_heads(run_dir, tmp_path):
+    """Heads trained on K prefix samples per user: the cached train-shuffled view has one sample
+    per user, so the shuffled-training change is taken against heads trained on the train view
+    (one original sample per user), which must equal a direct train_heads(prefixes=1)."""
+    import shutil
+
+    from llmsrec.data import load_prepared
+    from llmsrec.heads.model import load_heads
+    from llmsrec.heads.train import load_cached_tensors, score_candidates
+    from llmsrec.metrics import ranking_metrics
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("heads", "report"))
+    ds = load_prepared(run / "data")
+    K = 2
+    cache = run / "cache" / "cache.h5"
+    with h5py.File(cache, "a") as f:  # sample j of user u: the train view's state, moved by j
+        h, cf, tg = f["users/train/hidden"][()], f["users/train/cf"][()], f["users/train/target"][()]
+        U = len(tg) - 1
+        rows = 1 + U * K
+        ph, pcf = np.zeros((rows, D_LLM), np.float32), np.zeros((rows, cf.shape[1]), np.float32)
+        ptg, uid = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
+        for u in range(1, U + 1):
+            for j in range(K):
+                r = 1 + (u - 1) * K + j
+                ph[r], pcf[r], ptg[r], uid[r] = h[u] + j, cf[u], ds.seqs[u][-3 - j], u
+        for name, a in (("hidden", ph), ("cf", pcf), ("target", ptg), ("uid", uid)):
+            f[f"users/train-prefix/{name}"] = a
+        f["progress/users/train-prefix"] = np.ones(1, dtype=bool)
+        prov = json.loads(f.attrs["provenance"])
+        f.attrs["provenance"] = json.dumps({**prov, "prefixes": K})
+    opts = dict(hidden=32, d_out=8, cf_hidden=8, lr=1e-2, epochs=3, train_negatives=3, evals_per_epoch=2,
+                progress=False)
+    train_heads(ds, cache, run / "heads", prefixes=K, **opts)
+    docs = analyze_run(run, run / "report", only="shuffled-training", seeds="1", progress=False,
+                       log=lambda m: None)
+    llm = docs["shuffled-training"]["rows"]["LLM-SRec"]
+    assert set(llm) == {"original, K prefix samples", "original", "shuffled", "change"}
+    # the reference is exactly heads trained on one original sample per user
+    train_heads(ds, cache, tmp_path / "one", prefixes=1, seed=1, **opts)
+    data = load_cached_tensors(ds, cache, eval_views=("test",))
+    with torch.no_grad():
+        sc = score_candidates(load_heads(tmp_path / "one"), data.eval_hidden["test"], data.item_hidden,
+                              data.candidates["test"])
+    want = {k: float(v) for k, v in ranking_metrics(sc).items()}
+    assert llm["original"]["NDCG@10"]["mean"] == pytest.approx(want["NDCG@10"], abs=1e-9)
+    assert llm["original, K prefix samples"]["NDCG@10"]["mean"] != pytest.approx(want["NDCG@10"], abs=1e-9)
+    ratio = llm["shuffled"]["NDCG@10"]["mean"] / want["NDCG@10"] - 1
+    assert llm["change"]["NDCG@10"]["mean"] == pytest.approx(ratio, abs=1e-9)
+    md = (run / "report" / "shuffled-training.md").read_text()
+    assert "original, 2 prefix samples per user (the run's)" in md and "shuffled, 1 sample per user" in md
