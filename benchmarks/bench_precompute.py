@@ -6,7 +6,9 @@ MovieLens-100k ``test``-view user prompts (history window 10):
 * ``batched``: the precompute path (prompts sorted by length, token-budget batches,
   right padding, ``torch.inference_mode``, sdpa attention, no KV cache);
 * ``one-by-one``: the same prompts, one forward each;
-* ``roofline``: measured fp32 matmul GFLOP/s / (2 x non-embedding parameters) FLOPs/token.
+* ``roofline``: measured fp32 matmul GFLOP/s / (2 x non-embedding parameters) FLOPs/token;
+* ``bf16``: the batched path with the model loaded in bfloat16 (``precompute --dtype bf16``),
+  and how far its ``[UserOut]`` states are from fp32's (relative L2 error, cosine).
 
 Run alone: ``python benchmarks/bench_precompute.py [--prompts N] [--budgets 2048,4096]``.
 """
@@ -73,6 +75,20 @@ def _batched(llm, toks, soft, out, budget, mask=True):
     return lengths.sum() / wall, 1 - lengths.sum() / padded, len(batches)
 
 
+def _dtype_states(llm, toks, soft, out, budget):
+    """(real tokens/s, float32 [UserOut] states (n, d)) of the batched path, after one warm-up batch."""
+    from llmsrec.precompute.engine import forward_batch, make_batches
+
+    lengths = np.asarray([len(t) for t in toks])
+    batches = make_batches(lengths, np.argsort(lengths, kind="stable"), budget)
+    forward_batch(llm, [toks[i] for i in batches[0]], soft, out)
+    states = np.zeros((len(toks), soft.shape[1]), np.float32)
+    t = time.perf_counter()
+    for bb in batches:
+        states[bb] = forward_batch(llm, [toks[i] for i in bb], soft, out).float().numpy()
+    return lengths.sum() / (time.perf_counter() - t), states
+
+
 def _one_by_one(llm, toks, soft, out):
     from llmsrec.precompute.engine import forward_batch
 
@@ -104,6 +120,16 @@ def bench(n_prompts: int = 256, budgets=(4096,), extra: bool = False) -> None:
             print(f"  batched, no attention mask {tps2:8.0f} tok/s ({tps2 / roof:.0%})")
     tps1 = _one_by_one(llm, toks, soft, out)
     print(f"  one-by-one {tps1:8.0f} tok/s  ({tps1 / roof:.0%} of roofline)")
+    from llmsrec.precompute.llm import load_llm
+
+    t32, h32 = _dtype_states(llm, toks, soft, out, budgets[0])
+    llm16 = load_llm("smollm2-135m", dtype="bf16")
+    t16, h16 = _dtype_states(llm16, toks, soft.to(torch.bfloat16), out.to(torch.bfloat16), budgets[0])
+    rel = np.linalg.norm(h16 - h32, axis=1) / np.linalg.norm(h32, axis=1)
+    cos = (h16 * h32).sum(1) / (np.linalg.norm(h16, axis=1) * np.linalg.norm(h32, axis=1))
+    print(f"  fp32       {t32:8.0f} tok/s  (batched, again, beside bf16)")
+    print(f"  bf16       {t16:8.0f} tok/s  ({t16 / t32:.2f}x fp32; [UserOut] states vs fp32: relative L2 "
+          f"mean {rel.mean():.4f}, max {rel.max():.4f}; cosine mean {cos.mean():.5f}, min {cos.min():.5f})")
 
 
 if __name__ == "__main__":
