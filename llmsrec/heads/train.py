@@ -541,6 +541,12 @@ class FitResult:
     stopped_early: bool
     seconds: float  # training wall time (steps and validations), s; the final test is not in it
 
+    def record(self) -> dict:
+        """The training record every ``results.json`` of the heads, e2e mode and the LLM4Rec
+        baselines holds: ``best``, ``steps``, ``epochs_run``, ``stopped_early``, ``train_seconds``."""
+        return {"best": self.best, "steps": self.steps, "epochs_run": self.epochs_run,
+                "stopped_early": self.stopped_early, "train_seconds": round(self.seconds, 3)}
+
 
 class _HeadsForward(torch.nn.Module):
     """The three heads in one ``forward`` (what ``DistributedDataParallel`` wraps): f_user of
@@ -823,11 +829,7 @@ def train_on_tensors(data: CachedTensors, out, config: TrainConfig | None = None
     results = {
         "model": "LLM-SRec",
         **evals,
-        "best": fit.best,
-        "steps": fit.steps,
-        "epochs_run": fit.epochs_run,
-        "stopped_early": fit.stopped_early,
-        "train_seconds": round(fit.seconds, 3),
+        **fit.record(),
         "train_users": int(len(data.train_users)),
         "config": asdict(cfg),
     }
