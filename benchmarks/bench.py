@@ -115,11 +115,12 @@ def bench_sasrec_epoch(timed_epochs: int = 2) -> None:
 
 
 def bench_precompute() -> None:
-    """Precompute throughput (real tokens/s): batched vs one prompt at a time vs roofline."""
+    """Precompute throughput (real tokens/s): batched fp32 at three token budgets, one prompt
+    at a time, the fp32 roofline, bf16, int8 and one thread, side by side."""
     sys.path.insert(0, str(Path(__file__).parent))
     import bench_precompute as b
 
-    b.bench()
+    b.bench(budgets=(4096, 2048, 8192))
 
 
 def bench_prefixes() -> None:

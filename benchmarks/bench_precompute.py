@@ -8,7 +8,11 @@ MovieLens-100k ``test``-view user prompts (history window 10):
 * ``one-by-one``: the same prompts, one forward each;
 * ``roofline``: measured fp32 matmul GFLOP/s / (2 x non-embedding parameters) FLOPs/token;
 * ``bf16``: the batched path with the model loaded in bfloat16 (``precompute --dtype bf16``),
-  and how far its ``[UserOut]`` states are from fp32's (relative L2 error, cosine).
+  and how far its ``[UserOut]`` states are from fp32's (relative L2 error, cosine);
+* ``int8``: the batched path with torch's dynamic int8 quantization of every linear layer
+  (weights per tensor, activations per batch), measured only: it is not a precompute option,
+  because its states drift by about 40% relative L2 (SmolLM2's activations have outliers);
+* ``1 thread``: the batched fp32 path with one torch thread instead of all.
 
 Run alone: ``python benchmarks/bench_precompute.py [--prompts N] [--budgets 2048,4096]``.
 """
@@ -88,6 +92,27 @@ def _one_by_one(llm, toks, soft, out):
     return sum(len(p) for p in toks) / (time.perf_counter() - t)
 
 
+def _drift(h, h32) -> str:
+    rel = np.linalg.norm(h - h32, axis=1) / np.linalg.norm(h32, axis=1)
+    cos = (h * h32).sum(1) / (np.linalg.norm(h, axis=1) * np.linalg.norm(h32, axis=1))
+    return (f"[UserOut] states vs fp32: relative L2 mean {rel.mean():.4f}, max {rel.max():.4f}; "
+            f"cosine mean {cos.mean():.5f}, min {cos.min():.5f}")
+
+
+def _int8(llm):
+    """A shallow copy of ``llm`` whose decoder's linear layers are dynamically int8-quantized."""
+    import copy
+    import warnings
+
+    q = copy.copy(llm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dec = torch.ao.quantization.quantize_dynamic(copy.deepcopy(llm.decoder), {torch.nn.Linear},
+                                                     dtype=torch.qint8)
+    object.__setattr__(q, "decoder", dec)
+    return q
+
+
 def bench(n_prompts: int = 256, budgets=(4096,), extra: bool = False) -> None:
     """Print batched vs one-by-one vs roofline tokens/s for the bundled SmolLM2-135M."""
     llm, toks, soft, out = _setup(n_prompts)
@@ -117,10 +142,18 @@ def bench(n_prompts: int = 256, budgets=(4096,), extra: bool = False) -> None:
 
     llm16 = load_llm("smollm2-135m", dtype="bf16")
     t16, _, _, h16 = _batched(llm16, toks, soft.to(torch.bfloat16), out.to(torch.bfloat16), budgets[0])
-    rel = np.linalg.norm(h16 - h32, axis=1) / np.linalg.norm(h32, axis=1)
-    cos = (h16 * h32).sum(1) / (np.linalg.norm(h16, axis=1) * np.linalg.norm(h32, axis=1))
-    print(f"  bf16       {t16:8.0f} tok/s  ({t16 / t32:.2f}x batched fp32 at budget {budgets[0]}; [UserOut] states vs fp32: relative L2 "
-          f"mean {rel.mean():.4f}, max {rel.max():.4f}; cosine mean {cos.mean():.5f}, min {cos.min():.5f})")
+    print(f"  bf16       {t16:8.0f} tok/s  ({t16 / t32:.2f}x batched fp32 at budget {budgets[0]}; "
+          f"{_drift(h16, h32)})")
+    del llm16
+    t8, _, _, h8 = _batched(_int8(llm), toks, soft, out, budgets[0])
+    print(f"  int8       {t8:8.0f} tok/s  ({t8 / t32:.2f}x; dynamic quantization of the linear layers, "
+          f"not an option: {_drift(h8, h32)})")
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+        t1 = _batched(llm, toks, soft, out, budgets[0])[0]
+        torch.set_num_threads(threads)
+        print(f"  1 thread   {t1:8.0f} tok/s  ({t1 / t32:.2f}x batched fp32 with {threads} threads)")
 
 
 if __name__ == "__main__":
