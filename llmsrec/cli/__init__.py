@@ -20,7 +20,7 @@ import sys
 import click
 
 from llmsrec import __version__
-from llmsrec.cli import cfsrec, data, experiments, precompute, run, tools, train
+from llmsrec.cli import cfsrec, data, experiments, precompute, run, tools, train, transfer
 from llmsrec.cli.guard import LlmsrecGroup
 from llmsrec.distributed import dist_env
 
@@ -63,6 +63,7 @@ def main(ctx: click.Context) -> None:
       llmsrec compare       Table 6: CF-SRec baselines and LLM-SRec, mean ± std over seeds
       llmsrec analyze       the paper's sequence-understanding analyses -> report.md
       llmsrec sweep         many head variants on one cache, best on validation
+      llmsrec transfer      Table 8: a run on dataset A scored on dataset B, nothing trained on B
       llmsrec recommend     top-k unseen items for a known user or a typed history
       llmsrec doctor        versions, devices, distributed backends, bundled model and data
       llmsrec verify        check caches, checkpoints and run folders for corruption
@@ -72,5 +73,6 @@ def main(ctx: click.Context) -> None:
 
 for _command in (data.prepare, data.prompts, cfsrec.sasrec, cfsrec.cfsrec, precompute.precompute,
                  precompute.refine_tokens, train.train, train.evaluate, run.run, run.recommend,
-                 experiments.compare, experiments.analyze, experiments.sweep, tools.doctor, tools.verify):
+                 experiments.compare, experiments.analyze, experiments.sweep, transfer.transfer, tools.doctor,
+                 tools.verify):
     main.add_command(_command)
