@@ -150,3 +150,26 @@ def test_help_states_the_tolerances(dc, capsys):
     text = " ".join(capsys.readouterr().out.split())
     for k in ("fp32 max 0.001 / mean 0.0001", "bf16 max 0.15 / mean 0.05", "<= 0.02"):
         assert k in text
+
+
+def test_main_exit_1_on_a_mismatch_and_writes_the_report(dc, tmp_path, monkeypatch, capsys):
+    bad = dc.run_checks({"fp32": _states(2e-3, 1e-5)}, {})
+    rep = {"device": "cpu", "device_label": "cpu-selftest", "torch": "x", "llm": "m",
+           "slice": {"max_users": 20, "users": 20, "items": 79, "negatives": 5, "history_window": 3,
+                     "views": ["test"], "sasrec_epochs": 2, "heads_epochs": 2},
+           "precompute": {}, "states": {"fp32": _states(2e-3, 1e-5)}, "heads": {}, "checks": bad,
+           "passed": all(c["ok"] for c in bad), "wall_s": 1.0, "budget_s": dc.BUDGET_S}
+    seen = {}
+
+    def fake(args, work, say=print):
+        seen.update(users=args.users, window=args.history_window, negatives=args.negatives)
+        return rep
+
+    monkeypatch.setattr(dc, "device_check", fake)
+    assert dc.main(["--device", "cpu", "--out", str(tmp_path)]) == 1
+    assert seen == {"users": 20, "window": 3, "negatives": 5}  # the self-test's small defaults
+    out = capsys.readouterr().out
+    assert "FAIL fp32 states: max relative error: 0.002 (tolerance 0.001)" in out
+    assert "device-check: FAIL" in out
+    assert json.loads((tmp_path / "device-check-cpu-selftest.json").read_text())["passed"] is False
+    assert "**FAIL**" in (tmp_path / "device-check-cpu-selftest.md").read_text()
