@@ -35,6 +35,7 @@ Run alone: ``python benchmarks/device_check.py [--device cuda|hpu|cpu] [--users 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -235,6 +236,7 @@ class Device:
     def reset_peak(self) -> None:
         import torch
 
+        gc.collect()  # the previous stage's model, so that the peak is this stage's alone
         if self.kind == "cuda":
             torch.cuda.synchronize(self.name)
             torch.cuda.empty_cache()
@@ -321,7 +323,8 @@ def device_check(args, work: Path, say=print) -> dict:
     wall = time.perf_counter() - t0
     return {"device": dev.name, "device_label": dev.label(), "torch": torch.__version__, "llm": args.llm,
             "slice": {"dataset": "ml-100k", "max_users": args.users, "users": ds.n_users, "items": ds.n_items,
-                      "negatives": args.negatives,                      "history_window": args.history_window, "views": ["valid", "test", "train-prefix"],
+                      "negatives": args.negatives, "history_window": args.history_window,
+                      "views": ["valid", "test", "train-prefix"],
                       "sasrec_epochs": args.sasrec_epochs, "heads_epochs": args.heads_epochs},
             "tolerances": TOLERANCES, "precompute": pre, "states": states, "heads": heads, "checks": checks,
             "passed": all(c["ok"] for c in checks), "wall_s": wall, "budget_s": BUDGET_S}
@@ -348,7 +351,8 @@ def format_markdown(rep: dict) -> str:
     dev = Device(rep["device"])
     lines = [f"# device-check: {rep['device_label']} ({rep['device']})", "",
              f"torch {rep['torch']}, {rep['llm']}; ml-100k slice (`prepare --max-users {s['max_users']}`): "
-             f"{s['users']} users, {s['items']} items, {s['negatives']} negatives, history window {s['history_window']}, views "
+             f"{s['users']} users, {s['items']} items, {s['negatives']} negatives, history window "
+             f"{s['history_window']}, views "
              f"{', '.join(s['views'])}; SASRec {s['sasrec_epochs']} epochs on the CPU, heads "
              f"{s['heads_epochs']} epochs (seed 0). Wall {rep['wall_s']:.0f} s (budget {rep['budget_s']} s, "
              f"model loading included). Result: **{'PASS' if rep['passed'] else 'FAIL'}**.", "",
@@ -377,6 +381,8 @@ def _unavailable(device: str) -> str | None:
     import torch
 
     kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda", "hpu"):
+        return f"device-check: --device {device}: expected cuda, cuda:N, hpu or cpu"
     if kind == "cuda" and not torch.cuda.is_available():
         return (f"device-check: CUDA is not available (torch {torch.__version__}); nothing to check "
                 f"(--device cpu runs the self-test, --device hpu checks a Gaudi)")

@@ -133,14 +133,16 @@ def test_without_cuda_one_line_and_exit_0(dc, capsys):
 
 def test_hpu_without_habana_one_line_and_exit_2(dc, capsys, monkeypatch):
     monkeypatch.setenv("PT_HPU_LAZY_MODE", "1")  # prepare_hpu sets it; restored afterwards
-    try:
-        import habana_frameworks  # noqa: F401
+    if importlib.util.find_spec("habana_frameworks") is not None:
         pytest.skip("habana_frameworks is installed")
-    except ImportError:
-        pass
     assert dc.main(["--device", "hpu"]) == 2
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "habana_frameworks is not installed" in out
+
+
+def test_unknown_device_one_line_and_exit_2(dc, capsys):
+    assert dc.main(["--device", "tpu"]) == 2
+    assert capsys.readouterr().out == "device-check: --device tpu: expected cuda, cuda:N, hpu or cpu\n"
 
 
 def test_help_states_the_tolerances(dc, capsys):
