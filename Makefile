@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 # the de-quantized safetensors copy of the bundled LLM is kept here (git-ignored)
 export LLMSREC_CACHE_DIR ?= $(CURDIR)/.cache
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench device-check clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,11 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py
+
+# GPU vs CPU precompute (fp32, bf16) and heads on a 200-user ml-100k slice; exit 1 beyond the
+# tolerances of `python benchmarks/device_check.py --help`. Without CUDA: one line, exit 0.
+device-check: setup
+	$(BIN)/python benchmarks/device_check.py
 
 clean:
 	rm -rf runs .cache
