@@ -127,19 +127,13 @@ def test_run_end_to_end_and_reuse(tmp_path, monkeypatch):
     r7 = CliRunner().invoke(main, ["recommend", "--run", str(out), "--history", "no-such-item"])
     assert r7.exit_code == 2 and "unknown item id 'no-such-item'" in r7.output
 
-    # transfer (Table 8) of the run onto its own data: every item keeps its own SASRec row
-    # (the slice's titles are unique), so both models must score exactly as in the run
-    from collections import Counter
-
-    from llmsrec.experiments.transfer import title_key
-
-    keys = Counter(title_key(t) for t in ds.titles[1:])
-    assert max(keys.values()) == 1
-    r8 = CliRunner().invoke(main, ["transfer", "--source", str(out), "--data", str(out / "data"),
+    # transfer (Table 8) of the run onto its own data, items matched by raw id: every item
+    # keeps its own SASRec row, so both models must score exactly as in the run
+    r8 = CliRunner().invoke(main, ["transfer", "--source", str(out), "--data", str(out / "data"), "--match", "id",
                                    "--out", str(tmp_path / "self"), "--no-progress"])
     assert r8.exit_code == 0, r8.output
     tr = json.loads((tmp_path / "self" / "transfer.json").read_text())
-    assert tr["match"] == {"rule": "title", "items": ds.n_items, "matched": ds.n_items, "test_targets_matched": 1.0}
+    assert tr["match"] == {"rule": "id", "items": ds.n_items, "matched": ds.n_items, "test_targets_matched": 1.0}
     for name in ("SASRec", "LLM-SRec"):
         for view in ("test", "test-shuffled"):
             assert tr["models"][name][view] == pytest.approx(res4["models"][name][view], abs=1e-6), (name, view)

@@ -23,6 +23,8 @@ def test_match_items_unique_titles_only():
     # Cape Fear is two items of A, Kolya two items of B: both stay unseen
     assert match_items(a, b).tolist() == [0, 4, 0, 1, 0, 0, 0]
     assert match_items(a, b, "none").tolist() == [0] * 7
+    # raw ids: equal strings, no folding
+    assert match_items(["", "10", "20", "30"], ["", "30", "x", "20 ", "10"], "id").tolist() == [0, 3, 0, 0, 1]
     with pytest.raises(InputError, match="--match 'year'"):
         match_items(a, b, "year")
 

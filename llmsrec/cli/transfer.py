@@ -16,10 +16,11 @@ from llmsrec.defaults import LLM
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output folder: sasrec/ (A's SASRec re-indexed to B), params.safetensors, "
                    "cache/cache.h5 (B's views), item_map.json, transfer.json, transfer.md.")
-@click.option("--match", default="title", show_default=True, type=click.Choice(["title", "none"]),
+@click.option("--match", default="title", show_default=True, type=click.Choice(["title", "id", "none"]),
               help="Which of B's items count as known to A: title = the same title (case and "
-                   "whitespace folded, unique in both datasets); none = every item unseen (the "
-                   "paper's disjoint domains).")
+                   "whitespace folded, unique in both datasets); id = the same raw item id (two "
+                   "slices of one dataset); none = every item unseen (the paper's disjoint "
+                   "domains).")
 @click.option("--batch-tokens", default=LLM["batch_tokens"], show_default=True, type=click.IntRange(min=1),
               help="Token budget of one padded batch of the precompute.")
 @click.option("--device", default="cpu", show_default=True, help="Device of the LLM forward: cpu, cuda[:N] or hpu.")

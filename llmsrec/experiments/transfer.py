@@ -8,8 +8,9 @@ embeddings when it does not: one rule for every model.
 
 * **Matching.** ``match="title"`` pairs a B item with an A item when their titles agree
   after case folding and whitespace folding, and each title names exactly one item in each
-  dataset (remakes that share a title stay unmatched). ``match="none"`` treats every item
-  of B as unseen. That is the paper's setting (Electronics -> CDs share no items).
+  dataset (remakes that share a title stay unmatched). ``match="id"`` pairs equal raw item
+  ids (two slices of one dataset). ``match="none"`` treats every item of B as unseen. That
+  is the paper's setting (Electronics -> CDs share no items).
 * **CF-SRec** (SASRec and the rest). A copy of A's model whose item table is re-indexed to
   B's item ids: row ``j`` is A's row of the matched item, or the mean of A's rows 1..N_A.
   All other weights are A's. With every item unseen, every candidate gets the same score.
@@ -34,7 +35,7 @@ import numpy as np
 from llmsrec.atomic import atomic_file, write_json
 from llmsrec.errors import InputError
 
-MATCH_RULES = ("title", "none")
+MATCH_RULES = ("title", "id", "none")
 TRANSFER_VIEWS = ("valid", "test", "test-shuffled")
 _DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -48,9 +49,11 @@ def match_items(src_titles, dst_titles, rule: str = "title") -> np.ndarray:
     """Map B's items to A's items.
 
     Args:
-        src_titles: A's titles, index = iid (index 0 is padding and ignored).
-        dst_titles: B's titles, the same layout.
-        rule: ``title`` (unique case/whitespace-folded title in both) or ``none``.
+        src_titles: A's titles (raw item ids for ``rule="id"``), index = iid (index 0 is
+            padding and ignored).
+        dst_titles: B's, the same layout.
+        rule: ``title`` (unique case/whitespace-folded title in both), ``id`` (equal
+            strings) or ``none``.
 
     Returns:
         int64 ``(N_B + 1,)``: entry ``j`` is A's iid for B's item ``j``, or 0 if unseen
@@ -65,10 +68,12 @@ def match_items(src_titles, dst_titles, rule: str = "title") -> np.ndarray:
     if rule == "none":
         return out
 
+    key = title_key if rule == "title" else str
+
     def unique_keys(titles) -> dict[str, int]:
         seen: dict[str, int] = {}
         for iid in range(1, len(titles)):
-            k = title_key(titles[iid])
+            k = key(titles[iid])
             seen[k] = -1 if k in seen else iid
         return {k: v for k, v in seen.items() if v > 0}
 
@@ -137,7 +142,7 @@ def run_transfer(source_run, data, out, *, match: str = "title", batch_tokens: i
         out: output folder: ``sasrec/`` (A's teacher re-indexed to B), ``params.safetensors``
             (A's f_I and out tokens), ``cache/cache.h5`` (B's views), ``transfer.json`` and
             ``transfer.md``.
-        match: ``title`` or ``none`` (:func:`match_items`).
+        match: ``title``, ``id`` or ``none`` (:func:`match_items`).
         batch_tokens, device, num_threads, trust_remote_code: the precompute's; the LLM, its
             dtype, history window, template and readout layers are those of A's cache.
 
@@ -168,7 +173,8 @@ def run_transfer(source_run, data, out, *, match: str = "title", batch_tokens: i
     t0 = time.perf_counter()
     timings = {}
     src, dst = load_prepared(dirs["data"]), load_prepared(data)
-    mapping = match_items(src.titles, dst.titles, match)
+    mapping = (match_items(src.raw_items, dst.raw_items, "id") if match == "id"
+               else match_items(src.titles, dst.titles, match))
     _, test_targets = dst.view("test")
     matched_targets = float(np.mean(mapping[np.asarray(test_targets[1:], dtype=np.int64)] > 0))
     match_doc = {"rule": match, "items": dst.n_items, "matched": int((mapping[1:] > 0).sum()),
