@@ -1,6 +1,7 @@
 """`llmsrec train` / `evaluate --model llmsrec` on a synthetic HDF5 cache in the documented layout."""
 
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -84,6 +85,15 @@ def test_train_and_evaluate_cli_on_cache(ds, tmp_path):
                                   "--checkpoint", str(out)])
     assert r.exit_code == 0, r.output
     assert json.loads((out / "evaluation.json").read_text())["test"] == res["test"]
+    # evaluation reads no training view: the same states without one score the same
+    eval_only = tmp_path / "eval-only.h5"
+    shutil.copyfile(cache, eval_only)
+    with h5py.File(eval_only, "a") as f:
+        del f["users/train"], f["progress/users/train"]
+    ev2 = evaluate_heads(ds, eval_only, out, views=("valid", "test", "test-shuffled"))
+    assert ev2 == {"valid": res["valid"], "test": res["test"], "test-shuffled": res["test-shuffled"]}
+    with pytest.raises(InputError, match="train missing"):
+        load_cached_tensors(ds, eval_only)
     # without --cache the evaluator uses the cache recorded in the checkpoint
     r = CliRunner().invoke(main, ["evaluate", "--model", "llmsrec", "--data", str(ds.root),
                                   "--checkpoint", str(out)])

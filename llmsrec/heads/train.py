@@ -179,7 +179,9 @@ def load_cached_tensors(ds, cache, eval_views=("valid", "test"), *, user_readout
         prefixes: K; > 1 trains on the prefix samples ``j < K`` of the cache's
             ``train-prefix`` view instead of the ``train`` view (paper Appendix F.5).
         train_view: with ``prefixes`` 1, the view the training samples come from:
-            ``train`` (default) or ``train-shuffled`` (shuffled training, paper Table 3).
+            ``train`` (default) or ``train-shuffled`` (shuffled training, paper Table 3);
+            ``none`` reads no training samples (evaluation only: the train arrays hold
+            just the padding row, and the cache needs no training view).
     Raises:
         InputError: views or rows missing, a readout or prefix count the cache does not
             have (one line naming it), or the cache was built for another dataset.
@@ -188,10 +190,14 @@ def load_cached_tensors(ds, cache, eval_views=("valid", "test"), *, user_readout
     prefixes = int(prefixes)
     with _opened(open_cache(cache)) as reader:
         views = set(reader.views)
-        if train_view not in (None, "train", "train-shuffled") or (train_view and prefixes > 1):
+        eval_only = train_view == "none"
+        if eval_only:
+            prefixes = 1
+        elif train_view not in (None, "train", "train-shuffled") or (train_view and prefixes > 1):
             raise InputError(f"train view {train_view!r}: expected train or train-shuffled, with prefixes 1")
         train_view = PREFIX_VIEW if prefixes > 1 else (train_view or "train")
-        need = {train_view, "valid", "test"} & ({train_view} | set(eval_views))
+        need = {"valid", "test"} & set(eval_views) if eval_only else \
+            {train_view, "valid", "test"} & ({train_view} | set(eval_views))
         missing = sorted(need - views)
         if prefixes > 1 and reader.prefixes < prefixes:
             raise InputError(f"{cache}: --prefixes {prefixes} but the cache holds {reader.prefixes} prefix "
@@ -201,14 +207,20 @@ def load_cached_tensors(ds, cache, eval_views=("valid", "test"), *, user_readout
         _check_dataset_digest(cache, reader.provenance, ds)
         layers = reader.readout_layers
         item_hidden = cached_features(reader, "items", item_readout)
-        train_hidden = cached_features(reader, train_view, user_readout)
-        train_cf = np.asarray(reader.user_cf(train_view), dtype=np.float32)
-        train_targets = np.asarray(reader.targets(train_view), dtype=np.int64)
-        train_uid = reader.prefix_uids() if prefixes > 1 else None
-        k_cache = reader.prefixes
         eval_hidden = {
             v: cached_features(reader, v, user_readout) for v in eval_views if v in views
         }
+        if eval_only:  # the padding row only, shaped like the evaluation states
+            first = next(iter(eval_hidden.values()))
+            train_hidden = np.zeros((1, *first.shape[1:]), dtype=np.float32)
+            train_cf = np.zeros((1, reader.item_cf().shape[1]), dtype=np.float32)
+            train_targets = np.zeros(1, dtype=np.int64)
+        else:
+            train_hidden = cached_features(reader, train_view, user_readout)
+            train_cf = np.asarray(reader.user_cf(train_view), dtype=np.float32)
+            train_targets = np.asarray(reader.targets(train_view), dtype=np.int64)
+        train_uid = reader.prefix_uids() if prefixes > 1 else None
+        k_cache = reader.prefixes
         provenance = reader.provenance if isinstance(reader.provenance, dict) else {}
     readout = dict(user_readout=user_readout, item_readout=item_readout, n_layers=len(layers),
                    n_slots=int(provenance.get("history_window", 0)) if "slots" in user_readout else 0)
@@ -225,7 +237,9 @@ def load_cached_tensors(ds, cache, eval_views=("valid", "test"), *, user_readout
     if isinstance(provenance.get("max_users"), int):
         n = min(n, int(provenance["max_users"]))
     exclude = [np.zeros(0, dtype=np.int64)] + [np.array(s[:-2], dtype=np.int64) for s in ds.seqs[1 : n + 1]]
-    if train_uid is None:
+    if eval_only:
+        exclude, train_users = exclude[:1], np.zeros(0, dtype=np.int64)
+    elif train_uid is None:
         if not np.array_equal(np.asarray(targets[: n + 1], dtype=np.int64), train_targets[: n + 1]):
             raise InputError(f"{cache}: /users/{train_view}/target differs from the dataset's train view")
         train_users = np.array([u for u in range(1, n + 1) if len(inputs[u]) > 0 and targets[u] > 0],
@@ -495,12 +509,10 @@ def evaluate_heads(ds, cache, heads_dir, views=("valid", "test")) -> dict:
         InputError: missing/mismatched checkpoint or cache.
     """
     heads = load_heads(heads_dir)
-    try:  # the training samples the heads had (a prefix cache may hold no train view)
-        prefixes = int(json.loads((Path(heads_dir) / "heads_config.json").read_text())["train"]["prefixes"])
-    except (OSError, ValueError, KeyError, TypeError):
-        prefixes = 1
+    # no training samples: the cache may lack the training views (e.g. another dataset's cache
+    # built for evaluation only, `llmsrec transfer`)
     data = load_cached_tensors(ds, cache, eval_views=tuple(views), user_readout=heads.config.user_readout,
-                               item_readout=heads.config.item_readout, prefixes=prefixes)
+                               item_readout=heads.config.item_readout, train_view="none")
     if heads.config.d_llm != data.d_llm or heads.config.d_cf != data.d_cf:
         raise InputError(
             f"{heads_dir}: heads expect d_llm={heads.config.d_llm}, d_cf={heads.config.d_cf}; "
