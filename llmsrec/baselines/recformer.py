@@ -409,6 +409,8 @@ def train_recformer(ds: "PreparedDataset", out: str | Path, *, force: bool = Fal
         m = _metrics(_scores(model, tok, state["items"], valid_hist, valid_cand, opts, device))
         if not all(np.isfinite(v) for v in m.values()):
             raise InputError(f"RECFORMER training diverged at step {steps}; lower --lr")
+        log(f"[recformer] step {steps} (stage {state['stage']}): valid NDCG@10 {m['NDCG@10']:.4f}, "
+            f"{time.perf_counter() - t0:.0f} s")
         return m
 
     def keep() -> dict:
