@@ -284,6 +284,22 @@ def test_recformer_untrained_scores_are_the_text_encoder_cosines(walk_ds, encode
     torch.testing.assert_close(F.normalize(I[2], dim=0), F.normalize(h, dim=0), rtol=1e-4, atol=1e-5)
 
 
+def test_recformer_without_dropout_encodes_alike_in_training_mode(encoder_dir):
+    """Dropout 0 (the default): a training step's in-batch item vectors are comparable with
+    the stored (eval-mode) matrix; with dropout they are not."""
+    from llmsrec.baselines.recformer import RecformerOptions, _new_model
+
+    ids = torch.tensor([[2, 7, 8, 9, 3]])
+    zeros, mask = torch.zeros_like(ids), torch.ones_like(ids)
+    for p, same in ((0.0, True), (0.5, False)):
+        torch.manual_seed(0)
+        model, _, _ = _new_model(RecformerOptions(text_encoder=str(encoder_dir), dropout=p), "cpu")
+        a = model.train()(ids, zeros, zeros, mask)
+        b = model.eval()(ids, zeros, zeros, mask)
+        assert torch.allclose(a, b, atol=1e-6) == same
+        assert model.encoder.config.hidden_dropout_prob == p
+
+
 def test_cli_train_lm_models(walk_ds, encoder_dir, tmp_path):
     r = CliRunner().invoke(main, ["train", "--data", str(walk_ds.root), "--model", "recformer", "--out",
                                   str(tmp_path / "r"), "--text-encoder", str(encoder_dir), "--max-steps", "2",

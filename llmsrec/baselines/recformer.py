@@ -63,7 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["RecformerOptions", "Recformer", "ItemTokens", "item_tokens", "user_tokens", "train_recformer",
            "load_recformer", "recformer_scores", "evaluate_recformer_checkpoint", "TYPE_SPECIAL", "TYPE_KEY",
-           "TYPE_VALUE"]
+           "TYPE_VALUE", "set_dropout"]
 
 TYPE_SPECIAL, TYPE_KEY, TYPE_VALUE = 0, 1, 2
 WEIGHTS = "model.safetensors"
@@ -84,6 +84,11 @@ class RecformerOptions:
         stage1_epochs: epochs of stage 1 (item matrix refreshed each epoch), then stage 2.
         batch_size: users per step; lr: AdamW learning rate; weight_decay: AdamW's.
         temperature: of the cosine-similarity softmax.
+        dropout: the encoder's dropout (every dropout module and the attention's). 0 (the
+            default) keeps the in-batch item vectors of a step and the stored item matrix
+            comparable: with the text encoder's own 0.1, a vector encoded in training mode
+            differs enough from the stored (eval-mode) ones that the stored negatives barely
+            count in stage 1 (measured: stage-1 loss near log(batch size)).
         max_tokens: a user's token budget (with ``[CLS]``, ``[SEP]``); item_tokens: per item.
         max_items: item positions (items beyond share the last one).
         eval_every: validate every this many steps (and at the end of the budget).
@@ -101,6 +106,7 @@ class RecformerOptions:
     lr: float = 1e-4
     weight_decay: float = 0.01
     temperature: float = 0.05
+    dropout: float = 0.0
     max_tokens: int = 128
     item_tokens: int = 32
     max_items: int = 50
@@ -119,6 +125,8 @@ class RecformerOptions:
             raise ValueError(f"stage1_epochs must be >= 0, got {self.stage1_epochs}")
         if not float(self.temperature) > 0 or not float(self.lr) > 0:
             raise ValueError("temperature and lr must be > 0")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if int(self.max_tokens) < 3:
             raise ValueError(f"max_tokens must be >= 3 ([CLS], one token, [SEP]), got {self.max_tokens}")
 
@@ -305,8 +313,24 @@ def _view_inputs(ds: "PreparedDataset", view: str) -> tuple[list, np.ndarray]:
 # --- training ---------------------------------------------------------------------------------
 
 
+def set_dropout(module: nn.Module, p: float) -> None:
+    """Set every dropout of ``module`` to ``p``: ``nn.Dropout`` modules, attention modules'
+    ``dropout_prob`` (SDPA) and the config's ``hidden_dropout_prob`` /
+    ``attention_probs_dropout_prob`` when present."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        if isinstance(getattr(m, "dropout_prob", None), float):
+            m.dropout_prob = p
+    cfg = getattr(module, "config", None)
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if cfg is not None and hasattr(cfg, name):
+            setattr(cfg, name, p)
+
+
 def _new_model(opts: RecformerOptions, device) -> tuple[Recformer, object, dict]:
     enc = load_text_encoder(opts.text_encoder, device="cpu")
+    set_dropout(enc.model, float(opts.dropout))
     model = Recformer(enc.model, enc.pooling, opts.max_items).to(device)
     info = {"text_encoder": enc.name, "digest": enc.digest, "pooling": enc.pooling}
     return model, enc.tokenizer, info
