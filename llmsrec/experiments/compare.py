@@ -5,7 +5,9 @@ Every model is scored on the same stored candidates of the prepared dataset (tar
 stored negatives, leave-last-out), selected on validation NDCG@10, and tested once. For
 each seed k the folder ``OUT`` gets::
 
-    OUT/<model>-seed<k>/        a CF-SRec training run (llmsrec.cfsrec.train_cfsrec) + request.json
+    OUT/<model>-seed<k>/        a CF-SRec training run (llmsrec.cfsrec.train_cfsrec) + request.json;
+                                CTRL (ctrl) is one of them
+    OUT/recformer-seed<k>/      RECFORMER (llmsrec.baselines.recformer.train_recformer) + request.json
     OUT/<llm4rec>-seed<k>/      an LLM4Rec baseline (tallrec, llara, collm, allmrec:
                                 llmsrec.baselines.train_baseline) + request.json
     OUT/cache-<teacher>-seed<k>/cache.h5 + request.json
@@ -258,8 +260,9 @@ def compare(
     Args:
         ds: ``PreparedDataset`` or its folder.
         out: output folder (created).
-        models: any of :data:`ALL_MODELS` (``llmsrec`` = LLM-SRec; ``tallrec``, ``llara``,
-            ``collm``, ``allmrec`` = the LLM4Rec baselines of :mod:`llmsrec.baselines`).
+        models: any of :data:`ALL_MODELS` (``llmsrec`` = LLM-SRec; ``ctrl``, ``recformer`` = the
+            LM-based baselines; ``tallrec``, ``llara``, ``collm``, ``allmrec`` = the LLM4Rec
+            baselines of :mod:`llmsrec.baselines`).
         seeds: one run per model and seed; the table shows mean ± sample std.
         cf_options: :func:`llmsrec.cfsrec.train_cfsrec` trainer options for every CF-SRec
             (``epochs``, ``patience``, ``eval_every``, ``batch_size``, ``lr``, ``loss``,
