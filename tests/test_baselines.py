@@ -103,7 +103,7 @@ def test_registry_matches_the_cli_names():
 
     train = {p.name: p for p in main.commands["train"].params}
     assert BASELINES == ("tallrec", "llara", "collm", "allmrec")
-    assert tuple(train["model_name"].type.choices) == ("llmsrec", *BASELINES)
+    assert tuple(train["model_name"].type.choices) == ("llmsrec", *BASELINES, "ctrl", "recformer")
     assert [get_spec(m).display for m in BASELINES] == ["TALLRec", "LLaRA", "CoLLM", "A-LLMRec"]
     assert [get_spec(m).lora for m in BASELINES] == [True, True, True, False]
     with pytest.raises(InputError, match="expected one of"):

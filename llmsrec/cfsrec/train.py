@@ -37,6 +37,7 @@ from torch import nn
 
 from llmsrec.atomic import atomic_dir, atomic_file, write_json
 from llmsrec.cfsrec.bert4rec import BERT4Rec, BERT4RecConfig, cloze_batch
+from llmsrec.cfsrec.ctrl import CTRL, CTRLConfig, prepare_ctrl
 from llmsrec.cfsrec.gru4rec import GRU4Rec, GRU4RecConfig
 from llmsrec.cfsrec.nextitnet import NextItNet, NextItNetConfig
 from llmsrec.cfsrec.sasrec import SASRec, SASRecConfig, pad_left
@@ -89,6 +90,10 @@ class ModelSpec:
         objective: ``next`` (autoregressive next item at every position) or ``cloze``.
         loss: default training loss, one of :data:`LOSSES`.
         source: the paper the model follows.
+        prepare: None, or ``prepare(net, ds, data, rng, batch_size=, lr=, device=) -> dict``
+            run on the fresh model before the optimizer is built (CTRL: the item text
+            vectors and its optional alignment stage); its dict goes to ``results.json``
+            under ``"prepare"``.
     """
 
     name: str
@@ -98,6 +103,7 @@ class ModelSpec:
     objective: str
     loss: str
     source: str
+    prepare: Any = None
 
     def options(self) -> dict[str, Any]:
         """Config fields other than ``n_items`` with their defaults."""
@@ -110,6 +116,8 @@ MODELS: dict[str, ModelSpec] = {
     "bert4rec": ModelSpec("bert4rec", "BERT4Rec", BERT4Rec, BERT4RecConfig, "cloze", "ce", "Sun et al. 2019"),
     "nextitnet": ModelSpec("nextitnet", "NextItNet", NextItNet, NextItNetConfig, "next", "ce", "Yuan et al. 2019"),
     "sasrec": ModelSpec("sasrec", "SASRec", SASRec, SASRecConfig, "next", "bce", "Kang & McAuley 2018"),
+    # LM-based (Table 6): SASRec with its item table started from text-encoder vectors
+    "ctrl": ModelSpec("ctrl", "CTRL", CTRL, CTRLConfig, "next", "bce", "Li et al. 2023", prepare_ctrl),
 }
 
 
@@ -516,7 +524,8 @@ def train_cfsrec(
     Args:
         ds: a prepared dataset (``llmsrec.data.load_prepared``).
         out: run folder to create (written to a temporary folder, renamed when complete).
-        model: ``sasrec`` | ``gru4rec`` | ``bert4rec`` | ``nextitnet``.
+        model: ``sasrec`` | ``gru4rec`` | ``bert4rec`` | ``nextitnet`` | ``ctrl`` (SASRec started from
+            text-encoder item vectors, :mod:`llmsrec.cfsrec.ctrl`).
         epochs: maximum number of epochs (one epoch = every training user once).
         patience: stop after this many validations without a better validation NDCG@10.
         eval_every: validate every this many epochs (and after the last epoch).
@@ -565,6 +574,9 @@ def train_cfsrec(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = spec.model_cls(config).to(torch.device(device))
+    prepared = None
+    if spec.prepare is not None:
+        prepared = spec.prepare(net, ds, data, rng, batch_size=batch_size, lr=lr, device=device)
     opt = torch.optim.Adam(net.parameters(), lr=lr, betas=(0.9, 0.98))
 
     def step(epoch: int, batch: int) -> dict[str, float]:  # one loop step = one epoch over every user
@@ -602,6 +614,8 @@ def train_cfsrec(
         "config": config.to_dict(),
         "data": {"root": str(ds.root), "digest": getattr(ds, "digest", None)},
     }
+    if prepared is not None:
+        results["prepare"] = prepared
     with atomic_dir(out, force=force) as tmp:
         save_cfsrec(net, tmp)
         write_history(tmp / HISTORY, fit.history)

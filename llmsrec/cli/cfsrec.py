@@ -82,8 +82,9 @@ def cfsrec() -> None:
 @cfsrec.command("train")
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
               help="Prepared dataset folder (from `llmsrec prepare`).")
-@click.option("--model", "model_name", required=True, type=click.Choice(CF_MODEL_NAMES),
-              help="Which CF-SRec to train.")
+@click.option("--model", "model_name", required=True, type=click.Choice([*CF_MODEL_NAMES, "ctrl"]),
+              help="Which CF-SRec to train (ctrl: SASRec whose item table starts from text-encoder "
+                   "vectors of the item texts, the LM-based CTRL baseline).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run folder to create: model.safetensors, config.json, history.jsonl, results.json.")
 @click.option("--epochs", default=SASREC_TRAINING["epochs"], show_default=True,
@@ -121,6 +122,11 @@ def cfsrec() -> None:
               help="bert4rec: cloze mask probability [default: 0.2].")
 @click.option("--mask-last-prob", default=None, type=click.FloatRange(min=0, max=1),
               help="bert4rec: share of training rows with only the last item masked [default: 0.1].")
+@click.option("--text-encoder", default=None,
+              help="ctrl: the text encoder of the item texts, 'all-minilm-l6-v2' (bundled) or a local "
+                   "Hugging Face folder [default: all-minilm-l6-v2].")
+@click.option("--align-epochs", default=None, type=click.IntRange(min=0),
+              help="ctrl: epochs of contrastive text/ID alignment before fine-tuning [default: 0, none].")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--no-progress", is_flag=True, help="Hide the per-epoch progress bar.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")

@@ -23,7 +23,7 @@ from llmsrec.devices import resolve_device
               help="Folder: one run folder per model and seed, compare.json, compare.md.")
 @click.option("--models", default="gru4rec,bert4rec,nextitnet,sasrec,llmsrec", show_default=True,
               help="Comma-separated models (columns in the paper's Table 6 order): gru4rec, bert4rec, "
-                   "nextitnet, sasrec, tallrec, llara, collm, allmrec, llmsrec.")
+                   "nextitnet, sasrec, ctrl, recformer, tallrec, llara, collm, allmrec, llmsrec.")
 @click.option("--seeds", default="0", show_default=True,
               help="Comma-separated seeds, e.g. 0,1,2; the table shows mean ± std over them.")
 @click.option("--cache", default=None, type=click.Path(dir_okay=False),
@@ -50,12 +50,20 @@ from llmsrec.devices import resolve_device
               help="llmsrec / llmsrec-nodistill: the paper's heads (one training sample per user, "
                    "last-layer [UserOut]/[ItemOut] readouts) instead of llmsrec's (--prefixes 5, "
                    "layers+slots / layers+soft readouts; the cache must hold them).")
+@click.option("--text-encoder", default=None,
+              help="ctrl, recformer: 'all-minilm-l6-v2' (bundled) or a local Hugging Face encoder folder "
+                   "[default: all-minilm-l6-v2].")
+@click.option("--ctrl-align-epochs", default=None, type=click.IntRange(min=0),
+              help="ctrl: epochs of contrastive text/ID alignment before fine-tuning [default: 0, none].")
+@click.option("--recformer-max-steps", default=None, type=click.IntRange(min=1),
+              help="recformer: training-step budget (batches of 16 users) [default: 150].")
 @llm_options
 @llm4rec_options
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--force", is_flag=True, help="Retrain every run even if a matching one exists.")
 @config_option
 def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval_every, batch_size, lr, maxlen, paper_heads,
+            text_encoder, ctrl_align_epochs, recformer_max_steps,
             llm, history_window, batch_tokens, device, dtype, threads, fi, no_progress, force, **kw) -> None:
     """Table 6 on DATA: CF-SRec and LLM4Rec baselines and LLM-SRec on the same stored candidates.
 
@@ -74,6 +82,9 @@ def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval
     --llm4rec-evals-per-epoch 2 (one validation, at step 20) is about 25 min per model
     and seed (steps, validation, test and test-shuffled); ~35-50 min with 1 thread each
     when two models share the 2 cores (ml-100k, SmolLM2-135M).
+    ctrl, recformer: the LM-based baselines on --text-encoder (CTRL trains with the CF-SRec
+    options above; RECFORMER with --recformer-max-steps, ~15 min per seed on one core at
+    the default 150 steps on ml-100k).
     A third table gives the shuffled-inference change ratio (test vs test-shuffled) for
     every model that has it (CF-SRec, LLM4Rec, LLM-SRec when its cache has test-shuffled).
     OUT/config.toml gets every option's value (rerun with --config OUT/config.toml).
@@ -84,6 +95,17 @@ def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval
 
     resolve_device(device)  # fail on a bad --device before any work
     model_list, seed_list = parse_models(models), parse_seeds(seeds)
+    if text_encoder is not None and not {"ctrl", "recformer"} & set(model_list):
+        raise click.UsageError("--text-encoder applies when --models includes ctrl or recformer")
+    if ctrl_align_epochs is not None and "ctrl" not in model_list:
+        raise click.UsageError("--ctrl-align-epochs applies when --models includes ctrl")
+    if recformer_max_steps is not None and "recformer" not in model_list:
+        raise click.UsageError("--recformer-max-steps applies when --models includes recformer")
+    model_options = {"*": {"maxlen": maxlen}} if maxlen else {}
+    ctrl_opts = {k: v for k, v in (("text_encoder", text_encoder), ("align_epochs", ctrl_align_epochs))
+                 if v not in (None, 0)}
+    if ctrl_opts:
+        model_options["ctrl"] = ctrl_opts
     if not {"tallrec", "llara", "collm", "allmrec"} & set(model_list):
         refuse_unused("when --models includes tallrec, llara, collm or allmrec")
         if not (any(m.startswith("llmsrec") for m in model_list) and cache is None):  # the second call sees only `also`
@@ -93,12 +115,13 @@ def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval
         data_dir, out, models=model_list, seeds=seed_list,
         cf_options=dict(epochs=epochs, patience=patience, eval_every=eval_every, batch_size=batch_size, lr=lr,
                         device=device),
-        model_options={"*": {"maxlen": maxlen}} if maxlen else None,
+        model_options=model_options or None,
         cache=cache, teacher=teacher, llm=llm,
         precompute_options=dict(history_window=history_window, batch_tokens=batch_tokens, device=device,
                                 dtype=dtype, num_threads=threads, fi=fi),
         llm4rec_options=llm4rec_kwargs(kw),
         head_options={} if paper_heads else dict(LLMSREC_HEADS),
+        recformer_options={"text_encoder": text_encoder, "max_steps": recformer_max_steps, "device": device},
         force=force, progress=not no_progress, log=lambda m: click.echo(m, err=True),
     )
     write_config(click.get_current_context(), out)

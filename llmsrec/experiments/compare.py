@@ -5,7 +5,9 @@ Every model is scored on the same stored candidates of the prepared dataset (tar
 stored negatives, leave-last-out), selected on validation NDCG@10, and tested once. For
 each seed k the folder ``OUT`` gets::
 
-    OUT/<model>-seed<k>/        a CF-SRec training run (llmsrec.cfsrec.train_cfsrec) + request.json
+    OUT/<model>-seed<k>/        a CF-SRec training run (llmsrec.cfsrec.train_cfsrec) + request.json;
+                                CTRL (ctrl) is one of them
+    OUT/recformer-seed<k>/      RECFORMER (llmsrec.baselines.recformer.train_recformer) + request.json
     OUT/<llm4rec>-seed<k>/      an LLM4Rec baseline (tallrec, llara, collm, allmrec:
                                 llmsrec.baselines.train_baseline) + request.json
     OUT/cache-<teacher>-seed<k>/cache.h5 + request.json
@@ -60,19 +62,25 @@ from llmsrec.precompute import precompute
 from llmsrec.precompute.prompts import build_view
 from llmsrec.seeds import parse_seeds
 
-__all__ = ["compare", "format_compare_md", "parse_models", "parse_seeds", "CF_MODELS", "LLM4REC_MODELS",
+__all__ = ["compare", "format_compare_md", "parse_models", "parse_seeds", "CF_MODELS", "LM_MODELS", "LLM4REC_MODELS",
            "ALL_MODELS", "LLM4REC_DEFAULTS", "TEACHER_USERS"]
 
 #: CF-SRec models in the column order of the paper's Table 6.
 CF_MODELS = ("gru4rec", "bert4rec", "nextitnet", "sasrec")
+#: the LM-based baselines (Table 6 order): CTRL trains as a CF-SRec (``llmsrec.cfsrec``, model
+#: ``ctrl``), RECFORMER with its own trainer (``llmsrec.baselines.recformer``)
+LM_MODELS = ("ctrl", "recformer")
+#: the models trained by :func:`llmsrec.cfsrec.train_cfsrec` (CF-SRec options apply to them)
+CF_TRAINED = CF_MODELS + ("ctrl",)
 #: the LLM4Rec baselines, Table 6 order.
 LLM4REC_MODELS = BASELINES
 #: LLM-SRec and its w/o-L_Distill ablation (Table 7), both heads on the same cache
 LLMSREC_MODELS = ("llmsrec", "llmsrec-nodistill")
-ALL_MODELS = CF_MODELS + LLM4REC_MODELS + LLMSREC_MODELS
+ALL_MODELS = CF_MODELS + LM_MODELS + LLM4REC_MODELS + LLMSREC_MODELS
 #: the models that read a CF-SRec teacher (``cache`` / ``teacher`` apply only to them)
 TEACHER_USERS = ("llmsrec", *(m for m in LLM4REC_MODELS if get_spec(m).needs_sasrec), "llmsrec-nodistill")
 DISPLAY = {"gru4rec": "GRU4Rec", "bert4rec": "BERT4Rec", "nextitnet": "NextItNet", "sasrec": "SASRec",
+           "ctrl": "CTRL", "recformer": "RECFORMER",
            **{m: get_spec(m).display for m in LLM4REC_MODELS}, "llmsrec": "LLM-SRec",
            "llmsrec-nodistill": "LLM-SRec w/o L_Distill"}
 METRIC_KEYS = ("NDCG@10", "NDCG@20", "HR@10", "HR@20")
@@ -241,6 +249,7 @@ def compare(
     precompute_options: dict | None = None,
     head_options: dict | None = None,
     llm4rec_options: dict | None = None,
+    recformer_options: dict | None = None,
     force: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -251,8 +260,9 @@ def compare(
     Args:
         ds: ``PreparedDataset`` or its folder.
         out: output folder (created).
-        models: any of :data:`ALL_MODELS` (``llmsrec`` = LLM-SRec; ``tallrec``, ``llara``,
-            ``collm``, ``allmrec`` = the LLM4Rec baselines of :mod:`llmsrec.baselines`).
+        models: any of :data:`ALL_MODELS` (``llmsrec`` = LLM-SRec; ``ctrl``, ``recformer`` = the
+            LM-based baselines; ``tallrec``, ``llara``, ``collm``, ``allmrec`` = the LLM4Rec
+            baselines of :mod:`llmsrec.baselines`).
         seeds: one run per model and seed; the table shows mean ± sample std.
         cf_options: :func:`llmsrec.cfsrec.train_cfsrec` trainer options for every CF-SRec
             (``epochs``, ``patience``, ``eval_every``, ``batch_size``, ``lr``, ``loss``,
@@ -279,6 +289,9 @@ def compare(
             (budget: ``max_steps``, ``eval_users``, ``epochs``, ...), plus ``lora`` (dict of
             :class:`~llmsrec.baselines.LoraOptions` fields, TALLRec/LLaRA/CoLLM) and ``stage1``
             (A-LLMRec's :class:`~llmsrec.baselines.Stage1Options` fields).
+        recformer_options: RECFORMER's :class:`~llmsrec.baselines.recformer.RecformerOptions`
+            fields (``text_encoder``, ``max_steps``, ...; the seed is set per run). CTRL reads
+            its text encoder from ``model_options["ctrl"]["text_encoder"]``.
         force: retrain everything.
 
     Returns:
@@ -304,7 +317,7 @@ def compare(
         raise InputError(f"compare: unknown CF-SRec trainer option(s) {', '.join(bad)}")
     model_options = {k: dict(v) for k, v in (model_options or {}).items()}
     for k in model_options:
-        if k != "*" and k not in CF_MODELS:
+        if k != "*" and k not in CF_TRAINED:
             raise InputError(f"compare: model options for unknown model {k!r}")
     baselines = [m for m in models if m in LLM4REC_MODELS]
     b_opts, b_lora, b_stage1 = llm4rec_train_options(llm4rec_options, precompute_options)
@@ -364,7 +377,7 @@ def compare(
     }
     device = cf_options.get("device", "cpu")
     for name in models:
-        if name not in CF_MODELS:
+        if name not in CF_TRAINED:
             continue
         runs = {}
         for seed in seeds:
@@ -376,6 +389,17 @@ def compare(
                                "dir": str(run_dir), "seconds": trained.get("seconds"),
                                "best_epoch": trained.get("best_epoch")}
         results["models"][name] = _entry(name, runs)
+        if name == "ctrl":
+            results["ctrl"] = _jsonable({"text_encoder": cf_request(name, seeds[0])["model_options"].get(
+                "text_encoder", MODELS["ctrl"].options()["text_encoder"]),
+                "align_epochs": cf_request(name, seeds[0])["model_options"].get("align_epochs", 0)})
+
+    if "recformer" in models:
+        r_opts = {k: v for k, v in (recformer_options or {}).items() if v is not None}
+        runs = {str(seed): _run_recformer(ds, out, seed, r_opts, force=force, progress=progress, log=log)
+                for seed in seeds}
+        results["models"]["recformer"] = _entry("recformer", runs)
+        results["recformer"] = _jsonable(next(iter(runs.values())).get("options", {}))
 
     teacher_dir = None
     ll_cache = cache
@@ -430,6 +454,31 @@ def _baseline_teacher(cache, teacher, teacher_dir, seed0, out: Path, run_cf) -> 
     d = run_cf(name, seed0)
     note = " (the checkpoint that built --cache was not found)" if cache is not None else ""
     return d, f"{DISPLAY[name]} seed {seed0} ({d}){note}"
+
+
+def _run_recformer(ds, out: Path, seed: int, options: dict, *, force: bool, progress: bool, log) -> dict:
+    """Train (or reuse) one RECFORMER run (``OUT/recformer-seed<k>``) and return its compare entry."""
+    from llmsrec.baselines.recformer import RecformerOptions, train_recformer
+
+    run_dir = out / f"recformer-seed{seed}"
+    try:
+        opts = asdict(RecformerOptions(**{**options, "seed": seed}))
+    except (TypeError, ValueError) as e:
+        raise InputError(f"recformer: {e}") from None
+    req = _jsonable({"model": "recformer", "seed": seed, "options": opts, "data": ds.digest})
+    if not force and _reusable(run_dir, req, ("model.safetensors", "config.json", "results.json")):
+        log(f"[recformer seed {seed}] reused {run_dir}")
+    else:
+        log(f"[recformer seed {seed}] training -> {run_dir}")
+        train_recformer(ds, run_dir, force=True, progress=progress, log=log, **opts)
+        write_json(run_dir / REQUEST, req)
+    res = _read_json(run_dir / "results.json") or {}
+    try:
+        entry = {split: {k: float(res[split][k]) for k in METRIC_KEYS} for split in ("valid", "test", "test-shuffled")}
+    except (KeyError, TypeError):
+        raise InputError(f"{run_dir / 'results.json'}: missing valid/test/test-shuffled metrics") from None
+    return {**entry, "dir": str(run_dir), "seconds": res.get("seconds"), "steps": res.get("steps"),
+            "best_step": (res.get("best") or {}).get("step"), "options": opts}
 
 
 def _run_baseline(ds, out: Path, name: str, seed: int, *, teacher_dir, llm, options: dict, lora: dict,
@@ -571,6 +620,21 @@ def format_compare_md(results: dict, digits: int = 4) -> str:
         ll = results["llmsrec"]
         lines += [f"LLM-SRec: frozen LLM {ll.get('llm')}, teacher {ll.get('teacher')}; the teacher and the "
                   f"LLM cache are fixed, the seeds vary the heads only.", ""]
+    if "ctrl" in names or "recformer" in names:
+        parts = []
+        if "ctrl" in names:
+            c = results.get("ctrl", {})
+            align = (f"after {c['align_epochs']} epochs of contrastive text/ID alignment" if c.get("align_epochs")
+                     else "no alignment stage")
+            parts.append(f"CTRL: SASRec with its item table started from {c.get('text_encoder')} vectors of each "
+                         f"item's text through a learned linear map ({align}), SASRec's training and early stopping")
+        if "recformer" in names:
+            r = results.get("recformer", {})
+            parts.append(f"RECFORMER: one encoder started from {r.get('text_encoder')}, users as item sentences "
+                         f"(most recent first, {r.get('max_tokens')} tokens), budget {r.get('max_steps')} steps of "
+                         f"{r.get('batch_size')} users (stage 1: {r.get('stage1_epochs')} epoch), validation every "
+                         f"{r.get('eval_every')} steps")
+        lines += ["LM-based baselines. " + "; ".join(parts) + ".", ""]
     if llm4rec and "llm4rec" in results:
         b = results["llm4rec"]
         o = b.get("options", {})
