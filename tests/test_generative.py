@@ -185,3 +185,40 @@ def test_train_generative_writes_results(ds, sasrec_dir, tmp_path):
         train_generative("llara", ds, sasrec_dir, tmp_path / "llara", opts, llm=_tiny_llm())
     with pytest.raises(InputError, match="no LoRA"):
         fit_generative("allmrec", ds, sasrec_dir, opts, llm=_tiny_llm(), lora={"r": 4})
+
+
+def test_cli_compare_generative(ds, tmp_path):
+    from click.testing import CliRunner
+    from test_precompute import _tiny_llama_folder
+
+    from llmsrec.baselines.generative import GEN_NEGATIVES
+    from llmsrec.cli import main
+    from llmsrec.cli.experiments import GEN_NEGATIVES as CLI_NEGATIVES
+
+    assert CLI_NEGATIVES == GEN_NEGATIVES
+    llm_dir = _tiny_llama_folder(tmp_path / "tiny")
+    out = tmp_path / "cmp"
+    args = ["compare", "--approach", "generative", "--data", str(ds.root), "--out", str(out),
+            "--models", "sasrec,tallrec,collm", "--llm", str(llm_dir), "--history-window", str(W),
+            "--gen-negatives", str(M), "--gen-test-users", "4", "--llm4rec-max-steps", "1",
+            "--llm4rec-batch-size", "2", "--llm4rec-eval-users", "3", "--epochs", "2", "--eval-every", "1",
+            "--no-progress"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "compare.json").read_text())
+    assert list(res["models"]) == ["sasrec", "tallrec", "collm"]
+    for name in ("tallrec", "collm"):
+        run = res["models"][name]["runs"]["0"]
+        assert set(run) == {"original", "shuffled-training"}
+        assert set(run["original"]) >= {"test", "test-shuffled"} and "test-shuffled" not in run["shuffled-training"]
+        assert run["original"]["eval_users"] == {"test": 4, "test-shuffled": 4}
+    sas = res["models"]["sasrec"]["runs"]["0"]
+    assert set(sas["original"]) == {"test", "test-shuffled"} and set(sas["shuffled-training"]) == {"test"}
+    md = (out / "compare.md").read_text()
+    assert "| TALLRec |" in md and "HR@1 shuffled training" in md
+    again = CliRunner().invoke(main, args)  # every run reused
+    assert again.exit_code == 0 and "training ->" not in again.output
+    assert json.loads((out / "compare.json").read_text())["models"] == res["models"]
+    bad = CliRunner().invoke(main, ["compare", "--data", str(ds.root), "--out", str(tmp_path / "x"),
+                                    "--models", "sasrec", "--gen-negatives", "3"])
+    assert bad.exit_code == 2 and "--approach generative only" in bad.output

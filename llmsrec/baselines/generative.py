@@ -6,8 +6,7 @@ CoLLM and A-LLMRec add the item's soft token f_I(E_i), CoLLM and A-LLMRec open w
 user-representation token f_U(O_u)), then the candidate set C_u = target + m negatives as
 quoted titles (with their soft tokens where the model has them), in a seeded random order
 (the target is never in a fixed place), then ``Answer:``. The answer is `` <target title>``
-followed by the tokenizer's end-of-sequence token (when it has one), so a generated title
-has an end.
+followed by an end token (:func:`end_token_id`), so a generated title has an end.
 
 ========  ===========================  ==============================  ====================
 model     history / candidates         soft tokens                     trains
@@ -199,12 +198,26 @@ def generation_prompt(model: str, history: Prompt, titles, candidates, order) ->
                   who=history.who, remedy=history.remedy)
 
 
+#: the end-of-turn token of chat-tuned models (SmolLM2-Instruct), preferred as the answer's end
+CHAT_END = "<|im_end|>"
+
+
+def end_token_id(llm: LoadedLLM) -> int | None:
+    """The token that ends an answer: :data:`CHAT_END` when the vocabulary has it as one
+    token (the bundled SmolLM2's GGUF tokenizer names ``<|im_start|>`` its EOS, while the
+    instruct model ends its turns with ``<|im_end|>``), else the tokenizer's EOS, else None."""
+    tok = llm.tokenizer
+    tid = tok.convert_tokens_to_ids(CHAT_END) if CHAT_END in tok.get_vocab() else None
+    if tid is not None and tid != tok.unk_token_id:
+        return int(tid)
+    return None if tok.eos_token_id is None else int(tok.eos_token_id)
+
+
 def answer_ids(llm: LoadedLLM, title: str) -> np.ndarray:
-    """Token ids of an answer: `` <clean title>`` + the end-of-sequence token (if the
-    tokenizer has one). int64 ``(T,)``."""
+    """Token ids of an answer: `` <clean title>`` + :func:`end_token_id` (if any). int64 ``(T,)``."""
     ids = llm.tokenizer(" " + clean_title(title), add_special_tokens=False)["input_ids"]
-    eos = llm.tokenizer.eos_token_id
-    return np.asarray(list(ids) + ([int(eos)] if eos is not None else []), dtype=np.int64)
+    end = end_token_id(llm)
+    return np.asarray(list(ids) + ([end] if end is not None else []), dtype=np.int64)
 
 
 def tokenize_generation(llm: LoadedLLM, prompt: Prompt) -> TokenizedPrompt:
@@ -405,7 +418,7 @@ def candidate_loglik(llm: LoadedLLM, inputs, tok: TokenizedPrompt, answers: list
     The prompt runs once with its key/value cache; the C answers run as one right-padded
     batch continuing from a copy of that cache repeated C times (causal attention: padding
     after an answer cannot change it). With ``generate`` > 0, greedy decoding then continues
-    the original cache for up to ``generate`` tokens (stopping at the end-of-sequence token).
+    the original cache for up to ``generate`` tokens (stopping at :func:`end_token_id`).
 
     Args:
         tok: the tokenized prompt; answers: C int64 answer-id arrays (each >= 1 token);
@@ -437,7 +450,7 @@ def candidate_loglik(llm: LoadedLLM, inputs, tok: TokenizedPrompt, answers: list
     total = (tok_lp * mask).sum(1).cpu().numpy()
     gen: list[int] = []
     if generate > 0:
-        eos = llm.tokenizer.eos_token_id
+        eos = end_token_id(llm)
         nxt = int(lp0.argmax())
         for _ in range(int(generate)):
             gen.append(nxt)
@@ -758,14 +771,14 @@ def evaluate_generative(fit: GenFit, ds=None, views=GEN_EVAL_VIEWS, users=None) 
 
 
 def train_generative(model: str, ds, sasrec, out, options: GenOptions | dict | None = None, *, eval_ds=None,
-                     llm=None, lora=None, stage1=None, force: bool = False, progress: bool = False,
+                     views=GEN_EVAL_VIEWS, llm=None, lora=None, stage1=None, force: bool = False, progress: bool = False,
                      log: Callable[[str], None] | None = None) -> dict:
     """Train (:func:`fit_generative`), score ``test`` and ``test-shuffled``
     (:func:`evaluate_generative`) and write ``out``.
 
     Args:
         eval_ds: the data the test views come from (default ``ds``; shuffled training trains
-            on a shuffled copy and tests on the original sequences).
+            on a shuffled copy and tests on the original sequences); views: the views scored.
         out: folder to create: ``results.json`` (metrics with both scorings, timings, options,
             provenance), ``history.jsonl``, ``training_curve.png``, ``inputs.safetensors``
             (f_I, f_U), ``adapter.safetensors`` (LoRA models), ``scores.safetensors``
@@ -786,7 +799,7 @@ def train_generative(model: str, ds, sasrec, out, options: GenOptions | dict | N
     spec = get_spec(model)
     fit = fit_generative(model, ds, sasrec, options, llm=llm, lora=lora, stage1=stage1, progress=progress, log=log)
     opts = fit.trainer.opts
-    scores = evaluate_generative(fit, eval_ds)
+    scores = evaluate_generative(fit, eval_ds, views)
     t_eval = {v: s.seconds for v, s in scores.items()}
     metrics = {kind: {v: s.metrics(kind == "mean") for v, s in scores.items()} for kind in ("sum", "mean")}
     report = "mean" if opts.length_norm else "sum"

@@ -13,6 +13,10 @@ from llmsrec.cli.guard import GuardedCommand
 from llmsrec.cli.baseline_options import llm4rec_kwargs, llm4rec_options
 from llmsrec.cli.options import CF_MODEL_NAMES, llm_options, refuse_unused
 from llmsrec.defaults import LLMSREC_HEADS, SASREC_TRAINING
+
+#: m of ``compare --approach generative`` (``llmsrec.baselines.generative.GEN_NEGATIVES``; kept
+#: here so the CLI loads without torch; checked by tests/test_generative.py)
+GEN_NEGATIVES = 19
 from llmsrec.devices import resolve_device
 
 
@@ -52,11 +56,29 @@ from llmsrec.devices import resolve_device
                    "layers+slots / layers+soft readouts; the cache must hold them).")
 @llm_options
 @llm4rec_options
+@click.option("--approach", type=click.Choice(["retrieval", "generative"]), default="retrieval", show_default=True,
+              help="retrieval: Next Item Retrieval (Eq. 1, Table 6). generative: Next Item Title Generation "
+                   "(Eq. 5; Table 4 and Fig. 1a) for sasrec, tallrec, llara, collm, allmrec, budgeted by the "
+                   "--llm4rec-* and --gen-* options (docs/results/generative.md).")
+@click.option("--gen-negatives", default=GEN_NEGATIVES, show_default=True, type=click.IntRange(min=1),
+              help="generative: m, stored negatives beside the target in each candidate set (the paper's 20 "
+                   "candidates).")
+@click.option("--gen-length-norm", is_flag=True,
+              help="generative: rank candidates by mean log-probability per title token instead of the summed "
+                   "log-probability of the title (both are stored).")
+@click.option("--gen-test-users", default=None, type=click.IntRange(min=1),
+              help="generative: score the test views on a seeded sample of N users (~3-10 s per user and view "
+                   "on a CPU with SmolLM2-135M) [default: all].")
+@click.option("--gen-lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="generative: Adam learning rate of LoRA, f_I and f_U.")
+@click.option("--gen-shuffled-training/--no-gen-shuffled-training", default=True, show_default=True,
+              help="generative: also train every model on shuffled sequences (Table 4).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--force", is_flag=True, help="Retrain every run even if a matching one exists.")
 @config_option
 def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval_every, batch_size, lr, maxlen, paper_heads,
-            llm, history_window, batch_tokens, device, dtype, threads, fi, no_progress, force, **kw) -> None:
+            llm, history_window, batch_tokens, device, dtype, threads, fi, approach, gen_negatives, gen_length_norm,
+            gen_test_users, gen_lr, gen_shuffled_training, no_progress, force, **kw) -> None:
     """Table 6 on DATA: CF-SRec and LLM4Rec baselines and LLM-SRec on the same stored candidates.
 
     \b
@@ -83,6 +105,18 @@ def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval
     from llmsrec.experiments.compare import format_compare_md, parse_models, parse_seeds
 
     resolve_device(device)  # fail on a bad --device before any work
+    gen_flags = ("gen_negatives", "gen_length_norm", "gen_test_users", "gen_lr", "gen_shuffled_training")
+    if approach == "generative":
+        _compare_generative(data_dir, out, models, seeds, cache, teacher, llm, history_window, device, dtype,
+                            threads, fi, gen_negatives, gen_length_norm, gen_test_users, gen_lr,
+                            gen_shuffled_training, no_progress, force, kw)
+        return
+    ctx = click.get_current_context()
+    given = [f"--{n.replace('_', '-')}" for n in gen_flags
+             if ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT)]
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: {'applies' if len(given) == 1 else 'apply'} with "
+                               f"--approach generative only")
     model_list, seed_list = parse_models(models), parse_seeds(seeds)
     if not {"tallrec", "llara", "collm", "allmrec"} & set(model_list):
         refuse_unused("when --models includes tallrec, llara, collm or allmrec")
@@ -103,6 +137,34 @@ def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval
     )
     write_config(click.get_current_context(), out)
     click.echo(format_compare_md(res))
+    click.echo(f"wrote {out}/compare.json and {out}/compare.md")
+
+
+def _compare_generative(data_dir, out, models, seeds, cache, teacher, llm, history_window, device, dtype, threads,
+                        fi, negatives, length_norm, test_users, lr, shuffled_training, no_progress, force, kw) -> None:
+    """``compare --approach generative``: Table 4 / Fig. 1a (llmsrec.experiments.generative)."""
+    from llmsrec.experiments.generative import GEN_MODELS, compare_generative, format_generative_md
+    from llmsrec.experiments.compare import parse_seeds
+
+    if teacher is not None:
+        raise click.UsageError("--teacher: not with --approach generative (the baselines read the SASRec that built "
+                               "--cache, else OUT/sasrec-seed<first>)")
+    names = [m.strip().lower() for m in str(models).split(",") if m.strip()]
+    if click.get_current_context().get_parameter_source("models") == click.core.ParameterSource.DEFAULT:
+        names = list(GEN_MODELS)
+    ctx = click.get_current_context()
+    cf = {n: ctx.params[n] for n in ("epochs", "patience", "eval_every", "batch_size", "lr")
+          if ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT)}
+    if ctx.get_parameter_source("maxlen") not in (None, click.core.ParameterSource.DEFAULT):
+        cf["maxlen"] = ctx.params["maxlen"]
+    budget = llm4rec_kwargs(kw)
+    options = dict(negatives=negatives, length_norm=length_norm, test_users=test_users, lr=lr,
+                   history_window=history_window, device=device, dtype=dtype, threads=threads, fi=fi, **budget)
+    res = compare_generative(data_dir, out, models=names, seeds=parse_seeds(seeds), cache=cache, llm=llm,
+                             options=options, shuffled_training=shuffled_training, cf_options=cf, force=force,
+                             progress=not no_progress, log=lambda m: click.echo(m, err=True))
+    write_config(click.get_current_context(), out)
+    click.echo(format_generative_md(res))
     click.echo(f"wrote {out}/compare.json and {out}/compare.md")
 
 
