@@ -497,7 +497,8 @@ class GenScores:
     Attributes:
         users: int64 ``(n,)`` uids; candidates: int64 ``(n, 1+m)`` (target first).
         sum: float64 ``(n, 1+m)`` summed answer log-probabilities; mean: per token.
-        exact: int64 ``(n,)`` candidate column greedy decoding reproduced exactly (-1: none).
+        exact: int64 ``(n,)`` candidate column greedy decoding reproduced exactly (-1: none),
+            or None when the view was scored without greedy decoding.
         seconds: wall time of the view.
     """
 
@@ -505,13 +506,13 @@ class GenScores:
     candidates: np.ndarray
     sum: np.ndarray
     mean: np.ndarray
-    exact: np.ndarray
+    exact: np.ndarray | None
     seconds: float = 0.0
 
     def metrics(self, length_norm: bool = False) -> dict[str, float]:
         """HR@1/5/10, NDCG@1/5/10 over the m+1 candidates (pessimistic ties), ``exact`` (greedy
         decoding reproduced some candidate's answer) and ``greedy_HR@1`` (it reproduced the
-        target's)."""
+        target's) when greedy decoding ran."""
         return gen_metrics(self.mean if length_norm else self.sum, self.exact)
 
 
@@ -634,7 +635,8 @@ class GenTrainer:
                     exact[r] = c
                     break
         self.inputs.train(was)
-        return GenScores(users, cands, sums, sums / np.maximum(lens, 1), exact, round(time.perf_counter() - t0, 3))
+        return GenScores(users, cands, sums, sums / np.maximum(lens, 1), exact if generate else None,
+                         round(time.perf_counter() - t0, 3))
 
     def state(self) -> dict:
         return self.inputs.state_dict()
@@ -760,30 +762,33 @@ def fit_generative(model: str, ds, sasrec, options: GenOptions | dict | None = N
                   stage_record=stage_record)
 
 
-def evaluate_generative(fit: GenFit, ds=None, views=GEN_EVAL_VIEWS, users=None) -> dict[str, GenScores]:
+def evaluate_generative(fit: GenFit, ds=None, views=GEN_EVAL_VIEWS, users=None, greedy=("test",)) -> dict[str, GenScores]:
     """Score ``views`` of ``ds`` (default the training data; a shuffled-training run passes
     the original data) with the fit's selected state, for ``users`` (default: a seeded sample
-    of ``test_users``, or all)."""
+    of ``test_users``, or all); greedy decoding (the exact-match rates) runs on the views in
+    ``greedy`` only (it costs up to one single-token forward per answer token)."""
     ds = ds if ds is not None else fit.data.ds
     if users is None:
         users = eval_user_sample(ds.n_users, fit.trainer.opts.test_users, fit.trainer.opts.seed + 1)
-    return {v: fit.trainer.score(v, users, ds) for v in views}
+    return {v: fit.trainer.score(v, users, ds, generate=v in greedy) for v in views}
 
 
 def train_generative(model: str, ds, sasrec, out, options: GenOptions | dict | None = None, *, eval_ds=None,
-                     views=GEN_EVAL_VIEWS, llm=None, lora=None, stage1=None, force: bool = False, progress: bool = False,
+                     views=GEN_EVAL_VIEWS, greedy=("test",), llm=None, lora=None, stage1=None, force: bool = False,
+                     progress: bool = False,
                      log: Callable[[str], None] | None = None) -> dict:
     """Train (:func:`fit_generative`), score ``test`` and ``test-shuffled``
     (:func:`evaluate_generative`) and write ``out``.
 
     Args:
         eval_ds: the data the test views come from (default ``ds``; shuffled training trains
-            on a shuffled copy and tests on the original sequences); views: the views scored.
+            on a shuffled copy and tests on the original sequences); views: the views scored;
+            greedy: those of them where greedy decoding runs too (``exact``, ``greedy_HR@1``).
         out: folder to create: ``results.json`` (metrics with both scorings, timings, options,
             provenance), ``history.jsonl``, ``training_curve.png``, ``inputs.safetensors``
             (f_I, f_U), ``adapter.safetensors`` (LoRA models), ``scores.safetensors``
             (per view: ``<view>/users``, ``<view>/candidates``, ``<view>/sum``,
-            ``<view>/mean``, ``<view>/exact``).
+            ``<view>/mean``, ``<view>/exact`` where greedy decoding ran).
     Returns:
         the ``results.json`` dict: ``{"model", "approach": "generative", "valid", "test",
         "test-shuffled"`` (the reported scoring's metrics), ``"metrics"`` (``{"sum":
@@ -799,7 +804,7 @@ def train_generative(model: str, ds, sasrec, out, options: GenOptions | dict | N
     spec = get_spec(model)
     fit = fit_generative(model, ds, sasrec, options, llm=llm, lora=lora, stage1=stage1, progress=progress, log=log)
     opts = fit.trainer.opts
-    scores = evaluate_generative(fit, eval_ds, views)
+    scores = evaluate_generative(fit, eval_ds, views, greedy=greedy)
     t_eval = {v: s.seconds for v, s in scores.items()}
     metrics = {kind: {v: s.metrics(kind == "mean") for v, s in scores.items()} for kind in ("sum", "mean")}
     report = "mean" if opts.length_norm else "sum"
@@ -821,7 +826,9 @@ def train_generative(model: str, ds, sasrec, out, options: GenOptions | dict | N
     arrays = {}
     for v, s in scores.items():
         arrays.update({f"{v}/users": s.users.astype(np.float32), f"{v}/candidates": s.candidates.astype(np.float32),
-                       f"{v}/sum": s.sum, f"{v}/mean": s.mean, f"{v}/exact": s.exact.astype(np.float32)})
+                       f"{v}/sum": s.sum, f"{v}/mean": s.mean})
+        if s.exact is not None:
+            arrays[f"{v}/exact"] = s.exact.astype(np.float32)
     inputs = fit.trainer.inputs
     saved = {k: v for k, v in inputs.arrays().items() if not k.startswith("tokens/")}
     with atomic_dir(out, force=force) as tmp:

@@ -242,7 +242,7 @@ def _run(ds, train_ds, out: Path, name: str, seed: int, kind: str, base: GenOpti
     else:
         log(f"[{name} generative {kind} seed {seed}] training -> {d}")
         train_generative(name, train_ds, teacher if spec.needs_sasrec else None, d, GenOptions(**opts), eval_ds=ds,
-                         views=views, llm=fresh_llm(llm), lora=lora if spec.lora else None,
+                         views=views, greedy=("test",) if kind == "original" else (), llm=fresh_llm(llm), lora=lora if spec.lora else None,
                          stage1=stage1 if spec.options_cls is not None else None, force=True, progress=progress,
                          log=log)
         write_json(d / REQUEST, req)
