@@ -639,9 +639,11 @@ class GenTrainer:
                          round(time.perf_counter() - t0, 3))
 
     def state(self) -> dict:
+        """The live ``inputs`` state dict (f_I, f_U, LoRA; the loop deep-copies it)."""
         return self.inputs.state_dict()
 
     def load_state(self, state: dict) -> None:
+        """Load a :meth:`state` (the selected validation's)."""
         self.inputs.load_state_dict(state)
 
 
