@@ -216,7 +216,8 @@ def test_cli_compare_generative(ds, tmp_path):
     sas = res["models"]["sasrec"]["runs"]["0"]
     assert set(sas["original"]) == {"test", "test-shuffled"} and set(sas["shuffled-training"]) == {"test"}
     md = (out / "compare.md").read_text()
-    assert "| TALLRec |" in md and "HR@1 shuffled training" in md
+    assert "| TALLRec |" in md and "HR@1 shuffled training" in md and "original, mean" in md
+    assert set(res["models"]["collm"]["runs"]["0"]["original"]["scorings"]) == {"sum", "mean"}
     again = CliRunner().invoke(main, args)  # every run reused
     assert again.exit_code == 0 and "training ->" not in again.output
     assert json.loads((out / "compare.json").read_text())["models"] == res["models"]

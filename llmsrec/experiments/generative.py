@@ -251,7 +251,8 @@ def _run(ds, train_ds, out: Path, name: str, seed: int, kind: str, base: GenOpti
         got = {v: res[v] for v in views}
     except KeyError:
         raise InputError(f"{d / 'results.json'}: missing {', '.join(views)} metrics") from None
-    return {**got, "dir": str(d), "steps": res.get("steps"), "train_seconds": res.get("train_seconds"),
+    both = {kind: {v: (res.get("metrics", {}).get(kind) or {}).get(v) for v in views} for kind in ("sum", "mean")}
+    return {**got, "scorings": both, "dir": str(d), "steps": res.get("steps"), "train_seconds": res.get("train_seconds"),
             "per_step": res.get("timings", {}).get("per_step"),
             "eval_per_user": res.get("timings", {}).get("eval_per_user"), "eval_users": res.get("eval_users")}
 
@@ -309,6 +310,22 @@ def format_generative_md(results: dict) -> str:
             row += [_f(shuf_inf.get(k)), _pct(orig.get(k), shuf_inf.get(k))]
         row += [_f(orig.get("exact")), _f(orig.get("greedy_HR@1"))]
         lines.append("| " + " | ".join(row) + " |")
+    other = []
+    for name, m in results["models"].items():
+        runs = list(m["runs"].values())
+        if name == "sasrec" or not runs or "scorings" not in runs[0].get("original", {}):
+            continue
+        cells = []
+        for kind, view in (("original", "test"), ("shuffled-training", "test"), ("original", "test-shuffled")):
+            for scoring in ("sum", "mean"):
+                vals = [((r.get(kind) or {}).get("scorings") or {}).get(scoring, {}).get(view) for r in runs]
+                cells.append(_f(float(np.mean([v["HR@1"] for v in vals])) if vals and all(vals) else None))
+        other.append(f"| {m['display']} | " + " | ".join(cells) + " |")
+    if other:
+        lines += ["", "HR@1 by scoring (sum: summed title log-probability; mean: per title token):", "",
+                  "| model | original, sum | original, mean | shuffled training, sum | shuffled training, mean "
+                  "| shuffled inference, sum | shuffled inference, mean |",
+                  "|---|---:|---:|---:|---:|---:|---:|", *other]
     cost = []
     for name, m in results["models"].items():
         for seed, r in m["runs"].items():
