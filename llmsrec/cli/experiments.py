@@ -67,8 +67,8 @@ from llmsrec.devices import resolve_device
               help="generative: rank candidates by mean log-probability per title token instead of the summed "
                    "log-probability of the title (both are stored).")
 @click.option("--gen-test-users", default=None, type=click.IntRange(min=1),
-              help="generative: score the test views on a seeded sample of N users (~3-10 s per user and view "
-                   "on a CPU with SmolLM2-135M) [default: all].")
+              help="generative: score the test views on a seeded sample of N users (3-16 s per user and view "
+                   "measured on a busy 2-core CPU with SmolLM2-135M) [default: all].")
 @click.option("--gen-lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="generative: Adam learning rate of LoRA, f_I and f_U.")
 @click.option("--gen-shuffled-training/--no-gen-shuffled-training", default=True, show_default=True,
@@ -99,6 +99,10 @@ def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval
     A third table gives the shuffled-inference change ratio (test vs test-shuffled) for
     every model that has it (CF-SRec, LLM4Rec, LLM-SRec when its cache has test-shuffled).
     OUT/config.toml gets every option's value (rerun with --config OUT/config.toml).
+    --approach generative: the same four LLM4Rec baselines writing the next item's title
+    among the target + --gen-negatives candidates (Eq. 5), ranked by each title's
+    likelihood, with SASRec on the same candidates: Table 4 (shuffled training) and
+    Fig. 1a (shuffled inference) in OUT/compare.md.
     """
     # deferred: torch
     from llmsrec.experiments.compare import compare as run_compare
