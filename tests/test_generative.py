@@ -194,7 +194,7 @@ def test_cli_compare_generative(ds, tmp_path):
 
     from llmsrec.baselines.generative import GEN_NEGATIVES
     from llmsrec.cli import main
-    from llmsrec.cli.experiments import GEN_NEGATIVES as CLI_NEGATIVES
+    from llmsrec.cli.baseline_options import GEN_NEGATIVES as CLI_NEGATIVES
 
     assert CLI_NEGATIVES == GEN_NEGATIVES
     llm_dir = _tiny_llama_folder(tmp_path / "tiny")

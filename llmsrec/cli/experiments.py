@@ -10,13 +10,9 @@ import click
 
 from llmsrec.cli.config import config_option, write_config
 from llmsrec.cli.guard import GuardedCommand
-from llmsrec.cli.baseline_options import llm4rec_kwargs, llm4rec_options
+from llmsrec.cli.baseline_options import gen_options, llm4rec_kwargs, llm4rec_options
 from llmsrec.cli.options import CF_MODEL_NAMES, llm_options, refuse_unused
 from llmsrec.defaults import LLMSREC_HEADS, SASREC_TRAINING
-
-#: m of ``compare --approach generative`` (``llmsrec.baselines.generative.GEN_NEGATIVES``; kept
-#: here so the CLI loads without torch; checked by tests/test_generative.py)
-GEN_NEGATIVES = 19
 from llmsrec.devices import resolve_device
 
 
@@ -56,23 +52,7 @@ from llmsrec.devices import resolve_device
                    "layers+slots / layers+soft readouts; the cache must hold them).")
 @llm_options
 @llm4rec_options
-@click.option("--approach", type=click.Choice(["retrieval", "generative"]), default="retrieval", show_default=True,
-              help="retrieval: Next Item Retrieval (Eq. 1, Table 6). generative: Next Item Title Generation "
-                   "(Eq. 5; Table 4 and Fig. 1a) for sasrec, tallrec, llara, collm, allmrec, budgeted by the "
-                   "--llm4rec-* and --gen-* options (docs/results/generative.md).")
-@click.option("--gen-negatives", default=GEN_NEGATIVES, show_default=True, type=click.IntRange(min=1),
-              help="generative: m, stored negatives beside the target in each candidate set (the paper's 20 "
-                   "candidates).")
-@click.option("--gen-length-norm", is_flag=True,
-              help="generative: rank candidates by mean log-probability per title token instead of the summed "
-                   "log-probability of the title (both are stored).")
-@click.option("--gen-test-users", default=None, type=click.IntRange(min=1),
-              help="generative: score the test views on a seeded sample of N users (3-16 s per user and view "
-                   "measured on a busy 2-core CPU with SmolLM2-135M) [default: all].")
-@click.option("--gen-lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="generative: Adam learning rate of LoRA, f_I and f_U.")
-@click.option("--gen-shuffled-training/--no-gen-shuffled-training", default=True, show_default=True,
-              help="generative: also train every model on shuffled sequences (Table 4).")
+@gen_options
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--force", is_flag=True, help="Retrain every run even if a matching one exists.")
 @config_option
