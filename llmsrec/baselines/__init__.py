@@ -13,6 +13,10 @@ Python API (what ``llmsrec train --model NAME`` / ``llmsrec evaluate --model NAM
 * ``evaluate_baseline_checkpoint(ds, checkpoint, ...) -> {"valid", "test", "test-shuffled"}``
 * ``baseline_scores(ds, checkpoint, views) -> {view: ViewScores(scores (U, 1+m), user (U, d'))}``
 * ``checkpoint_kind(folder) -> evaluate --model name | None``; ``check_checkpoint_kind(folder, model)``
+
+The same four in the Next Item Title Generation approach (Table 1, Eq. 5), scored by the
+likelihood of each candidate's title: :mod:`llmsrec.baselines.generative`
+(``train_generative``, ``fit_generative``, ``candidate_loglik``).
 """
 
 from llmsrec.baselines.common import (

@@ -1,5 +1,6 @@
-"""Options of the LLM4Rec baselines (``train --model tallrec|llara|collm|allmrec``) and of
-their training budget in ``compare`` / ``analyze --llm4rec``."""
+"""Options of the LLM4Rec baselines (``train --model tallrec|llara|collm|allmrec``), of
+their training budget in ``compare`` / ``analyze --llm4rec``, and of ``compare --approach
+generative``."""
 
 from __future__ import annotations
 
@@ -82,3 +83,32 @@ def llm4rec_kwargs(kw: dict) -> dict:
     """Pop the --llm4rec-* options into TrainConfig / E2EOptions fields."""
     return {n: kw.pop(f"llm4rec_{n}") for n in ("epochs", "patience", "max_steps", "eval_users",
                                                 "evals_per_epoch", "batch_size")}
+
+
+#: m of ``compare --approach generative`` (``llmsrec.baselines.generative.GEN_NEGATIVES``; kept
+#: here so the CLI loads without torch; checked by tests/test_generative.py)
+GEN_NEGATIVES = 19
+
+# the Next Item Title Generation approach of ``compare`` (llmsrec.experiments.generative)
+GEN_OPTIONS = [
+    click.option("--approach", type=click.Choice(["retrieval", "generative"]), default="retrieval", show_default=True,
+                 help="retrieval: Next Item Retrieval (Eq. 1, Table 6). generative: Next Item Title Generation "
+                      "(Eq. 5; Table 4 and Fig. 1a) for sasrec, tallrec, llara, collm, allmrec, budgeted by the "
+                      "--llm4rec-* and --gen-* options (docs/results/generative.md)."),
+    click.option("--gen-negatives", default=GEN_NEGATIVES, show_default=True, type=click.IntRange(min=1),
+                 help="generative: m, stored negatives beside the target in each candidate set (the paper's 20 "
+                      "candidates)."),
+    click.option("--gen-length-norm", is_flag=True,
+                 help="generative: rank candidates by mean log-probability per title token instead of the summed "
+                      "log-probability of the title (both are stored)."),
+    click.option("--gen-test-users", default=None, type=click.IntRange(min=1),
+                 help="generative: score the test views on a seeded sample of N users (3-16 s per user and view "
+                      "measured on a busy 2-core CPU with SmolLM2-135M) [default: all]."),
+    click.option("--gen-lr", default=1e-4, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                 help="generative: Adam learning rate of LoRA, f_I and f_U."),
+    click.option("--gen-shuffled-training/--no-gen-shuffled-training", default=True, show_default=True,
+                 help="generative: also train every model on shuffled sequences (Table 4)."),
+]
+
+
+gen_options = with_options(GEN_OPTIONS)

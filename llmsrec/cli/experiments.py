@@ -10,7 +10,7 @@ import click
 
 from llmsrec.cli.config import config_option, write_config
 from llmsrec.cli.guard import GuardedCommand
-from llmsrec.cli.baseline_options import llm4rec_kwargs, llm4rec_options
+from llmsrec.cli.baseline_options import gen_options, llm4rec_kwargs, llm4rec_options
 from llmsrec.cli.options import CF_MODEL_NAMES, llm_options, refuse_unused
 from llmsrec.defaults import LLMSREC_HEADS, SASREC_TRAINING
 from llmsrec.devices import resolve_device
@@ -59,12 +59,14 @@ from llmsrec.devices import resolve_device
               help="recformer: training-step budget (batches of 16 users) [default: 150].")
 @llm_options
 @llm4rec_options
+@gen_options
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--force", is_flag=True, help="Retrain every run even if a matching one exists.")
 @config_option
 def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval_every, batch_size, lr, maxlen, paper_heads,
             text_encoder, ctrl_align_epochs, recformer_max_steps,
-            llm, history_window, batch_tokens, device, dtype, threads, fi, no_progress, force, **kw) -> None:
+            llm, history_window, batch_tokens, device, dtype, threads, fi, approach, gen_negatives, gen_length_norm,
+            gen_test_users, gen_lr, gen_shuffled_training, no_progress, force, **kw) -> None:
     """Table 6 on DATA: CF-SRec and LLM4Rec baselines and LLM-SRec on the same stored candidates.
 
     \b
@@ -88,12 +90,31 @@ def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval
     A third table gives the shuffled-inference change ratio (test vs test-shuffled) for
     every model that has it (CF-SRec, LLM4Rec, LLM-SRec when its cache has test-shuffled).
     OUT/config.toml gets every option's value (rerun with --config OUT/config.toml).
+    --approach generative: the same four LLM4Rec baselines writing the next item's title
+    among the target + --gen-negatives candidates (Eq. 5), ranked by each title's
+    likelihood, with SASRec on the same candidates: Table 4 (shuffled training) and
+    Fig. 1a (shuffled inference) in OUT/compare.md.
     """
     # deferred: torch
     from llmsrec.experiments.compare import compare as run_compare
     from llmsrec.experiments.compare import format_compare_md, parse_models, parse_seeds
 
     resolve_device(device)  # fail on a bad --device before any work
+    gen_flags = ("gen_negatives", "gen_length_norm", "gen_test_users", "gen_lr", "gen_shuffled_training")
+    if approach == "generative":
+        if text_encoder is not None or ctrl_align_epochs is not None or recformer_max_steps is not None:
+            raise click.UsageError("--text-encoder, --ctrl-align-epochs, --recformer-max-steps: not with "
+                                   "--approach generative (ctrl and recformer are retrieval models)")
+        _compare_generative(data_dir, out, models, seeds, cache, teacher, llm, history_window, device, dtype,
+                            threads, fi, gen_negatives, gen_length_norm, gen_test_users, gen_lr,
+                            gen_shuffled_training, no_progress, force, kw)
+        return
+    ctx = click.get_current_context()
+    given = [f"--{n.replace('_', '-')}" for n in gen_flags
+             if ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT)]
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: {'applies' if len(given) == 1 else 'apply'} with "
+                               f"--approach generative only")
     model_list, seed_list = parse_models(models), parse_seeds(seeds)
     if text_encoder is not None and not {"ctrl", "recformer"} & set(model_list):
         raise click.UsageError("--text-encoder applies when --models includes ctrl or recformer")
@@ -126,6 +147,34 @@ def compare(data_dir, out, models, seeds, cache, teacher, epochs, patience, eval
     )
     write_config(click.get_current_context(), out)
     click.echo(format_compare_md(res))
+    click.echo(f"wrote {out}/compare.json and {out}/compare.md")
+
+
+def _compare_generative(data_dir, out, models, seeds, cache, teacher, llm, history_window, device, dtype, threads,
+                        fi, negatives, length_norm, test_users, lr, shuffled_training, no_progress, force, kw) -> None:
+    """``compare --approach generative``: Table 4 / Fig. 1a (llmsrec.experiments.generative)."""
+    from llmsrec.experiments.generative import GEN_MODELS, compare_generative, format_generative_md
+    from llmsrec.experiments.compare import parse_seeds
+
+    if teacher is not None:
+        raise click.UsageError("--teacher: not with --approach generative (the baselines read the SASRec that built "
+                               "--cache, else OUT/sasrec-seed<first>)")
+    names = [m.strip().lower() for m in str(models).split(",") if m.strip()]
+    if click.get_current_context().get_parameter_source("models") == click.core.ParameterSource.DEFAULT:
+        names = list(GEN_MODELS)
+    ctx = click.get_current_context()
+    cf = {n: ctx.params[n] for n in ("epochs", "patience", "eval_every", "batch_size", "lr")
+          if ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT)}
+    if ctx.get_parameter_source("maxlen") not in (None, click.core.ParameterSource.DEFAULT):
+        cf["maxlen"] = ctx.params["maxlen"]
+    budget = llm4rec_kwargs(kw)
+    options = dict(negatives=negatives, length_norm=length_norm, test_users=test_users, lr=lr,
+                   history_window=history_window, device=device, dtype=dtype, threads=threads, fi=fi, **budget)
+    res = compare_generative(data_dir, out, models=names, seeds=parse_seeds(seeds), cache=cache, llm=llm,
+                             options=options, shuffled_training=shuffled_training, cf_options=cf, force=force,
+                             progress=not no_progress, log=lambda m: click.echo(m, err=True))
+    write_config(click.get_current_context(), out)
+    click.echo(format_generative_md(res))
     click.echo(f"wrote {out}/compare.json and {out}/compare.md")
 
 
