@@ -228,6 +228,31 @@ def _options(cls, value, flag: str):
     raise InputError(f"{flag}: expected a {cls.__name__} or a dict")
 
 
+def model_options(spec, model: str, lora, stage1):
+    """The LoRA and stage-1 options of baseline ``model`` as their dataclasses.
+
+    Args:
+        spec: the model's registry entry (``get_spec(model)``).
+        model: its ``--model`` name (for the messages).
+        lora, stage1: ``None``, a dict of option values, or the options dataclass.
+    Returns:
+        ``(lora, stage1)``: ``LoraOptions`` (defaults when None) for a LoRA model, else None;
+        the model's stage-1 options (defaults when None) if it has a stage 1, else None.
+    Raises:
+        InputError: options given to a model without LoRA or without a stage 1, or an
+            unknown option name.
+    """
+    if spec.lora:
+        lora = _options(LoraOptions, lora, "--lora")
+    elif lora is not None:
+        raise InputError(f"--model {model}: the LLM stays frozen (no LoRA); drop the LoRA options")
+    if spec.options_cls is not None:
+        stage1 = _options(spec.options_cls, stage1, "--stage1")
+    elif stage1 is not None:
+        raise InputError(f"--model {model}: has no stage 1; drop the stage-1 options")
+    return lora, stage1
+
+
 # --- LoRA -----------------------------------------------------------------------------------
 
 
@@ -652,14 +677,7 @@ def fit_baseline(model: str, ds, sasrec, *, llm: str | LoadedLLM | None = None, 
     if cfg.train_negatives == "all":
         raise InputError(f"--model {model}: --train-negatives all would run every item prompt through the LLM "
                          f"at every step; give a count (default {E2E_DEFAULT_NEGATIVES})")
-    if spec.lora:
-        lora = _options(LoraOptions, lora, "--lora")
-    elif lora is not None:
-        raise InputError(f"--model {model}: the LLM stays frozen (no LoRA); drop the LoRA options")
-    if spec.options_cls is not None:
-        stage1 = _options(spec.options_cls, stage1, "--stage1")
-    elif stage1 is not None:
-        raise InputError(f"--model {model}: has no stage 1; drop the stage-1 options")
+    lora, stage1 = model_options(spec, model, lora, stage1)
     if not spec.needs_sasrec:
         sasrec = None  # text only: a CF-SRec given anyway (a loop over models) is not used
     elif sasrec is None:
@@ -751,7 +769,7 @@ def train_baseline(model: str, ds, sasrec, out, *, force: bool = False, progress
     return results
 
 
-def _save_arrays(path: Path, arrays: dict, meta: dict) -> None:
+def save_arrays(path: Path, arrays: dict, meta: dict) -> None:
     out = {}
     for k, v in arrays.items():
         if hasattr(v, "detach"):
@@ -790,11 +808,11 @@ def save_baseline(out, bf: BaselineFit, baseline: dict, results: dict, *, force:
             copy_teacher(prov, tmp / TEACHER_DIR)
         save_heads(fit.heads, tmp, extra={"mode": "baseline", "baseline": baseline, "train": asdict(bf.config),
                                           "e2e": asdict(bf.options), "provenance": prov})
-        _save_arrays(tmp / INPUTS_FILE, fit.inputs.arrays(), {"model": spec.name, "f_arch": bf.options.fi_arch})
+        save_arrays(tmp / INPUTS_FILE, fit.inputs.arrays(), {"model": spec.name, "f_arch": bf.options.fi_arch})
         if spec.lora:
-            _save_arrays(tmp / ADAPTER_FILE, lora_state(bf.llm), {"model": spec.name, "lora": json.dumps(baseline["lora"])})
+            save_arrays(tmp / ADAPTER_FILE, lora_state(bf.llm), {"model": spec.name, "lora": json.dumps(baseline["lora"])})
         if bf.stage_arrays:
-            _save_arrays(tmp / STAGE1_FILE, bf.stage_arrays, {"model": spec.name})
+            save_arrays(tmp / STAGE1_FILE, bf.stage_arrays, {"model": spec.name})
         write_history(tmp / "history.jsonl", fit.history)
         plot_history(fit.history, tmp / "training_curve.png", title=f"{spec.display} (e2e, Eq. 1)")
         write_json(tmp / "results.json", results)

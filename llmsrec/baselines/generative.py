@@ -60,7 +60,7 @@ import torch
 from llmsrec import __version__
 from llmsrec.atomic import atomic_dir, write_json
 from llmsrec.baselines.common import (
-    LoraOptions, _options, apply_lora, get_spec, initial_inputs, lora_state, register_template, _save_arrays,
+    LoraOptions, apply_lora, get_spec, initial_inputs, lora_state, model_options, register_template, save_arrays,
 )
 from llmsrec.cfsrec.teacher import load_teacher, teacher_user_reps
 from llmsrec.data import load_prepared
@@ -695,14 +695,7 @@ def fit_generative(model: str, ds, sasrec, options: GenOptions | dict | None = N
     """
     spec = get_spec(model)
     opts = options if isinstance(options, GenOptions) else GenOptions(**(options or {}))
-    if spec.lora:
-        lora = _options(LoraOptions, lora, "--lora")
-    elif lora is not None:
-        raise InputError(f"--model {model}: the LLM stays frozen (no LoRA); drop the LoRA options")
-    if spec.options_cls is not None:
-        stage1 = _options(spec.options_cls, stage1, "--stage1")
-    elif stage1 is not None:
-        raise InputError(f"--model {model}: has no stage 1; drop the stage-1 options")
+    lora, stage1 = model_options(spec, model, lora, stage1)
     t = time.perf_counter()
     if isinstance(ds, (str, os.PathLike)):
         ds = load_prepared(ds)
@@ -834,12 +827,12 @@ def train_generative(model: str, ds, sasrec, out, options: GenOptions | dict | N
     inputs = fit.trainer.inputs
     saved = {k: v for k, v in inputs.arrays().items() if not k.startswith("tokens/")}
     with atomic_dir(out, force=force) as tmp:
-        _save_arrays(tmp / "inputs.safetensors", saved or {"empty": np.zeros(1, dtype=np.float32)},
+        save_arrays(tmp / "inputs.safetensors", saved or {"empty": np.zeros(1, dtype=np.float32)},
                      {"model": model, "approach": "generative"})
         if spec.lora:
-            _save_arrays(tmp / "adapter.safetensors", lora_state(fit.trainer.llm),
+            save_arrays(tmp / "adapter.safetensors", lora_state(fit.trainer.llm),
                          {"model": model, "lora": json.dumps(results["lora"])})
-        _save_arrays(tmp / "scores.safetensors", arrays, {"model": model, "approach": "generative"})
+        save_arrays(tmp / "scores.safetensors", arrays, {"model": model, "approach": "generative"})
         write_history(tmp / "history.jsonl", fit.history)
         if fit.history:
             plot_curve(fit.history, tmp / "training_curve.png", title=f"{spec.display} (generative, Eq. 5)",
