@@ -472,13 +472,19 @@ def _run_recformer(ds, out: Path, seed: int, options: dict, *, force: bool, prog
         log(f"[recformer seed {seed}] training -> {run_dir}")
         train_recformer(ds, run_dir, force=True, progress=progress, log=log, **opts)
         write_json(run_dir / REQUEST, req)
+    res, entry = _three_view_results(run_dir)
+    return {**entry, "dir": str(run_dir), "seconds": res.get("seconds"), "steps": res.get("steps"),
+            "best_step": (res.get("best") or {}).get("step"), "options": opts}
+
+
+def _three_view_results(run_dir: Path) -> tuple[dict, dict]:
+    """A run folder's ``results.json`` and its valid/test/test-shuffled metrics (InputError if missing)."""
     res = _read_json(run_dir / "results.json") or {}
     try:
         entry = {split: {k: float(res[split][k]) for k in METRIC_KEYS} for split in ("valid", "test", "test-shuffled")}
     except (KeyError, TypeError):
         raise InputError(f"{run_dir / 'results.json'}: missing valid/test/test-shuffled metrics") from None
-    return {**entry, "dir": str(run_dir), "seconds": res.get("seconds"), "steps": res.get("steps"),
-            "best_step": (res.get("best") or {}).get("step"), "options": opts}
+    return res, entry
 
 
 def _run_baseline(ds, out: Path, name: str, seed: int, *, teacher_dir, llm, options: dict, lora: dict,
@@ -500,11 +506,7 @@ def _run_baseline(ds, out: Path, name: str, seed: int, *, teacher_dir, llm, opti
                        lora=lora if spec.lora else None,
                        stage1=stage1 if spec.options_cls is not None else None, seed=seed, **options)
         write_json(run_dir / REQUEST, req)
-    res = _read_json(run_dir / "results.json") or {}
-    try:
-        entry = {split: {k: float(res[split][k]) for k in METRIC_KEYS} for split in ("valid", "test", "test-shuffled")}
-    except (KeyError, TypeError):
-        raise InputError(f"{run_dir / 'results.json'}: missing valid/test/test-shuffled metrics") from None
+    res, entry = _three_view_results(run_dir)
     return {**entry, "dir": str(run_dir), "seconds": res.get("train_seconds"), "steps": res.get("steps"),
             "epochs_run": res.get("epochs_run"), "valid_users": res.get("valid_users")}
 
