@@ -177,8 +177,10 @@ class ReadoutEncoder(nn.Module):
 
     @staticmethod
     def _mix(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """The softmax(logits)-weighted sum over the layer axis of layer-normalised ``(..., d, L)``."""
-        return torch.einsum("...dl,l->...d", x, torch.softmax(logits, 0))
+        """The softmax(logits)-weighted sum over the layer axis of layer-normalised ``(..., d, L)``,
+        in x's dtype also under autocast (a bfloat16 cast of all L states would cost more than the mix)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.einsum("...dl,l->...d", x, torch.softmax(logits, 0))
 
     @staticmethod
     def _normed(x: torch.Tensor) -> torch.Tensor:
