@@ -464,6 +464,36 @@ def test_readout_encoder_masks_padding_and_ignores_slot_order():
             assert ((item(xj) - yi).abs().amax(-1) > 1e-4).all()
 
 
+def test_prepared_states_give_the_same_outputs_and_raw_states_keep_their_gradient():
+    """prepare_user / prepare_item do the parameter-free work once: the heads' outputs on any
+    rows of it equal those on the raw rows, bit for bit, padding slots included; the raw path
+    stays differentiable in the states (e2e mode trains through them)."""
+    from llmsrec.heads.model import LLMSRecHeads, Prepared
+
+    cfg = HeadsConfig(d_llm=8, d_cf=4, d_out=4, hidden=16, user_readout="layers+slots",
+                      item_readout="layers+soft", n_layers=2, n_slots=3)
+    torch.manual_seed(0)
+    heads = LLMSRecHeads(cfg)
+    g = torch.Generator().manual_seed(1)
+    hu = torch.randn(300, cfg.user_tokens(), 8, generator=g) * 30
+    hu[:5, 2:6] = 0  # the first slot is padding in five rows
+    hi = torch.randn(300, cfg.item_tokens(), 8, generator=g)
+    pu, pi = heads.prepare_user(hu), heads.prepare_item(hi)
+    assert isinstance(pu, Prepared) and len(pu) == 300 and pu.out.shape == (300, 8, 2)
+    assert pu.slots.shape == (300, 3, 8, 2) and pu.real[:5, 0].logical_not().all() and pu.real[5:].all()
+    assert pi.real.shape == (300, 1)
+    rows = torch.tensor([4, 0, 299, 150, 4])
+    assert torch.equal(heads.user(pu.rows(rows)), heads.user(hu[rows]))
+    assert torch.equal(heads.item(pi.rows(slice(1, None))), heads.item(hi[1:]))
+    assert torch.equal(heads.item(pi.rows(rows[None])), heads.item(hi[rows[None]]))  # (1, 5) rows
+    x = hu[:4].clone().requires_grad_(True)
+    heads.user(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    # the paper's readout has nothing to prepare
+    plain = LLMSRecHeads(HeadsConfig(d_llm=8, d_cf=4, d_out=4, hidden=16))
+    assert plain.prepare_user(hu[:, 0]) is not None and torch.equal(plain.prepare_item(hi[:, 0]), hi[:, 0])
+
+
 TRAIN = dict(user_readout="layers+slots", item_readout="layers+soft", prefixes=K, epochs=2, batch_size=8,
              lr=1e-3, seed=4, train_negatives=3, **SMALL)
 
