@@ -6,8 +6,10 @@ A tiny random-weight LLaMA (hidden 32, 2 layers) and the tiny dataset of test_pr
 from __future__ import annotations
 
 import json
+import os
 import re
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -344,6 +346,30 @@ def test_prefix_view_resumes_and_needs_no_readout_layers(llm, ds, sasrec, rich_c
             c.readouts(PREFIX_VIEW)
     data = load_cached_tensors(ds, only, prefixes=K)
     assert data.train_hidden.ndim == 2 and len(data.train_users) == int((data.train_targets > 0).sum())
+
+
+def test_float16_store_holds_the_float32_states_rounded(ds, sasrec, llm, rich_cache, tmp_path):
+    """precompute --store-dtype float16: every state dataset is the float32 cache's rounded to
+    float16 (same forward), read back as float32; the rest is identical; the heads load it."""
+    half = _precompute(ds, sasrec, llm, tmp_path / "h.h5", readout_layers=LAYERS, prefixes=K,
+                       store_dtype="float16")
+    with open_cache(half) as a, open_cache(rich_cache) as b:
+        assert a.provenance == {**b.provenance, "store_dtype": "float16"} and a.store_dtype == "float16"
+        pairs = [(a.item_hidden(), b.item_hidden())]
+        for v in ("valid", PREFIX_VIEW):
+            pairs.append((a.user_hidden(v), b.user_hidden(v)))
+            ra, rb = a.readouts(v), b.readouts(v)
+            pairs += [(ra["out_layers"], rb["out_layers"]), (ra["slots"], rb["slots"])]
+            np.testing.assert_array_equal(ra["n_slots"], rb["n_slots"])
+            np.testing.assert_array_equal(a.user_cf(v), b.user_cf(v))
+        for x, y in pairs:
+            assert x.dtype == np.float32
+            np.testing.assert_allclose(x, y.astype(np.float16).astype(np.float32), rtol=2e-3, atol=1e-6)
+    with h5py.File(half) as f:
+        assert f["items/slots"].dtype == np.float16 and f["users/valid/hidden"].dtype == np.float16
+    assert os.path.getsize(half) < 0.75 * os.path.getsize(rich_cache)
+    data = load_cached_tensors(ds, half, user_readout="layers+slots", item_readout="layers+soft", prefixes=K)
+    assert data.train_hidden.dtype == np.float32
 
 
 def test_plain_cache_provenance_has_no_readout_keys(plain_cache):
