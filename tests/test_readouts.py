@@ -505,7 +505,7 @@ def test_prepared_states_give_the_same_outputs_and_raw_states_keep_their_gradien
     hu[:5, 2:6] = 0  # the first slot is padding in five rows
     hi = torch.randn(300, cfg.item_tokens(), 8, generator=g)
     pu, pi = heads.prepare_user(hu), heads.prepare_item(hi)
-    assert isinstance(pu, Prepared) and len(pu) == 300 and pu.out.shape == (300, 8, 2)
+    assert isinstance(pu, Prepared) and pu.out.shape == (300, 8, 2)
     assert pu.slots.shape == (300, 3, 8, 2) and pu.real[:5, 0].logical_not().all() and pu.real[5:].all()
     assert pi.real.shape == (300, 1)
     rows = torch.tensor([4, 0, 299, 150, 4])

@@ -148,9 +148,6 @@ class Prepared(NamedTuple):
         """Every part moved to ``device``."""
         return Prepared(*(None if t is None else t.to(device) for t in self))
 
-    def __len__(self) -> int:  # rows
-        return len(next(t for t in self if t is not None))
-
 
 class ReadoutEncoder(nn.Module):
     """f_user / f_item on richer readouts: ``(..., T, d_llm)`` -> ``(..., d')``.
