@@ -121,7 +121,8 @@ class Prepared(NamedTuple):
 
     ``ReadoutEncoder.forward`` layer-normalises every cached vector (no affine parameters)
     and finds the history slots that hold an item; both depend on the frozen states only, so
-    a trainer that reads the same rows at every step does them once (:func:`prepare_readout`)
+    a trainer that reads the same rows at every step does them once
+    (``LLMSRecHeads.prepare_user`` / ``prepare_item``)
     and passes this instead of the raw ``(..., T, d_llm)`` tensor. The forward pass on it
     runs the same operations on the same values as on the raw tensor (identical outputs).
 
@@ -273,8 +274,7 @@ class LLMSRecHeads(nn.Module):
         Returns:
             ``h_u`` itself for the ``out`` readout (nothing to precompute), else a
             :class:`Prepared` (layer-normalised parts and the slot mask; as much memory as
-            ``h_u``). ``user(prepare_user(h)[rows])`` equals ``user(h[rows])``: use
-            ``Prepared.rows`` to index it.
+            ``h_u``). ``user(prepare_user(h).rows(idx))`` equals ``user(h[idx])`` bit for bit.
         """
         return h_u if isinstance(self.f_user, nn.Sequential) else _prepare_rows(self.f_user, h_u)
 
