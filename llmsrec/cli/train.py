@@ -102,7 +102,7 @@ def _train_baseline(model_name, data_dir, mode, cache, sasrec_dir, out, seed, no
 @baseline_options
 @click.option("--step-dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
               help="cache mode: dtype of the heads' training steps. bf16 = bfloat16 autocast of the "
-                   "forward (~2-3x faster steps on a CPU with avx512_bf16; weights, Adam, losses and "
+                   "forward (~3x faster steps on a CPU with avx512_bf16; weights, Adam, losses and "
                    "validation stay fp32; results within about the seed spread, not identical).")
 @click.option("--no-progress", is_flag=True, help="Hide the per-epoch progress bar.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")

@@ -690,7 +690,7 @@ def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: 
         step_dtype: ``fp32`` (default, exact) or ``bf16``: the training steps' forward runs
             under bfloat16 autocast (the matrix products in bfloat16 with float32
             accumulation; weights, Adam, the losses and the validations stay float32). On a
-            CPU with avx512_bf16 a step is ~2-3x faster; the results differ from fp32's by
+            CPU with avx512_bf16 a default-heads step is ~3.5x faster; the results differ from fp32's by
             about the seed spread (docs/results/speed.md).
     Returns:
         :class:`FitResult` with the best-on-validation heads (by ``config.select_metric``).
