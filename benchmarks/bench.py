@@ -139,6 +139,14 @@ def bench_heads() -> None:
     b.bench()
 
 
+def bench_heads_default() -> None:
+    """The default heads: a step's profile; per-step states vs prepared vs --step-dtype bf16."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_heads_default as b
+
+    b.bench()
+
+
 def bench_sweep() -> None:
     """Head-sweep throughput on the ml-100k cache: variants per minute, 1 vs 2 processes."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -171,7 +179,8 @@ def bench_llm4rec() -> None:
     b.bench()
 
 
-BENCHES = [bench_ranking_metrics, bench_sasrec_epoch, bench_precompute, bench_prefixes, bench_heads, bench_sweep, bench_e2e,
+BENCHES = [bench_ranking_metrics, bench_sasrec_epoch, bench_precompute, bench_prefixes, bench_heads,
+           bench_heads_default, bench_sweep, bench_e2e,
            bench_distributed, bench_llm4rec]
 
 

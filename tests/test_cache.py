@@ -170,3 +170,36 @@ def test_remove_unused_shards_keeps_what_a_virtual_cache_reads(tmp_path):
     with open_cache(out) as c:
         assert c.item_hidden()[6, 2] == 17
     assert remove_unused_shards(out, msgs.append) == [] and len(msgs) == 1  # nothing to say
+
+
+def test_float16_store_halves_the_states_and_reads_back_float32(tmp_path):
+    """provenance store_dtype float16: the state datasets are stored as float16 (their row
+    checksums over the stored values), everything else as given; the reader upcasts to float32.
+    A float32 cache has no store_dtype in its provenance."""
+    from llmsrec.cache.verify import verify_cache
+
+    prov16 = {**PROV, "store_dtype": "float16"}
+    _build(tmp_path / "h.h5", prov16)
+    _build(tmp_path / "f.h5")
+    with h5py.File(tmp_path / "h.h5") as f:
+        assert f["items/hidden"].dtype == np.float16 and f["users/test/target"].dtype == np.int64
+        assert f["params/f_I/weight"].dtype == np.float32
+    with open_cache(tmp_path / "h.h5") as a, open_cache(tmp_path / "f.h5") as b:
+        assert a.store_dtype == "float16" and b.store_dtype == "float32"
+        assert "store_dtype" not in b.provenance
+        h = a.item_hidden()
+        assert h.dtype == np.float32 and np.array_equal(h, b.item_hidden())  # small integers: exact
+        assert a.user_hidden("test").dtype == np.float32
+    rep = verify_cache(tmp_path / "h.h5")
+    assert rep["ok"] and "/items/hidden" in rep["checked"]
+    # rounding to nearest, and a state beyond float16's range is refused, not stored as inf
+    w = CacheWriter(tmp_path / "r.h5", prov16, log=lambda m: None)
+    assert w.needs(["items"])
+    w.require("items/hidden", shape=(3, 2), dtype=np.float32)
+    w.write_rows("items/hidden", np.array([1]), np.array([[1 + 2 ** -12, 3.14159]], dtype=np.float32))
+    assert np.array_equal(w.read("items/hidden")[1], np.array([1, 3.14159], dtype=np.float16))
+    with pytest.raises(InputError, match="float16's range"):
+        w.write_rows("items/hidden", np.array([2]), np.array([[7e4, 0]], dtype=np.float32))
+    w.close()
+    with pytest.raises(InputError, match="store dtype"):
+        CacheWriter(tmp_path / "x.h5", {**PROV, "store_dtype": "int8"}, log=lambda m: None)

@@ -169,3 +169,35 @@ def test_train_on_tensors_writes_outputs(tmp_path):
     assert (out / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(InputError, match="already exists"):
         train_on_tensors(data, out, TrainConfig(epochs=1, **SMALL), progress=False)
+
+
+def test_bf16_steps_are_an_explicit_option(tmp_path):
+    """--step-dtype bf16: autocast training steps, recorded in the outputs; fp32 stays the exact
+    default (nothing recorded) and another value is refused."""
+    data = synthetic(n_users=40)
+    cfg = TrainConfig(epochs=2, lr=1e-3, **SMALL)
+    a = fit_heads(data, cfg, progress=False)
+    b = fit_heads(data, cfg, progress=False, step_dtype="bf16")
+    assert b.steps == a.steps and np.isfinite(b.history[-1]["loss"])
+    assert abs(b.history[-1]["loss"] - a.history[-1]["loss"]) < 0.05 * abs(a.history[-1]["loss"])
+    assert [h["loss"] for h in a.history] != [h["loss"] for h in b.history]
+    assert all(p.dtype == torch.float32 for p in b.heads.parameters())
+    assert a.step_seconds > 0 and a.validation_seconds > 0
+    with pytest.raises(InputError, match="--step-dtype"):
+        fit_heads(data, cfg, progress=False, step_dtype="fp16")
+    res = train_on_tensors(data, tmp_path / "bf16", cfg, progress=False, step_dtype="bf16")
+    assert res["step_dtype"] == "bf16"
+    assert json.loads((tmp_path / "bf16" / "heads_config.json").read_text())["step_dtype"] == "bf16"
+    res = train_on_tensors(data, tmp_path / "fp32", cfg, progress=False)
+    assert "step_dtype" not in res
+    assert "step_dtype" not in json.loads((tmp_path / "fp32" / "heads_config.json").read_text())
+
+
+def test_step_dtype_is_for_cache_mode_only(tmp_path):
+    from click.testing import CliRunner
+
+    from llmsrec.cli import main
+
+    r = CliRunner().invoke(main, ["train", "--data", str(tmp_path / "d"), "--mode", "e2e", "--out",
+                                  str(tmp_path / "o"), "--step-dtype", "bf16"])
+    assert r.exit_code == 2 and "--step-dtype" in r.output

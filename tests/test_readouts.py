@@ -6,8 +6,10 @@ A tiny random-weight LLaMA (hidden 32, 2 layers) and the tiny dataset of test_pr
 from __future__ import annotations
 
 import json
+import os
 import re
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -346,6 +348,30 @@ def test_prefix_view_resumes_and_needs_no_readout_layers(llm, ds, sasrec, rich_c
     assert data.train_hidden.ndim == 2 and len(data.train_users) == int((data.train_targets > 0).sum())
 
 
+def test_float16_store_holds_the_float32_states_rounded(ds, sasrec, llm, rich_cache, tmp_path):
+    """precompute --store-dtype float16: every state dataset is the float32 cache's rounded to
+    float16 (same forward), read back as float32; the rest is identical; the heads load it."""
+    half = _precompute(ds, sasrec, llm, tmp_path / "h.h5", readout_layers=LAYERS, prefixes=K,
+                       store_dtype="float16")
+    with open_cache(half) as a, open_cache(rich_cache) as b:
+        assert a.provenance == {**b.provenance, "store_dtype": "float16"} and a.store_dtype == "float16"
+        pairs = [(a.item_hidden(), b.item_hidden())]
+        for v in ("valid", PREFIX_VIEW):
+            pairs.append((a.user_hidden(v), b.user_hidden(v)))
+            ra, rb = a.readouts(v), b.readouts(v)
+            pairs += [(ra["out_layers"], rb["out_layers"]), (ra["slots"], rb["slots"])]
+            np.testing.assert_array_equal(ra["n_slots"], rb["n_slots"])
+            np.testing.assert_array_equal(a.user_cf(v), b.user_cf(v))
+        for x, y in pairs:
+            assert x.dtype == np.float32
+            np.testing.assert_allclose(x, y.astype(np.float16).astype(np.float32), rtol=2e-3, atol=1e-6)
+    with h5py.File(half) as f:
+        assert f["items/slots"].dtype == np.float16 and f["users/valid/hidden"].dtype == np.float16
+    assert os.path.getsize(half) < 0.75 * os.path.getsize(rich_cache)
+    data = load_cached_tensors(ds, half, user_readout="layers+slots", item_readout="layers+soft", prefixes=K)
+    assert data.train_hidden.dtype == np.float32
+
+
 def test_plain_cache_provenance_has_no_readout_keys(plain_cache):
     with open_cache(plain_cache) as c:
         assert "readout_layers" not in c.provenance and "prefixes" not in c.provenance
@@ -462,6 +488,36 @@ def test_readout_encoder_masks_padding_and_ignores_slot_order():
             xj = xi.clone()
             xj[:, part] = torch.randn(5, 2, 8, generator=g)
             assert ((item(xj) - yi).abs().amax(-1) > 1e-4).all()
+
+
+def test_prepared_states_give_the_same_outputs_and_raw_states_keep_their_gradient():
+    """prepare_user / prepare_item do the parameter-free work once: the heads' outputs on any
+    rows of it equal those on the raw rows, bit for bit, padding slots included; the raw path
+    stays differentiable in the states (e2e mode trains through them)."""
+    from llmsrec.heads.model import LLMSRecHeads, Prepared
+
+    cfg = HeadsConfig(d_llm=8, d_cf=4, d_out=4, hidden=16, user_readout="layers+slots",
+                      item_readout="layers+soft", n_layers=2, n_slots=3)
+    torch.manual_seed(0)
+    heads = LLMSRecHeads(cfg)
+    g = torch.Generator().manual_seed(1)
+    hu = torch.randn(300, cfg.user_tokens(), 8, generator=g) * 30
+    hu[:5, 2:6] = 0  # the first slot is padding in five rows
+    hi = torch.randn(300, cfg.item_tokens(), 8, generator=g)
+    pu, pi = heads.prepare_user(hu), heads.prepare_item(hi)
+    assert isinstance(pu, Prepared) and pu.out.shape == (300, 8, 2)
+    assert pu.slots.shape == (300, 3, 8, 2) and pu.real[:5, 0].logical_not().all() and pu.real[5:].all()
+    assert pi.real.shape == (300, 1)
+    rows = torch.tensor([4, 0, 299, 150, 4])
+    assert torch.equal(heads.user(pu.rows(rows)), heads.user(hu[rows]))
+    assert torch.equal(heads.item(pi.rows(slice(1, None))), heads.item(hi[1:]))
+    assert torch.equal(heads.item(pi.rows(rows[None])), heads.item(hi[rows[None]]))  # (1, 5) rows
+    x = hu[:4].clone().requires_grad_(True)
+    heads.user(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    # the paper's readout has nothing to prepare
+    plain = LLMSRecHeads(HeadsConfig(d_llm=8, d_cf=4, d_out=4, hidden=16))
+    assert plain.prepare_user(hu[:, 0]) is not None and torch.equal(plain.prepare_item(hi[:, 0]), hi[:, 0])
 
 
 TRAIN = dict(user_readout="layers+slots", item_readout="layers+soft", prefixes=K, epochs=2, batch_size=8,

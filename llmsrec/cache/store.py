@@ -29,6 +29,30 @@ from llmsrec.data.views import ALL_VIEWS, PREFIX_VIEW
 
 VIEW_ORDER = ALL_VIEWS + (PREFIX_VIEW,)  # the order reader.views lists views in
 
+#: the datasets that hold the LLM's states (the last part of their name): stored in the
+#: cache's store dtype, read back as float32
+STATE_DATASETS = ("hidden", "out_layers", "slots")
+#: ``precompute --store-dtype``: how the states are stored (provenance key ``store_dtype``,
+#: absent for float32, the default and what every cache before it holds)
+STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def store_dtype(provenance: dict) -> np.dtype:
+    """The numpy dtype a cache with this provenance stores its states in.
+
+    Raises:
+        InputError: an unknown ``store_dtype`` (names the expected ones).
+    """
+    name = provenance.get("store_dtype", "float32")
+    if name not in STORE_DTYPES:
+        raise InputError(f"store dtype {name!r}: expected one of {', '.join(STORE_DTYPES)}")
+    return np.dtype(STORE_DTYPES[name])
+
+
+def is_state(name: str) -> bool:
+    """True for a dataset that holds LLM states (``.../hidden``, ``out_layers``, ``slots``)."""
+    return name.rsplit("/", 1)[-1] in STATE_DATASETS
+
 
 def tmp_path(out: str | os.PathLike) -> Path:
     """The temporary name a cache is built under (``<out>.tmp``)."""
@@ -105,6 +129,7 @@ class CacheWriter:
         self.asked = dict(provenance)
         self.force = force
         self.log = log
+        self.state_dtype = store_dtype(self.asked)
         self.f: h5py.File | None = None
         self.resumed = False
         self._existing_final: dict | None = None
@@ -205,7 +230,9 @@ class CacheWriter:
     def require(self, name: str, data: np.ndarray | None = None, *, shape=None,
                 dtype=None) -> None:
         """Create dataset ``name`` with ``data`` (or zeros of ``shape``/``dtype``) unless it
-        exists; its storage is allocated now, so chunk writes never change metadata."""
+        exists; its storage is allocated now, so chunk writes never change metadata. A state
+        dataset (:func:`is_state`) created from a shape is stored in the cache's store dtype
+        (``provenance["store_dtype"]``, float32 by default) whatever ``dtype`` says."""
         if name in self.f:
             ds = self.f[name]
             want = data.shape if data is not None else tuple(shape)
@@ -215,7 +242,7 @@ class CacheWriter:
             return
         given = data is not None
         if data is None:
-            data = np.zeros(shape, dtype=dtype)
+            data = np.zeros(shape, dtype=self.state_dtype if is_state(name) else dtype)
         self.f.create_dataset(name, data=data, track_times=False)
         record_written(self.f, name, given)  # its sha256, or row checksums for a hidden dataset
 
@@ -254,6 +281,7 @@ class CacheWriter:
                 ``dataset`` in ``file``; ``file`` is relative to this cache's folder.
                 Rows no source covers read as zeros.
         """
+        dtype = self.state_dtype if is_state(name) else dtype
         layout = h5py.VirtualLayout(shape=tuple(shape), dtype=dtype)
         for file, dset, first, n in sources:
             if n:
@@ -275,11 +303,20 @@ class CacheWriter:
 
     # -- chunk writes (raw data only) ------------------------------------------------------
     def write_rows(self, name: str, rows: np.ndarray, values: np.ndarray) -> None:
-        """Write ``values[k]`` to row ``rows[k]`` of ``/name`` (any row order)."""
+        """Write ``values[k]`` to row ``rows[k]`` of ``/name`` (any row order), rounded by numpy
+        to the dataset's dtype first (float16 states: to nearest), so the stored values and
+        their checksums agree."""
         rows = np.asarray(rows)
         order = np.argsort(rows, kind="stable")
-        self.f[name][rows[order]] = np.asarray(values)[order]
-        write_row_checksums(self.f, name, rows[order], np.asarray(values)[order])
+        src = np.asarray(values)[order]
+        with np.errstate(over="ignore"):  # an overflow is reported just below
+            values = src.astype(self.f[name].dtype, copy=False)
+        if values is not src and values.dtype.kind == "f" and not np.isfinite(values).all() \
+                and np.isfinite(src).all():
+            raise InputError(f"{self.tmp}: /{name}: a state exceeds {values.dtype}'s range "
+                             f"(largest |x| {float(np.abs(src).max()):.4g}); precompute with --store-dtype float32")
+        self.f[name][rows[order]] = values
+        write_row_checksums(self.f, name, rows[order], values)
 
     def mark_done(self, group: str, chunk: int) -> None:
         """Flush the chunk's rows, then mark it done and flush again."""
@@ -427,9 +464,18 @@ class CacheReader:
                              f"(has {', '.join(self.views) or 'none'})")
         return self.f["users"][view]
 
+    def _states(self, ds: h5py.Dataset) -> np.ndarray:
+        """A state dataset, checked against its checksums as stored, then as float32."""
+        return read_checked(ds, self.path).astype(np.float32, copy=False)
+
+    @property
+    def store_dtype(self) -> str:
+        """How the states are stored: ``float32`` or ``float16`` (always read back as float32)."""
+        return str(store_dtype(self.provenance))
+
     def item_hidden(self) -> np.ndarray:
         """float32 ``(N+1, d_llm)``: state at ``[ItemOut]`` of every item prompt."""
-        return read_checked(self.f["items/hidden"], self.path)
+        return self._states(self.f["items/hidden"])
 
     def item_cf(self) -> np.ndarray:
         """float32 ``(N+1, d_cf)``: SASRec item embeddings E."""
@@ -437,7 +483,7 @@ class CacheReader:
 
     def user_hidden(self, view: str) -> np.ndarray:
         """float32 ``(U+1, d_llm)``: state at ``[UserOut]``; zero rows = no prompt."""
-        return read_checked(self._view(view)["hidden"], self.path)
+        return self._states(self._view(view)["hidden"])
 
     def user_cf(self, view: str) -> np.ndarray:
         """float32 ``(U+1, d_cf)``: SASRec O_u of the same input sequence."""
@@ -474,7 +520,8 @@ class CacheReader:
         if missing:
             raise InputError(f"{self.path}: readout '{missing[0]}' missing for {group} (the cache was built "
                              f"without --readout-layers; rebuild it with them, or train with --paper-settings)")
-        return {k: read_checked(g[k], self.path) for k in ("out_layers", "slots", "n_slots")}
+        return {k: self._states(g[k]) if is_state(k) else read_checked(g[k], self.path)
+                for k in ("out_layers", "slots", "n_slots")}
 
     def prefix_uids(self) -> np.ndarray:
         """int64 ``(U*K+1,)``: the user of each prefix-sample row (0: no sample)."""

@@ -62,9 +62,14 @@ from llmsrec.errors import InputError
               help="K > 1 adds the view train-prefix: each user's K latest cutoffs before the "
                    "validation target as training samples (paper F.5), run as one prompt tree per "
                    "user (1: the paper's one sample per user; add the train view then).")
+@click.option("--store-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16"]),
+              help="How the states are stored: float16 halves the file (recorded in the provenance; "
+                   "read back as float32; on ml-100k trained heads score the same on it, retrained ones "
+                   "within the seed spread).")
 def precompute(data_dir, sasrec_dir, llm, out_h5, views, history_window, verb, batch_tokens,
                chunk_prompts, device, dtype, seed, max_users, threads, fi, params_file, trust_remote_code,
-               force, load_in_8bit, hpu_graphs, nproc, assemble, readout_layers, template, prefixes) -> None:
+               force, load_in_8bit, hpu_graphs, nproc, assemble, readout_layers, template, prefixes,
+               store_dtype) -> None:
     """Run every item prompt and user prompt through the frozen LLM once -> HDF5 cache.
 
     Stores the last-layer state at [UserOut] per user and view, at [ItemOut] per item,
@@ -104,7 +109,8 @@ def precompute(data_dir, sasrec_dir, llm, out_h5, views, history_window, verb, b
                    chunk_prompts=chunk_prompts, device=device, dtype=dtype, seed=seed,
                    force=force, max_users=max_users, num_threads=threads, fi=fi,
                    params=params_file, trust_remote_code=trust_remote_code, assemble=assemble,
-                   readout_layers=parse_layers(readout_layers), prefixes=prefixes, template=template)
+                   readout_layers=parse_layers(readout_layers), prefixes=prefixes, template=template,
+                   store_dtype=store_dtype)
 
 
 def given_args(ctx: click.Context, drop=()) -> list[str]:

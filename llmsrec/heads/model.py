@@ -16,7 +16,9 @@ vector per part, then apply the same MLP to their concatenation:
 - ``soft`` (items): the layer mix of the state at the item's own soft token.
 
 Each state is layer-normalised without parameters first (middle layers' residual streams
-are ~10^4 times larger than the last layer's normed output).
+are ~10^4 times larger than the last layer's normed output). That normalisation and the slot
+mask depend on the frozen states only: a trainer does them once (``prepare_user`` /
+``prepare_item``, a :class:`Prepared`) instead of at every step.
 
 Checkpoints are ``heads.safetensors`` + ``heads_config.json`` (no pickle).
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from safetensors.torch import load_file, save
@@ -113,6 +116,40 @@ def readout_tokens(kind: str, n_layers: int, n_slots: int) -> int:
     return (n_layers if "layers" in kind else 0) + (n_slots * n_layers if ("slots" in kind or "soft" in kind) else 0)
 
 
+class Prepared(NamedTuple):
+    """Readout states with the parameter-free work of :class:`ReadoutEncoder` done once.
+
+    ``ReadoutEncoder.forward`` layer-normalises every cached vector (no affine parameters)
+    and finds the history slots that hold an item; both depend on the frozen states only, so
+    a trainer that reads the same rows at every step does them once
+    (``LLMSRecHeads.prepare_user`` / ``prepare_item``)
+    and passes this instead of the raw ``(..., T, d_llm)`` tensor. The forward pass on it
+    runs the same operations on the same values as on the raw tensor (identical outputs).
+
+    The states are stored layer axis last, the layout the layer mix (a batched matrix-vector
+    product) reads without a copy.
+
+    Attributes:
+        out: float32 ``(R, d_llm, n_layers)``, the layer-normalised out-token states
+            (``layers`` readouts), or None.
+        slots: float32 ``(R, S, d_llm, n_layers)``, the layer-normalised slot / soft-token
+            states (``slots``/``soft`` readouts), or None.
+        real: bool ``(R, S)``, slot holds an item (some raw state is non-zero), or None.
+    """
+
+    out: torch.Tensor | None
+    slots: torch.Tensor | None
+    real: torch.Tensor | None
+
+    def rows(self, idx) -> "Prepared":
+        """The rows ``idx`` (an index tensor, a slice or an int array) of every part."""
+        return Prepared(*(None if t is None else t[idx] for t in self))
+
+    def to(self, device) -> "Prepared":
+        """Every part moved to ``device``."""
+        return Prepared(*(None if t is None else t.to(device) for t in self))
+
+
 class ReadoutEncoder(nn.Module):
     """f_user / f_item on richer readouts: ``(..., T, d_llm)`` -> ``(..., d')``.
 
@@ -138,20 +175,41 @@ class ReadoutEncoder(nn.Module):
 
     @staticmethod
     def _mix(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.layer_norm(x, x.shape[-1:])
-        return torch.einsum("...ld,l->...d", x, torch.softmax(logits, 0))
+        """The softmax(logits)-weighted sum over the layer axis of layer-normalised ``(..., d, L)``,
+        in x's dtype also under autocast (a bfloat16 cast of all L states would cost more than the mix)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.einsum("...dl,l->...d", x, torch.softmax(logits, 0))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _normed(x: torch.Tensor) -> torch.Tensor:
+        """``(..., L, d)`` -> each d-vector layer-normalised (no affine), as ``(..., d, L)`` contiguous."""
+        return nn.functional.layer_norm(x, x.shape[-1:]).transpose(-1, -2).contiguous()
+
+    def prepare(self, x: torch.Tensor) -> Prepared:
+        """The parameter-free part of :meth:`forward` on raw states ``(R, T, d_llm)``: a :class:`Prepared`
+        (differentiable: e2e mode's states carry gradients to f_I and the tokens)."""
         nl = self.n_layers
-        parts = []
+        out = slots = real = None
         off = 0
         if self.use_out:
-            parts.append(self._mix(x[..., :nl, :], self.out_mix))
+            out = self._normed(x[..., :nl, :])
             off = nl
         if self.use_slots:
             s = x[..., off:, :].reshape(*x.shape[:-2], self.n_slots, nl, x.shape[-1])
             real = s.abs().sum((-1, -2)) > 0  # (..., S)
-            s = self._mix(s, self.slot_mix)  # (..., S, d)
+            slots = self._normed(s)
+        return Prepared(out, slots, real)
+
+    def forward(self, x: torch.Tensor | Prepared) -> torch.Tensor:
+        """``(..., T, d_llm)`` raw states, or their :class:`Prepared` rows -> ``(..., d')``."""
+        if not isinstance(x, Prepared):
+            x = self.prepare(x)
+        parts = []
+        if self.use_out:
+            parts.append(self._mix(x.out, self.out_mix))
+        if self.use_slots:
+            real = x.real
+            s = self._mix(x.slots, self.slot_mix)  # (..., S, d)
             if self.n_slots > 1:
                 logit = self.pool_query(torch.tanh(self.pool_key(s))).squeeze(-1)
                 logit = logit.masked_fill(~real, torch.finfo(logit.dtype).min)
@@ -197,13 +255,33 @@ class LLMSRecHeads(nn.Module):
             nn.Linear(config.cf_hidden, config.d_out),
         )
 
-    def user(self, h_u: torch.Tensor) -> torch.Tensor:
-        """f_user: (B, d_llm) float32 -> (B, d'); richer readouts: (B, T_u, d_llm)."""
+    def user(self, h_u: torch.Tensor | Prepared) -> torch.Tensor:
+        """f_user: (B, d_llm) float32 -> (B, d'); richer readouts: (B, T_u, d_llm) or its
+        :meth:`prepare_user` rows."""
         return self.f_user(h_u)
 
-    def item(self, h_i: torch.Tensor) -> torch.Tensor:
-        """f_item: (..., d_llm) float32 -> (..., d'); richer readouts: (..., T_i, d_llm)."""
+    def item(self, h_i: torch.Tensor | Prepared) -> torch.Tensor:
+        """f_item: (..., d_llm) float32 -> (..., d'); richer readouts: (..., T_i, d_llm) or its
+        :meth:`prepare_item` rows."""
         return self.f_item(h_i)
+
+    @torch.no_grad()
+    def prepare_user(self, h_u: torch.Tensor) -> torch.Tensor | Prepared:
+        """What :meth:`user` reads, with the parameter-free work done once (no gradient).
+
+        Args:
+            h_u: float32 (R, d_llm) (``out``) or (R, T_u, d_llm) cached states.
+        Returns:
+            ``h_u`` itself for the ``out`` readout (nothing to precompute), else a
+            :class:`Prepared` (layer-normalised parts and the slot mask; as much memory as
+            ``h_u``). ``user(prepare_user(h).rows(idx))`` equals ``user(h[idx])`` bit for bit.
+        """
+        return h_u if isinstance(self.f_user, nn.Sequential) else _prepare_rows(self.f_user, h_u)
+
+    @torch.no_grad()
+    def prepare_item(self, h_i: torch.Tensor) -> torch.Tensor | Prepared:
+        """:meth:`prepare_user` for f_item: (R, d_llm) or (R, T_i, d_llm) cached item states."""
+        return h_i if isinstance(self.f_item, nn.Sequential) else _prepare_rows(self.f_item, h_i)
 
     def cf_user(self, o_u: torch.Tensor) -> torch.Tensor:
         """f_CF-user: (B, d_cf) float32 -> (B, d')."""
@@ -219,6 +297,21 @@ class LLMSRecHeads(nn.Module):
             (B, C) float32 scores (paper Eq. 9).
         """
         return torch.einsum("bcd,bd->bc", self.item(h_items), self.user(h_u))
+
+
+def _prepare_rows(enc: ReadoutEncoder, h: torch.Tensor, chunk: int = 128) -> Prepared:
+    """``enc.prepare(h)`` in blocks of ``chunk`` rows (each block stays in the CPU cache; the
+    values are the same, row by row, as one call's)."""
+    if len(h) <= chunk:
+        return enc.prepare(h)
+    first = enc.prepare(h[:chunk])
+    out = Prepared(*(None if t is None else t.new_empty((len(h), *t.shape[1:])) for t in first))
+    for lo in range(0, len(h), chunk):
+        part = first if lo == 0 else enc.prepare(h[lo : lo + chunk])
+        for dst, src in zip(out, part):
+            if dst is not None:
+                dst[lo : lo + chunk] = src
+    return out
 
 
 def fixed_item_projection(weight: np.ndarray, bias: np.ndarray) -> nn.Linear:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from llmsrec import __version__
 from llmsrec.atomic import digest_arrays, sha256_file
+from llmsrec.cache.store import STORE_DTYPES
 from llmsrec.cfsrec.teacher import load_teacher, teacher_user_reps
 from llmsrec.data import load_prepared
 from llmsrec.data.views import PREFIX_VIEW, check_view
@@ -76,7 +77,7 @@ class Job:
 def prepare_job(ds, sasrec, cache, *, llm, views, history_window, verb, batch_tokens, chunk_prompts,
              device, dtype, seed, force, max_users, ridge_alpha, fi, params, trust_remote_code,
              num_threads, attention_mask, progress, log, on_chunk, readout_layers=(), prefixes=1,
-             template=TEMPLATE_VERSION) -> Job:
+             template=TEMPLATE_VERSION, store_dtype: str = "float32") -> Job:
     """Check the options, load dataset, teacher and LLM, build the provenance (``Job``)."""
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -98,6 +99,8 @@ def prepare_job(ds, sasrec, cache, *, llm, views, history_window, verb, batch_to
     readout_layers = () if auto_layers else tuple(sorted({int(x) for x in readout_layers}))
     if params is None and fi not in ("moment", "ridge"):
         raise InputError(f"--fi {fi!r}: expected 'moment' or 'ridge'")
+    if store_dtype not in STORE_DTYPES:
+        raise InputError(f"--store-dtype {store_dtype!r}: expected one of {', '.join(STORE_DTYPES)}")
     if batch_tokens < 1 or chunk_prompts < 1:
         raise InputError("--batch-tokens and chunk size must be >= 1")
     verb = verb or default_verb(ds.stats)
@@ -142,6 +145,8 @@ def prepare_job(ds, sasrec, cache, *, llm, views, history_window, verb, batch_to
         prov["readout_layers"] = list(readout_layers)
     if prefixes > 1:
         prov["prefixes"] = prefixes
+    if store_dtype != "float32":  # only when set: float32 caches keep their provenance
+        prov["store_dtype"] = store_dtype
     if getattr(llm, "quantization", None):
         # only when set, so full-precision caches keep their provenance; an 8-bit run cannot
         # resume (or be mixed into) a full-precision cache or the reverse

@@ -54,6 +54,7 @@ def precompute(
     readout_layers=(),
     prefixes: int = 1,
     template: str = TEMPLATE_VERSION,
+    store_dtype: str = "float32",
 ) -> Path:
     """Fill (or extend, or resume) the HDF5 cache of frozen-LLM states.
 
@@ -113,6 +114,8 @@ def precompute(
             ``llmsrec-prompt-v1`` (Table 2 (b), default) or ``llmsrec-prompt-v1-userrep``
             (paper Table 11: the teacher's O_u of the same input, through f_I, as a soft
             token before the history; not with ``prefixes`` > 1).
+        store_dtype: how the states are stored: ``float32`` (default) or ``float16`` (half the
+            size; recorded as ``store_dtype`` in the provenance; readers get float32 back).
 
     Returns:
         ``Path(cache)``.
@@ -147,7 +150,8 @@ def precompute(
                        ridge_alpha=ridge_alpha, fi=fi, params=params,
                        trust_remote_code=trust_remote_code, num_threads=num_threads,
                        attention_mask=attention_mask, progress=progress, log=log,
-                       on_chunk=on_chunk, readout_layers=readout_layers, prefixes=prefixes, template=template)
+                       on_chunk=on_chunk, readout_layers=readout_layers, prefixes=prefixes, template=template,
+                       store_dtype=store_dtype)
         if ctx is not None:
             return shards.run_sharded(ctx, job, assemble=assemble)
         return _run_single(job)
