@@ -140,6 +140,21 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         f.write("\n")
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON document in ``path``, or None when the file is missing, unreadable or not JSON
+    (a record that is absent or damaged counts as no record: the caller recomputes)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def jsonable(x: Any) -> Any:
+    """``x`` as it reads back from JSON (tuples become lists, other objects their ``str``), so
+    a request built in memory compares equal to the same request read from a file."""
+    return json.loads(json.dumps(x, default=str))
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """Hex sha256 of a file's bytes (streamed)."""
     h = hashlib.sha256()

@@ -26,12 +26,12 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from llmsrec import data
-from llmsrec.atomic import atomic_file, write_json
+from llmsrec.atomic import atomic_file, jsonable, write_json
 from llmsrec.data import bundled_ml1m_dir, bundled_ml100k_dir, dataset_digest, load_prepared
 from llmsrec.defaults import HISTORY_WINDOW, LLM, PRECOMPUTE, SASREC_TRAINING
 from llmsrec.errors import InputError
@@ -48,10 +48,6 @@ PRECOMPUTE_DEFAULTS = dict(views=("train", "valid", "test"), history_window=HIST
                            batch_tokens=LLM["batch_tokens"], chunk_prompts=PRECOMPUTE["chunk_prompts"], device="cpu",
                            dtype=None, fi=LLM["fi"], ridge_alpha=1e-3, trust_remote_code=False, threads=None,
                            readout_layers=(), prefixes=1, template=LLM["template"])
-
-
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=str))
 
 
 def input_fingerprint(path: str | Path) -> str:
@@ -76,8 +72,8 @@ class Stage:
         self.name = name
         self.dir = run_dir / STAGE_DIRS[name]
         self.record_path = self.dir / "stage.json"
-        self.options = _jsonable(options)
-        self.inputs = _jsonable(inputs)
+        self.options = jsonable(options)
+        self.inputs = jsonable(inputs)
 
     def record(self) -> dict | None:
         try:

@@ -37,3 +37,13 @@ def test_existing_dir_needs_force(tmp_path):
     with pytest.raises(InputError, match="--force"):
         with atomic_dir(tmp_path / "d"):
             pass
+
+
+def test_read_json_and_jsonable(tmp_path):
+    from llmsrec.atomic import jsonable, read_json
+
+    assert read_json(tmp_path / "missing.json") is None
+    (tmp_path / "bad.json").write_text("{not json")
+    assert read_json(tmp_path / "bad.json") is None
+    write_json(tmp_path / "ok.json", {"a": (1, 2), "p": str(tmp_path)})
+    assert read_json(tmp_path / "ok.json") == jsonable({"a": (1, 2), "p": tmp_path}) == {"a": [1, 2], "p": str(tmp_path)}

@@ -61,7 +61,7 @@ import numpy as np
 import safetensors.numpy
 import torch
 
-from llmsrec.atomic import atomic_file, sha256_file, write_json
+from llmsrec.atomic import atomic_file, read_json, sha256_file, write_json
 from llmsrec.baselines import BASELINES, ViewScores, baseline_scores, fit_baseline, get_spec, view_scores
 from llmsrec.baselines.common import baseline_record, metrics_of, save_baseline
 from llmsrec.cache import open_cache
@@ -417,7 +417,7 @@ class RunAnalysis:
         d = self.out / "models" / f"{name}{'-shuffled-training' if shuffled_training else ''}-seed{seed}"
         stamp = self.baseline_stamp(name, seed, shuffled_training)
         views = stamp["views"]
-        o = _read_outputs(d, views) if _read_json(d / "analysis.json") == stamp else None
+        o = _read_outputs(d, views) if read_json(d / "analysis.json") == stamp else None
         if o is None:
             ds = self.training_dataset(shuffled_training)
             self.log(f"[analyze] training {d.name} ({self._budget()})")
@@ -480,13 +480,6 @@ class RunAnalysis:
         """The frozen LLM's own last-layer [UserOut] states of users 1..n (whatever the heads read)."""
         with open_cache(self.cache) as c:
             return np.asarray(c.user_hidden(view), dtype=np.float32)[1 : self.n + 1]
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _read_outputs(d: Path, views) -> Outputs | None:

@@ -36,7 +36,6 @@ end of training anyway; LLM-SRec has it when its cache holds the ``test-shuffled
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -46,7 +45,7 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 
-from llmsrec.atomic import atomic_file, sha256_file, write_json
+from llmsrec.atomic import atomic_file, jsonable, read_json, sha256_file, write_json
 from llmsrec.baselines import get_spec, train_baseline
 from llmsrec.baselines.common import SHUFFLE_SEED
 from llmsrec.cache import open_cache
@@ -108,20 +107,9 @@ def parse_models(text: str) -> list[str]:
     return [m for m in ALL_MODELS if m in names]
 
 
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=str))
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _reusable(run_dir: Path, request: dict, required: Iterable[str]) -> bool:
     """True when ``run_dir`` holds every ``required`` file and its request.json equals ``request``."""
-    return all((run_dir / f).is_file() for f in required) and _read_json(run_dir / REQUEST) == request
+    return all((run_dir / f).is_file() for f in required) and read_json(run_dir / REQUEST) == request
 
 
 def _summary(runs: dict[str, dict]) -> tuple[dict, dict]:
@@ -342,7 +330,7 @@ def compare(
     def cf_request(name: str, seed: int) -> dict:
         opts = {**model_options.get("*", {}), **model_options.get(name, {})}
         opts = {k: v for k, v in opts.items() if k in MODELS[name].options()}
-        return _jsonable({"model": name, "seed": seed, "train": cf_options, "model_options": opts,
+        return jsonable({"model": name, "seed": seed, "train": cf_options, "model_options": opts,
                           "data": ds.digest})
 
     def run_cf(name: str, seed: int) -> Path:
@@ -383,14 +371,14 @@ def compare(
         for seed in seeds:
             run_dir = run_cf(name, seed)
             ev = evaluate_cfsrec(ds, run_dir, device=device, expect=name)
-            trained = _read_json(run_dir / "results.json") or {}
+            trained = read_json(run_dir / "results.json") or {}
             runs[str(seed)] = {"valid": ev["valid"], "test": ev["test"],
                                "test-shuffled": cf_shuffled_metrics(ds, run_dir, history_window=window, device=device),
                                "dir": str(run_dir), "seconds": trained.get("seconds"),
                                "best_epoch": trained.get("best_epoch")}
         results["models"][name] = _entry(name, runs)
         if name == "ctrl":
-            results["ctrl"] = _jsonable({"text_encoder": cf_request(name, seeds[0])["model_options"].get(
+            results["ctrl"] = jsonable({"text_encoder": cf_request(name, seeds[0])["model_options"].get(
                 "text_encoder", MODELS["ctrl"].options()["text_encoder"]),
                 "align_epochs": cf_request(name, seeds[0])["model_options"].get("align_epochs", 0)})
 
@@ -399,7 +387,7 @@ def compare(
         runs = {str(seed): _run_recformer(ds, out, seed, r_opts, force=force, progress=progress, log=log)
                 for seed in seeds}
         results["models"]["recformer"] = _entry("recformer", runs)
-        results["recformer"] = _jsonable(next(iter(runs.values())).get("options", {}))
+        results["recformer"] = jsonable(next(iter(runs.values())).get("options", {}))
 
     teacher_dir = None
     ll_cache = cache
@@ -416,8 +404,8 @@ def compare(
         results["models"][name] = _entry(name, runs)
 
     if baselines:
-        info: dict = {"llm": _llm_name(llm), "options": _jsonable(b_opts), "lora": _jsonable(b_lora),
-                      "stage1": _jsonable(b_stage1)}
+        info: dict = {"llm": _llm_name(llm), "options": jsonable(b_opts), "lora": jsonable(b_lora),
+                      "stage1": jsonable(b_stage1)}
         b_teacher = None
         if any(get_spec(m).needs_sasrec for m in baselines):
             b_teacher, info["teacher"] = _baseline_teacher(cache, teacher, teacher_dir, seeds[0], out, run_cf)
@@ -446,9 +434,9 @@ def _baseline_teacher(cache, teacher, teacher_dir, seed0, out: Path, run_cf) -> 
     if cache is not None:
         with open_cache(cache) as reader:
             digest = reader.provenance.get("sasrec_sha256")
-        found = _find_teacher(digest, Path(cache), out)
+        found = find_teacher(digest, Path(cache), out)
         if found is not None:
-            name = (_read_json(found / "config.json") or {}).get("model", "sasrec")
+            name = (read_json(found / "config.json") or {}).get("model", "sasrec")
             return found, f"{DISPLAY.get(name, name)} ({found}), the checkpoint that built LLM-SRec's cache"
     name = teacher or "sasrec"
     d = run_cf(name, seed0)
@@ -465,7 +453,7 @@ def _run_recformer(ds, out: Path, seed: int, options: dict, *, force: bool, prog
         opts = asdict(RecformerOptions(**{**options, "seed": seed}))
     except (TypeError, ValueError) as e:
         raise InputError(f"recformer: {e}") from None
-    req = _jsonable({"model": "recformer", "seed": seed, "options": opts, "data": ds.digest})
+    req = jsonable({"model": "recformer", "seed": seed, "options": opts, "data": ds.digest})
     if not force and _reusable(run_dir, req, ("model.safetensors", "config.json", "results.json")):
         log(f"[recformer seed {seed}] reused {run_dir}")
     else:
@@ -479,7 +467,7 @@ def _run_recformer(ds, out: Path, seed: int, options: dict, *, force: bool, prog
 
 def _three_view_results(run_dir: Path) -> tuple[dict, dict]:
     """A run folder's ``results.json`` and its valid/test/test-shuffled metrics (InputError if missing)."""
-    res = _read_json(run_dir / "results.json") or {}
+    res = read_json(run_dir / "results.json") or {}
     try:
         entry = {split: {k: float(res[split][k]) for k in METRIC_KEYS} for split in ("valid", "test", "test-shuffled")}
     except (KeyError, TypeError):
@@ -493,7 +481,7 @@ def _run_baseline(ds, out: Path, name: str, seed: int, *, teacher_dir, llm, opti
     spec = get_spec(name)
     run_dir = out / f"{name}-seed{seed}"
     sas = Path(teacher_dir) if spec.needs_sasrec else None
-    req = _jsonable({"model": name, "seed": seed, "options": options, "lora": lora if spec.lora else None,
+    req = jsonable({"model": name, "seed": seed, "options": options, "lora": lora if spec.lora else None,
                      "stage1": stage1 if spec.options_cls is not None else None, "llm": _llm_name(llm),
                      "teacher_sha256": sha256_file(sas / "model.safetensors") if sas is not None else None,
                      "data": ds.digest})
@@ -523,11 +511,11 @@ def _run_llmsrec(ds, out: Path, *, seeds, cache, teacher, teacher_dir, llm, prec
         # shuffled-inference row
         popts = {"views": ["train", "valid", "test", "test-shuffled"], "readout_layers": "auto",
                  "prefixes": TrainConfig.from_options(**head_options).prefixes, **precompute_options}
-        req = _jsonable({"teacher": teacher, "teacher_dir": str(teacher_dir),
+        req = jsonable({"teacher": teacher, "teacher_dir": str(teacher_dir),
                          "teacher_sha256": sha256_file(Path(teacher_dir) / "model.safetensors"),
                          "llm": _llm_name(llm), "precompute": popts, "data": ds.digest})
         # same request: resume an unfinished build or find it complete; else rebuild
-        same = not force and _read_json(cache_dir / REQUEST) == req
+        same = not force and read_json(cache_dir / REQUEST) == req
         log(f"[llmsrec] {'checking' if same else 'building'} cache {cache} (teacher {teacher} seed {seeds[0]})")
         cache_dir.mkdir(parents=True, exist_ok=True)
         write_json(cache_dir / REQUEST, req)
@@ -550,7 +538,7 @@ def _run_llmsrec(ds, out: Path, *, seeds, cache, teacher, teacher_dir, llm, prec
     for seed in seeds:
         cfg = TrainConfig.from_options(**{**head_options, "seed": seed})
         run_dir = out / f"{name}-seed{seed}"
-        req = _jsonable({"model": name, "seed": seed, "heads": asdict(cfg), "cache_sha256": cache_digest,
+        req = jsonable({"model": name, "seed": seed, "heads": asdict(cfg), "cache_sha256": cache_digest,
                          "data": ds.digest})
         if not force and _reusable(run_dir, req, ("heads.safetensors", "results.json")):
             log(f"[{name} seed {seed}] reused {run_dir}")
@@ -559,13 +547,13 @@ def _run_llmsrec(ds, out: Path, *, seeds, cache, teacher, teacher_dir, llm, prec
             train_heads(ds, cache, run_dir, force=True, progress=progress, **asdict(cfg))
             write_json(run_dir / REQUEST, req)
         ev = evaluate_heads(ds, cache, run_dir, views=views)
-        trained = _read_json(run_dir / "results.json") or {}
+        trained = read_json(run_dir / "results.json") or {}
         runs[str(seed)] = {**{v: {k: float(ev[v][k]) for k in METRIC_KEYS} for v in views},
                            "dir": str(run_dir), "seconds": trained.get("train_seconds")}
     return info, runs
 
 
-def _find_teacher(digest: str | None, cache: Path, out: Path) -> Path | None:
+def find_teacher(digest: str | None, cache: Path, out: Path) -> Path | None:
     """A CF-SRec checkpoint whose weights have ``digest``, looked for in ``llmsrec run``'s
     layout (``cache/../sasrec``) and in OUT's run folders."""
     candidates = [cache.resolve().parent.parent / "sasrec", *sorted(out.glob("*-seed*"))]
@@ -577,10 +565,10 @@ def _find_teacher(digest: str | None, cache: Path, out: Path) -> Path | None:
 
 
 def _name_teacher(digest: str | None, cache: Path, out: Path) -> str:
-    """Describe the teacher of a given cache (:func:`_find_teacher`, else its digest)."""
-    d = _find_teacher(digest, cache, out)
+    """Describe the teacher of a given cache (:func:`find_teacher`, else its digest)."""
+    d = find_teacher(digest, cache, out)
     if d is not None:
-        name = (_read_json(d / "config.json") or {}).get("model", "sasrec")
+        name = (read_json(d / "config.json") or {}).get("model", "sasrec")
         return f"{DISPLAY.get(name, name)} ({d})"
     return f"the CF-SRec that built the cache (weights sha256 {str(digest)[:12]}...)"
 

@@ -25,7 +25,6 @@ A run whose ``request.json`` equals the current request is reused, not retrained
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from llmsrec.atomic import atomic_file, sha256_file, write_json
+from llmsrec.atomic import atomic_file, jsonable, read_json, sha256_file, write_json
 from llmsrec.baselines import get_spec
 from llmsrec.baselines.generative import GenOptions, gen_metrics, train_generative
 from llmsrec.cache import open_cache
@@ -44,7 +43,7 @@ from llmsrec.defaults import BASELINES
 from llmsrec.e2e.loop import eval_user_sample
 from llmsrec.errors import InputError
 from llmsrec.evaluate.analyses import change_ratio, shuffle_training_sequences
-from llmsrec.experiments.compare import _find_teacher, fresh_llm
+from llmsrec.experiments.compare import find_teacher, fresh_llm
 from llmsrec.precompute.prompts import build_view
 
 __all__ = ["GEN_MODELS", "compare_generative", "format_generative_md", "shuffled_copy"]
@@ -55,17 +54,6 @@ REQUEST = "request.json"
 #: seed of the shuffled-training copy (the retrieval analyses' default)
 SHUFFLE_TRAIN_SEED = 0
 SHOWN = ("HR@1", "NDCG@10")
-
-
-def _jsonable(x: Any) -> Any:
-    return json.loads(json.dumps(x, default=str))
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def shuffled_copy(ds, seed: int = SHUFFLE_TRAIN_SEED):
@@ -85,14 +73,14 @@ def _teacher(ds, out: Path, cache, seed: int, progress: bool, log, cf_options: d
             raise InputError(f"--cache {cache}: no such file")
         with open_cache(cache) as c:
             digest = c.provenance.get("sasrec_sha256")
-        found = _find_teacher(digest, Path(cache), out)
+        found = find_teacher(digest, Path(cache), out)
         if found is None:
             raise InputError(f"--cache {cache}: the SASRec that built it was found neither next to it nor in {out}")
         return found
     d = out / f"sasrec-seed{seed}"
     opts = {k: v for k, v in (cf_options or {}).items() if v is not None}
-    req = _jsonable({"model": "sasrec", "seed": seed, "options": opts, "data": ds.digest})
-    if not ((d / "model.safetensors").is_file() and _read_json(d / REQUEST) == req):
+    req = jsonable({"model": "sasrec", "seed": seed, "options": opts, "data": ds.digest})
+    if not ((d / "model.safetensors").is_file() and read_json(d / REQUEST) == req):
         log(f"[sasrec seed {seed}] training -> {d}")
         train_cfsrec(ds, d, model="sasrec", seed=seed, force=True, progress=progress, **opts)
         write_json(d / REQUEST, req)
@@ -101,15 +89,15 @@ def _teacher(ds, out: Path, cache, seed: int, progress: bool, log, cf_options: d
 
 def _sasrec_shuffled(ds, out: Path, teacher: Path, seed: int, cf_options: dict, progress: bool, log) -> Path:
     """SASRec trained on :func:`shuffled_copy` with the teacher's recorded options."""
-    done = _read_json(teacher / "results.json") or {}
+    done = read_json(teacher / "results.json") or {}
     tr, cfg = done.get("train", {}), done.get("config", {})
     opts = {k: tr[k] for k in ("epochs", "patience", "eval_every", "batch_size", "lr") if k in tr}
     opts.update({k: cfg[k] for k in ("hidden", "blocks", "heads", "dropout", "maxlen") if k in cfg})
     opts.update({k: v for k, v in cf_options.items() if v is not None})
     d = out / f"sasrec-shuffled-training-seed{seed}"
-    req = _jsonable({"model": "sasrec", "seed": seed, "options": opts, "data": ds.digest,
+    req = jsonable({"model": "sasrec", "seed": seed, "options": opts, "data": ds.digest,
                      "shuffled_training_seed": SHUFFLE_TRAIN_SEED})
-    if (d / "model.safetensors").is_file() and _read_json(d / REQUEST) == req:
+    if (d / "model.safetensors").is_file() and read_json(d / REQUEST) == req:
         log(f"[sasrec shuffled training seed {seed}] reused {d}")
         return d
     log(f"[sasrec shuffled training seed {seed}] training -> {d}")
@@ -194,7 +182,7 @@ def compare_generative(ds, out, *, models: Sequence[str] = GEN_MODELS, seeds: Se
             if shuffled_training else None,
             "change_ratio": "(shuffled - original) / original",
         },
-        "options": _jsonable(asdict(base)), "lora": _jsonable(lora or {}), "stage1": _jsonable(stage1 or {}),
+        "options": jsonable(asdict(base)), "lora": jsonable(lora or {}), "stage1": jsonable(stage1 or {}),
         "teacher": str(teacher), "seeds": seeds, "models": {},
     }
     for name in models:
@@ -232,12 +220,12 @@ def _run(ds, train_ds, out: Path, name: str, seed: int, kind: str, base: GenOpti
     d = out / f"gen-{name}{tag}-seed{seed}"
     views = ("test", "test-shuffled") if kind == "original" else ("test",)
     opts = {**asdict(base), "seed": seed, "llm": llm if isinstance(llm, str) else getattr(llm, "name", str(llm))}
-    req = _jsonable({"model": name, "seed": seed, "kind": kind, "options": opts,
+    req = jsonable({"model": name, "seed": seed, "kind": kind, "options": opts,
                      "lora": (lora or {}) if spec.lora else None,
                      "stage1": (stage1 or {}) if spec.options_cls is not None else None,
                      "teacher_sha256": teacher_sha if spec.needs_sasrec else None, "data": train_ds.digest,
                      "views": list(views)})
-    if not force and (d / "results.json").is_file() and _read_json(d / REQUEST) == req:
+    if not force and (d / "results.json").is_file() and read_json(d / REQUEST) == req:
         log(f"[{name} generative {kind} seed {seed}] reused {d}")
     else:
         log(f"[{name} generative {kind} seed {seed}] training -> {d}")
@@ -246,7 +234,7 @@ def _run(ds, train_ds, out: Path, name: str, seed: int, kind: str, base: GenOpti
                          stage1=stage1 if spec.options_cls is not None else None, force=True, progress=progress,
                          log=log)
         write_json(d / REQUEST, req)
-    res = _read_json(d / "results.json") or {}
+    res = read_json(d / "results.json") or {}
     try:
         got = {v: res[v] for v in views}
     except KeyError:
