@@ -140,6 +140,27 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         f.write("\n")
 
 
+def weights_digest(folder: str | os.PathLike, suffixes: tuple[str, ...], what: str) -> str:
+    """sha256 over a model folder's weight files: each file's name and sha256, in name order.
+
+    Args:
+        folder: the model folder (only its own files count, not subfolders).
+        suffixes: the weight-file suffixes, e.g. ``(".safetensors", ".bin")``.
+        what: the file kinds named by the error, e.g. ``"*.safetensors, *.bin"``.
+    Raises:
+        InputError: the folder holds no file with one of ``suffixes``.
+    """
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix in suffixes and p.is_file())
+    if not files:
+        raise InputError(f"{folder}: no weight files ({what}) found")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.name.encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """The JSON document in ``path``, or None when the file is missing, unreadable or not JSON
     (a record that is absent or damaged counts as no record: the caller recomputes)."""

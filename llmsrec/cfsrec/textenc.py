@@ -18,7 +18,6 @@ and, for MovieLens-100k, the release year and genres of the bundled RecBole item
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from llmsrec.atomic import atomic_dir, sha256_file, write_json
+from llmsrec.atomic import atomic_dir, sha256_file, weights_digest, write_json
 from llmsrec.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -214,17 +213,6 @@ class TextEncoder:
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
 
-def _digest(folder: Path) -> str:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
-    if not files:
-        raise InputError(f"{folder}: no weight files (*.safetensors, *.bin) found")
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode())
-        h.update(sha256_file(p).encode())
-    return h.hexdigest()
-
-
 def load_text_encoder(text_encoder: str | os.PathLike = DEFAULT_TEXT_ENCODER, device: str = "cpu") -> TextEncoder:
     """Load ``text_encoder`` (a bundled name or a local folder) with ``transformers``, offline.
 
@@ -251,7 +239,7 @@ def load_text_encoder(text_encoder: str | os.PathLike = DEFAULT_TEXT_ENCODER, de
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return TextEncoder(name=str(text_encoder), folder=folder, model=model.to(device).eval(), tokenizer=tok,
-                       pooling=pooling, normalize=normalize, max_length=max_length, digest=_digest(folder))
+                       pooling=pooling, normalize=normalize, max_length=max_length, digest=weights_digest(folder, (".safetensors", ".bin"), "*.safetensors, *.bin"))
 
 
 # --- item texts ------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from llmsrec.atomic import atomic_dir, follow_umask, sha256_file, write_json
+from llmsrec.atomic import atomic_dir, follow_umask, sha256_file, weights_digest, write_json
 from llmsrec.defaults import LLM
 from llmsrec.devices import hpu_lazy_mode, resolve_device  # noqa: F401  (re-exported)
 from llmsrec.distributed import local_device
@@ -69,17 +69,8 @@ def recorded_trust(record, options: dict, given: bool) -> bool:
 
 def _weights_digest(folder: Path) -> str:
     """sha256 over the weight files of a HF folder (names + bytes, sorted by name)."""
-    files = sorted(
-        p for p in folder.iterdir()
-        if p.suffix in (".safetensors", ".bin", ".gguf", ".pt", ".pth") and p.is_file()
-    )
-    if not files:
-        raise InputError(f"{folder}: no weight files (*.safetensors, *.bin, *.gguf) found")
-    h = hashlib.sha256()
-    for p in files:
-        h.update(p.name.encode())
-        h.update(sha256_file(p).encode())
-    return h.hexdigest()
+    return weights_digest(folder, (".safetensors", ".bin", ".gguf", ".pt", ".pth"),
+                          "*.safetensors, *.bin, *.gguf")
 
 
 @dataclass
