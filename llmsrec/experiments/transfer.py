@@ -34,6 +34,7 @@ import numpy as np
 
 from llmsrec.atomic import atomic_file, write_json
 from llmsrec.errors import InputError
+from llmsrec.pipeline import METRIC_KEYS
 
 MATCH_RULES = ("title", "id", "none")
 TRANSFER_VIEWS = ("valid", "test", "test-shuffled")
@@ -125,8 +126,6 @@ def reindex_item_table(model, mapping: np.ndarray):
 
 
 def _metrics(m: dict) -> dict:
-    from llmsrec.pipeline import METRIC_KEYS
-
     return {k: float(m[k]) for k in METRIC_KEYS}
 
 
@@ -227,10 +226,9 @@ def format_transfer_md(doc: dict) -> str:
              "", "| model | test HR@10 | test NDCG@10 | test HR@20 | test NDCG@20 | shuffled NDCG@10 | change |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in doc["models"].items():
-        t, s = r["test"], r.get("test-shuffled")
-        change = f"{(s['NDCG@10'] - t['NDCG@10']) / t['NDCG@10']:+.2%}" if s and t["NDCG@10"] else "-"
+        t, sh = r["test"], r.get("test-shuffled")
+        shuffled = "- | -" if not sh else f"{sh['NDCG@10']:.4f} | " + (
+            f"{(sh['NDCG@10'] - t['NDCG@10']) / t['NDCG@10']:+.2%}" if t["NDCG@10"] else "-")
         lines.append(f"| {name} | {t['HR@10']:.4f} | {t['NDCG@10']:.4f} | {t['HR@20']:.4f} | "
-                     f"{t['NDCG@20']:.4f} | {s['NDCG@10']:.4f} | {change} |" if s else
-                     f"| {name} | {t['HR@10']:.4f} | {t['NDCG@10']:.4f} | {t['HR@20']:.4f} | "
-                     f"{t['NDCG@20']:.4f} | - | - |")
+                     f"{t['NDCG@20']:.4f} | {shuffled} |")
     return "\n".join(lines) + "\n"
