@@ -234,6 +234,7 @@ def run_pipeline(
     sasrec_opts: dict | None = None,
     precompute_opts: dict | None = None,
     head_opts: dict | None = None,
+    step_dtype: str = "fp32",
     seed: int = 0,
     force: bool = False,
     progress: bool = True,
@@ -251,6 +252,9 @@ def run_pipeline(
         sasrec_opts: overrides of :data:`SASREC_DEFAULTS`.
         precompute_opts: overrides of :data:`PRECOMPUTE_DEFAULTS`.
         head_opts: :class:`llmsrec.heads.train.TrainConfig` fields (``None`` = default).
+        step_dtype: ``fp32`` (exact) or ``bf16``, the heads' training-step dtype
+            (:func:`llmsrec.heads.train.fit_heads`); part of the train stage's options
+            only when not ``fp32``, so existing fp32 runs stay reusable.
         seed: one seed for every stage (user sample, negatives, SASRec, shuffles, heads).
         force: rebuild every stage.
     Returns:
@@ -366,14 +370,15 @@ def run_pipeline(
     from llmsrec.heads.train import evaluate_heads, train_heads  # deferred: imports torch
 
     t = time.perf_counter()
-    st = Stage(run_dir, "train", asdict(cfg), {"data": ds.digest, "cache": file_digest(cache)})
+    train_opts = asdict(cfg) | ({"step_dtype": step_dtype} if step_dtype != "fp32" else {})
+    st = Stage(run_dir, "train", train_opts, {"data": ds.digest, "cache": file_digest(cache)})
     heads_dir = st.dir
     if not force and st.reusable(lambda: file_digest(heads_dir / "heads.safetensors")):
         stage_header("train", True, str(heads_dir))
     else:
         stage_header("train", False, f"train negatives {cfg.train_negatives}, lr {cfg.lr}, "
                                      f"up to {cfg.epochs} epochs")
-        train_heads(ds, cache, heads_dir, force=True, progress=progress, **asdict(cfg))
+        train_heads(ds, cache, heads_dir, force=True, progress=progress, step_dtype=step_dtype, **asdict(cfg))
         st.done(file_digest(heads_dir / "heads.safetensors"), time.perf_counter() - t)
     timings["train"] = round(time.perf_counter() - t, 3)
 

@@ -138,3 +138,15 @@ def test_run_end_to_end_and_reuse(tmp_path, monkeypatch):
         for view in ("test", "test-shuffled"):
             assert tr["models"][name][view] == pytest.approx(res4["models"][name][view], abs=1e-6), (name, view)
     assert "| LLM-SRec |" in r8.output
+
+    # --step-dtype bf16 is part of the train stage's options (fp32 runs record nothing, so
+    # runs made before the option stay reusable): only the heads retrain, and say so
+    assert "step_dtype" not in again["heads"]["options"]
+    r9 = CliRunner().invoke(main, ["run", "--dataset", "ml-100k", "--out", str(out), *QUICK, "--lr", "1e-3",
+                                   "--step-dtype", "bf16"])
+    assert r9.exit_code == 0, r9.output
+    for st in ("prepare", "sasrec", "precompute"):
+        assert f"[{st}] reused" in r9.output
+    assert "[train] running" in r9.output
+    assert json.loads((out / "heads" / "stage.json").read_text())["options"]["step_dtype"] == "bf16"
+    assert json.loads((out / "heads" / "heads_config.json").read_text())["step_dtype"] == "bf16"

@@ -16,6 +16,7 @@ from llmsrec.cli.options import (
     llm_options,
     parse_layers,
     parse_views,
+    step_dtype_option,
 )
 from llmsrec.defaults import PRECOMPUTE, PREPARE, SASREC_TRAINING
 from llmsrec.devices import resolve_device
@@ -56,12 +57,14 @@ from llmsrec.pipeline import format_results_md, run_pipeline
 @llm_options
 @cache_readout_options
 @head_options
+@step_dtype_option
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 @click.option("--force", is_flag=True, help="Rebuild every stage.")
 @config_option
 def run(dataset, inter, item, title_field, reviews, meta, kcore, num_negatives, max_users, skip_bad_lines,
         timestamp_unit, seed, llm, out, sasrec_epochs, sasrec_patience, sasrec_eval_every, views, history_window,
-        batch_tokens, device, dtype, threads, fi, readout_layers, template, no_progress, force, **kw) -> None:
+        batch_tokens, device, dtype, threads, fi, readout_layers, template, step_dtype, no_progress, force,
+        **kw) -> None:
     """prepare -> SASRec -> precompute -> train -> evaluate, reusing unchanged stages.
 
     \b
@@ -91,7 +94,7 @@ def run(dataset, inter, item, title_field, reviews, meta, kcore, num_negatives, 
                              device=device, dtype=dtype, threads=threads, fi=fi,
                              readout_layers=parse_layers(readout_layers), prefixes=head["prefixes"],
                              template=template),
-        head_opts=head, seed=seed, force=force, progress=not no_progress,
+        head_opts=head, step_dtype=step_dtype, seed=seed, force=force, progress=not no_progress,
         log=lambda m: click.echo(m, err=True),
     )
     write_config(click.get_current_context(), out)

