@@ -92,6 +92,11 @@ def test_models_parse_in_table_order():
         parse_transfer_models("sasrec,gru4rec")
     with pytest.raises(InputError, match="at least one"):
         parse_transfer_models(" , ")
+    # the CLI: the default rows are the two of before, the --llm4rec-* budget is compare's
+    opts = {name: {p.name: p.default for p in main.commands[name].params} for name in ("transfer", "compare")}
+    assert opts["transfer"]["models"] == "sasrec,llmsrec" and opts["transfer"]["seed"] == 0
+    budget = [k for k in opts["compare"] if k.startswith("llm4rec_")]
+    assert len(budget) == 6 and all(opts["transfer"][k] == opts["compare"][k] for k in budget)
 
 
 def test_self_transfer_equals_in_domain_evaluation(source, self_transfer):

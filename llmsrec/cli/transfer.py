@@ -42,7 +42,8 @@ from llmsrec.defaults import LLM
 @click.option("--threads", default=None, type=click.IntRange(min=1),
               help="torch CPU threads of the LLM forward [default: torch's choice].")
 @click.option("--trust-remote-code", is_flag=True,
-              help="Allow a local --llm folder's own modelling code (never implied by a file).")
+              help="LLM-SRec: allow the source cache's local LLM folder its own modelling code (never "
+                   "implied by a file).")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def transfer(source, data_dir, out, match, models, seed, llm, llm4rec_runs, batch_tokens, device, threads,
              trust_remote_code, no_progress, **kw) -> None:
