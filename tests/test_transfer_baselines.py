@@ -232,3 +232,37 @@ def test_cli_transfer_with_a_baseline(source, tmp_path):
     r = CliRunner().invoke(main, ["transfer", "--source", str(root), "--data", str(root / "data"), "--out", str(out),
                                   "--models", "sasrec,bert4rec"])
     assert r.exit_code == 2 and "unknown model 'bert4rec'" in r.output
+
+
+def test_all_six_models_on_a_tiny_run_onto_its_own_data(tmp_path):
+    """A whole `llmsrec run` on the tiny LLM (cache, heads), transferred onto its own data by id with
+    every model: SASRec and LLM-SRec score as in the run, each baseline as `evaluate --model`."""
+    from llmsrec.pipeline import run_pipeline
+
+    inter, titles = _interactions()
+    (tmp_path / "x.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\n"
+                                      + "".join(f"{u}\t{i}\t{t}\n" for u, i, t in inter))
+    (tmp_path / "x.item").write_text("item_id:token\ttitle:token_seq\n" + "".join(f"{i}\t{t}\n" for i, t in titles.items()))
+    llm_dir = _tiny_llama_folder(tmp_path / "tiny-llm", layers=1)
+    run = tmp_path / "run"
+    res = run_pipeline(run, dataset="atomic", files={"inter": str(tmp_path / "x.inter"), "item": str(tmp_path / "x.item")},
+                       llm=str(llm_dir), data_opts=dict(kcore=1, num_negatives=3),
+                       sasrec_opts=dict(epochs=2, eval_every=1, hidden=8, maxlen=10, batch_size=8),
+                       precompute_opts=dict(history_window=W, batch_tokens=TOKENS),
+                       head_opts=dict(epochs=1, hidden=16, d_out=8, cf_hidden=8, evals_per_epoch=1, batch_size=4),
+                       progress=False, log=lambda m: None)
+    budget = {k: v for k, v in BUDGET.items() if k != "history_window"}  # inherited from the run's cache
+    doc = run_transfer(run, run / "data", tmp_path / "self", match="id", models=TRANSFER_MODELS,
+                       llm4rec_options=budget, batch_tokens=TOKENS, progress=False, log=lambda m: None)
+    assert list(doc["models"]) == ["SASRec", "TALLRec", "LLaRA", "CoLLM", "A-LLMRec", "LLM-SRec"]
+    assert doc["llm4rec"]["llm"] == str(llm_dir) and doc["llm4rec"]["options"]["history_window"] == W
+    for name in ("SASRec", "LLM-SRec"):
+        for view in ("valid", "test"):
+            assert doc["models"][name][view] == pytest.approx(res["models"][name][view], abs=1e-6), (name, view)
+    assert set(doc["timings"]) == {"precompute", "evaluate", *BASELINES, "total"}
+    from llmsrec.data import load_prepared
+
+    ds = load_prepared(run / "data")
+    for name, display in (("tallrec", "TALLRec"), ("allmrec", "A-LLMRec")):
+        ev = evaluate_baseline_checkpoint(ds, tmp_path / "self" / f"{name}-seed0", batch_tokens=TOKENS)
+        assert doc["models"][display] == ev, name
