@@ -889,7 +889,8 @@ def read_baseline_config(checkpoint) -> dict:
 
 
 def load_baseline_checkpoint(ds, checkpoint, *, device: str = "cpu", llm: LoadedLLM | None = None,
-                             batch_tokens: int = LLM["batch_tokens"], views=EVAL_VIEWS, expect: str | None = None) -> BaselineTrainer:
+                             batch_tokens: int = LLM["batch_tokens"], views=EVAL_VIEWS, expect: str | None = None,
+                             teacher=None, other_dataset: bool = False) -> BaselineTrainer:
     """Rebuild a trained baseline for scoring: the base LLM (as recorded) with the saved LoRA
     weights injected, the CF-SRec outputs, f_I/f_U/tokens and the heads. The CF-SRec is the
     checkpoint's own ``teacher/`` copy, else (older checkpoints) the folder it recorded.
@@ -901,12 +902,19 @@ def load_baseline_checkpoint(ds, checkpoint, *, device: str = "cpu", llm: Loaded
         views: views to score, of ``valid test valid-shuffled test-shuffled`` (``train`` is
             prepared as well).
         expect: the ``--model`` name the caller asked for (a different model is an error).
+        teacher: a CF-SRec (folder or module) used instead of the checkpoint's own
+            (LLaRA, CoLLM, A-LLMRec; ignored for TALLRec).
+        other_dataset: score the model on a dataset it was not trained on (cross-domain
+            transfer, :mod:`llmsrec.experiments.transfer`): the dataset and CF-SRec digest
+            checks are skipped, and a model that reads a CF-SRec needs ``teacher``, one
+            whose item table is indexed by ``ds``'s items.
     Returns:
         A :class:`BaselineTrainer` in eval mode (``evaluate``, ``item_states``,
         ``user_states``; :func:`view_scores`).
     Raises:
         InputError: not a baseline checkpoint, another model than ``expect``, its dataset,
-            LLM or CF-SRec no longer match, or an old checkpoint's teacher folder is gone.
+            LLM or CF-SRec no longer match, or an old checkpoint's teacher folder is gone;
+            ``other_dataset`` without ``teacher`` for a model that reads a CF-SRec.
     """
     ckpt = Path(checkpoint)
     bad = [v for v in views if v not in ("valid", "test", "valid-shuffled", "test-shuffled")]
@@ -917,12 +925,15 @@ def load_baseline_checkpoint(ds, checkpoint, *, device: str = "cpu", llm: Loaded
     spec = get_spec(b["model"])
     if expect is not None and expect != spec.name:
         raise InputError(f"{ckpt}: a {spec.name} checkpoint, not {expect} (use --model {spec.name})")
-    if prov.get("dataset_sha256") != ds.digest:
+    if not other_dataset and prov.get("dataset_sha256") != ds.digest:
         raise InputError(f"{ckpt}: trained on dataset {str(prov.get('dataset_sha256'))[:12]}..., "
                          f"{ds.root} has {ds.digest[:12]}...")
     sasrec = None
     if spec.needs_sasrec:
-        sasrec = checkpoint_teacher(ckpt, prov)
+        if other_dataset and teacher is None:
+            raise InputError(f"{ckpt}: scoring a {spec.name} checkpoint on other data needs its CF-SRec "
+                             f"re-indexed to that data's items")
+        sasrec = teacher if teacher is not None else checkpoint_teacher(ckpt, prov)
     if llm is None:
         llm = load_llm(e["llm"], device=device, dtype=e.get("dtype"))
     if llm.weights_digest != prov.get("model_weights_sha256"):
@@ -933,7 +944,7 @@ def load_baseline_checkpoint(ds, checkpoint, *, device: str = "cpu", llm: Loaded
     views = tuple(dict.fromkeys(("train", *views)))
     data = load_baseline_data(ds, sasrec, llm, spec.name, history_window=e["history_window"], verb=prov["verb"],
                               views=views, shuffle_seed=prov.get("shuffle_seed", SHUFFLE_SEED))
-    if data.provenance["sasrec_sha256"] != prov.get("sasrec_sha256"):
+    if not other_dataset and data.provenance["sasrec_sha256"] != prov.get("sasrec_sha256"):
         raise InputError(f"{ckpt}: provenance field 'sasrec_sha256' differs from {sasrec}")
     features = data.E
     if spec.load_item_features is not None:

@@ -413,7 +413,7 @@ def compare(
         for name in baselines:
             runs = {}
             for seed in seeds:
-                runs[str(seed)] = _run_baseline(ds, out, name, seed, teacher_dir=b_teacher, llm=llm, options=b_opts,
+                runs[str(seed)] = run_baseline(ds, out, name, seed, teacher_dir=b_teacher, llm=llm, options=b_opts,
                                                 lora=b_lora, stage1=b_stage1, force=force, progress=progress,
                                                 log=log)
             results["models"][name] = _entry(name, runs)
@@ -475,9 +475,20 @@ def _three_view_results(run_dir: Path) -> tuple[dict, dict]:
     return res, entry
 
 
-def _run_baseline(ds, out: Path, name: str, seed: int, *, teacher_dir, llm, options: dict, lora: dict,
-                  stage1: dict, force: bool, progress: bool, log) -> dict:
-    """Train (or reuse) one LLM4Rec baseline run and return its compare entry."""
+def run_baseline(ds, out: Path, name: str, seed: int, *, teacher_dir, llm, options: dict, lora: dict,
+                 stage1: dict, force: bool, progress: bool, log) -> dict:
+    """Train (or reuse) one LLM4Rec baseline run, ``OUT/<name>-seed<k>``, and return its compare entry.
+
+    Args:
+        ds: ``PreparedDataset``; name: one of :data:`LLM4REC_MODELS`; teacher_dir: the CF-SRec
+            folder (ignored by TALLRec); llm: a name, folder or ``LoadedLLM`` (deep-copied);
+            options, lora, stage1: :func:`llm4rec_train_options`'s three parts.
+    Returns:
+        ``{"valid", "test", "test-shuffled"}`` metrics on ``ds`` and ``"dir"``, ``"seconds"``,
+        ``"steps"``, ``"epochs_run"``, ``"valid_users"``. A folder whose ``request.json``
+        equals this request (model, seed, options, LLM name, teacher weights, dataset) is
+        reused, not retrained.
+    """
     spec = get_spec(name)
     run_dir = out / f"{name}-seed{seed}"
     sas = Path(teacher_dir) if spec.needs_sasrec else None
