@@ -58,9 +58,6 @@ __all__ = ["PER_VARIANT", "stack_key", "stack_groups", "fit_stacked"]
 PER_VARIANT = frozenset({"seed", "lr", "beta1", "beta2", "weight_decay", "lr_decay", "distill", "uniform",
                          "retrieval_weight", "distill_weight", "uniform_weight", "contrastive_temperature"})
 
-_EPS = 1e-8  # torch.optim.Adam's default eps, which fit_heads uses
-
-
 def stack_key(cfg: TrainConfig) -> str:
     """The fields of ``cfg`` that variants trained together must share (not :data:`PER_VARIANT`),
     as a JSON string: two configurations can be stacked iff their keys are equal."""
@@ -115,71 +112,77 @@ def _rows(x, idx):
 
 
 class _Stack:
-    """The stacked parameters and Adam state of the variants still training."""
+    """The stacked parameters and the Adam state of the variants still training.
 
-    def __init__(self, heads: list[LLMSRecHeads], cfgs: list[TrainConfig]):
-        self.names = [n for n, _ in heads[0].named_parameters()]
+    A matrix of a linear layer, ``(out, in)`` in the heads, is stored as ``(V, in, out)`` and
+    handed to the heads as its transpose (a view): the batched products then give its
+    gradient in the stored layout, without a transposing copy at every step. Adam is torch's
+    (fused where available, as :func:`~llmsrec.heads.train.fit_heads` runs it), one parameter
+    group per variant over views of the stacked tensors, so each variant gets its own lr,
+    betas, weight decay and lr decay, and a parameter without gradient (f_CF-user without
+    L_Distill) is skipped as it is alone.
+    """
+
+    def __init__(self, heads: list[nn.Module], cfgs: list[TrainConfig]):
         per = [dict(h.named_parameters()) for h in heads]
-        self.params = {n: torch.stack([p[n].detach() for p in per]).requires_grad_() for n in self.names}
-        self.m = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        self.v = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        self.steps = 0
-        f64 = dict(dtype=torch.float64)
-        self.lr = torch.tensor([c.lr for c in cfgs], **f64)
-        self.lr_decay = torch.tensor([c.lr_decay for c in cfgs], **f64)
-        self.beta1 = torch.tensor([c.beta1 for c in cfgs], **f64)
-        self.beta2 = torch.tensor([c.beta2 for c in cfgs], **f64)
-        self.wd = torch.tensor([c.weight_decay for c in cfgs], **f64)
-        # a variant without L_Distill gives f_CF-user no gradient: torch's Adam then skips it
-        self.frozen_cf = torch.tensor([c.distill == "none" for c in cfgs])
+        names = list(per[0])
+        self.flip = {n for n in names if n.endswith(".weight") and per[0][n].dim() == 2}
+        self.params = {n: torch.stack([p[n].detach().T if n in self.flip else p[n].detach() for p in per]).contiguous()
+                       .requires_grad_() for n in names}
+        self.cfgs = list(cfgs)
+        self.opt = self._adam([{} for _ in cfgs])
+
+    def _adam(self, states: list[dict]) -> torch.optim.Optimizer:
+        """A fresh optimizer over views of ``self.params``; ``states``: per variant, name -> Adam state."""
+        self.views = {n: list(p.detach().unbind(0)) for n, p in self.params.items()}
+        groups = [{"params": [self.views[n][i] for n in self.params], "lr": c.lr, "betas": (c.beta1, c.beta2),
+                   "weight_decay": c.weight_decay} for i, c in enumerate(self.cfgs)]
+        try:  # as fit_heads: the fused CPU kernel
+            opt = torch.optim.Adam(groups, fused=True)
+        except (RuntimeError, TypeError):
+            opt = torch.optim.Adam(groups)
+        for i, st in enumerate(states):
+            for n, v in st.items():
+                opt.state[self.views[n][i]] = v
+        return opt
+
+    def module_params(self) -> dict[str, torch.Tensor]:
+        """The stacked parameters as the heads' names and shapes (``(V, out, in)`` views for matrices)."""
+        return {n: p.transpose(1, 2) if n in self.flip else p for n, p in self.params.items()}
 
     def keep(self, idx: list[int]) -> None:
-        """Keep only the variants at positions ``idx`` (in that order)."""
+        """Keep only the variants at positions ``idx`` (in that order), with their Adam state and lr."""
+        states = [{n: self.opt.state[self.views[n][i]] for n in self.params if self.views[n][i] in self.opt.state}
+                  for i in idx]
+        lrs = [self.opt.param_groups[i]["lr"] for i in idx]
         ix = torch.tensor(idx, dtype=torch.long)
         self.params = {n: p.detach()[ix].requires_grad_() for n, p in self.params.items()}
-        self.m = {n: t[ix] for n, t in self.m.items()}
-        self.v = {n: t[ix] for n, t in self.v.items()}
-        for a in ("lr", "lr_decay", "beta1", "beta2", "wd", "frozen_cf"):
-            setattr(self, a, getattr(self, a)[ix])
+        self.cfgs = [self.cfgs[i] for i in idx]
+        self.opt = self._adam(states)
+        for g, lr in zip(self.opt.param_groups, lrs):
+            g["lr"] = lr
 
     def state(self, i: int) -> dict[str, torch.Tensor]:
         """Variant ``i``'s parameters as an ``LLMSRecHeads`` state dict (copies)."""
-        return {n.removeprefix("heads."): p[i].detach().clone() for n, p in self.params.items()}
+        return {n.removeprefix("heads."): (p[i].T if n in self.flip else p[i]).detach().clone()
+                for n, p in self.params.items()}
 
     def adam_step(self) -> None:
-        """One Adam update of every variant (torch.optim.Adam's formula, eps 1e-8, no amsgrad)."""
-        self.steps += 1
-        t = self.steps
-        b1, b2 = self.beta1, self.beta2
-        bc1 = 1 - b1 ** t
-        bc2_sqrt = (1 - b2 ** t).sqrt()
-        step_size = (self.lr / bc1).float()
-        one_m_b1, b2f, one_m_b2 = (1 - b1).float(), b2.float(), (1 - b2).float()
-        bc2f, wd = bc2_sqrt.float(), self.wd.float()
-        uniform = bool((b1 == b1[0]).all() and (b2 == b2[0]).all())
-        with torch.no_grad():
-            for n, p in self.params.items():
-                g = p.grad
-                if g is None:
-                    continue
-                shape = (-1,) + (1,) * (p.dim() - 1)
-                if bool((wd != 0).any()):
-                    g = g + wd.view(shape) * p
-                m, v = self.m[n], self.v[n]
-                if uniform:  # the usual case: scalar betas, as torch's kernel takes them
-                    m.lerp_(g, float(one_m_b1[0]))
-                    v.mul_(float(b2f[0])).addcmul_(g, g, value=float(one_m_b2[0]))
-                else:
-                    m.lerp_(g, one_m_b1.view(shape).expand_as(m))
-                    v.mul_(b2f.view(shape)).add_(g * g * one_m_b2.view(shape))
-                denom = (v.sqrt() / bc2f.view(shape)).add_(_EPS)
-                upd = m / denom * step_size.view(shape)
-                if n.startswith("heads.f_cf_user.") and bool(self.frozen_cf.any()):
-                    upd[self.frozen_cf] = 0
-                    m[self.frozen_cf] = 0
-                    v[self.frozen_cf] = 0
-                p.sub_(upd)
-                p.grad = None
+        """One Adam step of every variant on the stacked gradients (then cleared)."""
+        for n, p in self.params.items():
+            g = p.grad
+            cf = n.startswith("heads.f_cf_user.")
+            for i, (view, c) in enumerate(zip(self.views[n], self.cfgs)):
+                view.grad = None if g is None or (cf and c.distill == "none") else g[i]
+        self.opt.step()
+        for n, p in self.params.items():
+            p.grad = None
+            for view in self.views[n]:
+                view.grad = None
+
+    def decay_lr(self) -> None:
+        for g, c in zip(self.opt.param_groups, self.cfgs):
+            g["lr"] *= c.lr_decay
 
 
 class _Track:
@@ -263,7 +266,7 @@ def fit_stacked(data: CachedTensors, configs: list[TrainConfig], *, step_dtype: 
         """vmap over the variant axis of the parameters (and of the inputs with dim 0)."""
         dims = (0, None if hu is None else hu_dim, None if hi is None else hi_dim, None if ocf is None else 0)
         outs = tuple(None if x is None else 0 for x in (hu, hi, ocf))
-        return torch.func.vmap(heads_fn, in_dims=dims, out_dims=outs)(stack.params, hu, hi, ocf)
+        return torch.func.vmap(heads_fn, in_dims=dims, out_dims=outs)(stack.module_params(), hu, hi, ocf)
 
     tracks = [_Track(i, c) for i, c in enumerate(cfgs)]
     active = list(tracks)
@@ -360,7 +363,7 @@ def fit_stacked(data: CachedTensors, configs: list[TrainConfig], *, step_dtype: 
                     tr.epochs_run = epoch + b / n_batches
                 else:
                     keep.append(j)
-            stack.lr = stack.lr * stack.lr_decay
+            stack.decay_lr()
             if len(keep) < len(active):
                 stack.keep(keep)
                 active = [active[j] for j in keep]
