@@ -20,8 +20,9 @@ the file keep the run's own head options (``--run``) or the trainer defaults.
 Outputs in ``OUT``: ``sweep.jsonl`` (one line per variant, appended as each finishes, so a
 rerun skips variants already there), ``sweep.md`` (variants sorted by the validation
 metric), ``sweep.png`` (validation NDCG@10 against the most influential option) and
-``best/`` (the best variant retrained, deterministic, saved like ``llmsrec train``'s output
-with its one test evaluation).
+``best/`` (the best variant saved like ``llmsrec train``'s output with its one test
+evaluation: its heads as this process trained them alone, or retrained when they were trained
+stacked, in a worker or by an earlier run; training is deterministic, so both give the same heads).
 
 ``stack`` (``--stack N``) trains up to N variants that differ only in how they are optimised
 together in one process (:mod:`llmsrec.heads.stacked`), sharing one read of the cache.
@@ -147,20 +148,21 @@ def _fit_record(fit, seconds: float) -> dict:
             "seconds": round(seconds, 3)}
 
 
-def _fit_one(cfg_dict: dict) -> dict:
-    cfg = TrainConfig(**cfg_dict)
-    fit = fit_heads(_data_for(cfg), cfg, progress=False)
-    return _fit_record(fit, fit.seconds)
+def _fit_group(cfg_dicts: list[dict], keep: bool = False):
+    """Variants of one stack (:func:`llmsrec.heads.stacked.stack_groups`) trained together, or
+    alone in a group of one. Each record's ``seconds`` is its share of the group's.
 
-
-def _fit_group(cfg_dicts: list[dict]) -> list[dict]:
-    """Variants of one stack (:func:`llmsrec.heads.stacked.stack_groups`) trained together; a
-    group of one is :func:`_fit_one`. Each record's ``seconds`` is its share of the group's."""
-    if len(cfg_dicts) == 1:
-        return [_fit_one(cfg_dicts[0])]
+    Returns:
+        the records; with ``keep``, (records, the FitResults) (in process only: the heads
+        do not cross a process boundary).
+    """
     cfgs = [TrainConfig(**d) for d in cfg_dicts]
-    fits = fit_stacked(_data_for(cfgs[0]), cfgs)
-    return [_fit_record(f, f.seconds / len(fits)) for f in fits]
+    if len(cfgs) == 1:
+        fits = [fit_heads(_data_for(cfgs[0]), cfgs[0], progress=False)]
+    else:
+        fits = fit_stacked(_data_for(cfgs[0]), cfgs)
+    recs = [_fit_record(f, f.seconds / len(fits)) for f in fits]
+    return (recs, fits) if keep else recs
 
 
 def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1, stack: int = 1,
@@ -225,10 +227,14 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
         bar.set_postfix({select: f"{res['valid'][select]:.4f}"})
 
     _SOURCE, _DATA = (ds, cache, ("valid", "test")), {}
+    kept = None  # (config key, FitResult) of the best variant trained in this process so far
     if todo and jobs == 1:
         for group in groups:
-            for (varied, cfg), res in zip(group, _fit_group([asdict(c) for _, c in group])):
+            recs, fits = _fit_group([asdict(c) for _, c in group], keep=True)
+            for (varied, cfg), res, fit in zip(group, recs, fits):
                 record(varied, cfg, res)
+                if kept is None or res["valid"][select] > kept[1].best["metrics"][select]:
+                    kept = (_key(cfg), fit)
     elif todo:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
@@ -250,10 +256,14 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
     except (OSError, ValueError, KeyError):
         test = None
     if test is None:
-        log(f"sweep: retraining the best variant {best['options']} and testing it once")
+        # the best variant's heads when this process trained it alone (fit_heads is
+        # deterministic: training it again gives the same heads), else trained again
+        reuse = kept is not None and kept[0] == _key(best_cfg) and stack == 1
+        log(f"sweep: {'writing' if reuse else 'retraining'} the best variant {best['options']} and testing it once")
         _SOURCE = (ds, cache, ("valid", "test"))  # the best is tested once: load test too
         _DATA = {k: v for k, v in _DATA.items() if "test" in v.eval_hidden}
-        res = train_on_tensors(_data_for(best_cfg), best_dir, best_cfg, force=True, progress=False)
+        res = train_on_tensors(_data_for(best_cfg), best_dir, best_cfg, force=True, progress=False,
+                               fit=kept[1] if reuse else None)
         test = res["test"]
     summary = {"variants": len(variants), "trained": len(todo), "select_metric": select,
                "best": {**best, "test": test}, "seconds": round(train_seconds, 2),
