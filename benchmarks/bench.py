@@ -147,12 +147,20 @@ def bench_heads_default() -> None:
     b.bench()
 
 
+def bench_rerun() -> None:
+    """A head-only rerun of the demo: its parts, fp32 vs --step-dtype bf16, and the FLOP floor."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_rerun as b
+
+    b.bench()
+
+
 def bench_sweep() -> None:
-    """Head-sweep throughput on the ml-100k cache: variants per minute, 1 vs 2 processes."""
+    """Head sweep on the ml-100k cache (the demo's grid, reduced schedule): one variant at a time vs --stack."""
     sys.path.insert(0, str(Path(__file__).parent))
     import bench_sweep as b
 
-    b.bench()
+    b.bench(samples=400, epochs=1, reps=2)  # the demo's own schedule is hours per path
 
 
 def bench_e2e() -> None:
@@ -180,7 +188,7 @@ def bench_llm4rec() -> None:
 
 
 BENCHES = [bench_ranking_metrics, bench_sasrec_epoch, bench_precompute, bench_prefixes, bench_heads,
-           bench_heads_default, bench_sweep, bench_e2e,
+           bench_heads_default, bench_rerun, bench_sweep, bench_e2e,
            bench_distributed, bench_llm4rec]
 
 

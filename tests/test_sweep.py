@@ -94,3 +94,23 @@ def test_jobs_give_the_same_records(ds, tmp_path):  # noqa: F811
     for x, y in zip(ra, rb):
         assert x["valid"] == pytest.approx(y["valid"], abs=1e-6) and x["best_step"] == y["best_step"]
     assert a["best"]["test"] == pytest.approx(b["best"]["test"])
+
+
+def test_stacked_sweep_gives_the_same_records(ds, tmp_path):  # noqa: F811
+    cache = write_cache(tmp_path / "c.h5", ds)
+    g = tmp_path / "g.toml"
+    g.write_text(GRID.replace("uniform = [true, false]", 'distill = ["mse", "none"]\nseed = [0, 1]'))
+    ma, mb = [], []
+    a = sweep(ds, cache, g, tmp_path / "a", progress=False, log=ma.append)
+    b = sweep(ds, cache, g, tmp_path / "b", stack=3, progress=False, log=mb.append)
+    assert "3 stacks of up to 3" in mb[0] and b["stack"] == 3 and "stack" not in a
+    # alone, the best variant's heads are written as trained; stacked, it is retrained alone
+    assert "writing the best variant" in ma[-1] and "retraining the best variant" in mb[-1]
+    ra, rb = ([json.loads(x) for x in (tmp_path / d / "sweep.jsonl").read_text().splitlines()] for d in "ab")
+    assert [r["options"] for r in ra] == [r["options"] for r in rb]
+    for x, y in zip(ra, rb):
+        assert x["valid"] == pytest.approx(y["valid"], abs=1e-6) and x["best_step"] == y["best_step"]
+        assert x["steps"] == y["steps"] and x["stopped_early"] == y["stopped_early"]
+    assert a["best"]["options"] == b["best"]["options"] and a["best"]["test"] == pytest.approx(b["best"]["test"])
+    with pytest.raises(InputError, match="--stack 0"):
+        sweep(ds, cache, g, tmp_path / "c", stack=0, progress=False, log=lambda m: None)

@@ -247,9 +247,12 @@ def _run_parts(run_dir, data_dir, cache):
               help="Output folder [default: RUN/sweep]; its sweep.jsonl is resumed.")
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
               help="Worker processes, each with CPUs/jobs torch threads.")
+@click.option("--stack", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Train up to N variants that differ only in seed, lr, loss switches or weights together "
+                   "(stacked parameters, one pass over the batches); same records up to float rounding.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @config_option
-def sweep(run_dir, data_dir, cache, grid_path, out, jobs, no_progress) -> None:
+def sweep(run_dir, data_dir, cache, grid_path, out, jobs, stack, no_progress) -> None:
     """Train every head variant of a TOML grid on one cache (no LLM run) and test the best once.
 
     \b
@@ -274,7 +277,7 @@ def sweep(run_dir, data_dir, cache, grid_path, out, jobs, no_progress) -> None:
         if not run_dir:
             raise click.UsageError("--out is required with --data/--cache")
         out = f"{run_dir}/sweep"
-    res = run_sweep(data, cache_path, grid_path, out, base=base, jobs=jobs, progress=not no_progress,
+    res = run_sweep(data, cache_path, grid_path, out, base=base, jobs=jobs, stack=stack, progress=not no_progress,
                     log=lambda m: click.echo(m, err=True))
     b = res["best"]
     click.echo(f"best of {res['variants']}: {b['options']} valid {res['select_metric']} "

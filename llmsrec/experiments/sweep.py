@@ -20,8 +20,12 @@ the file keep the run's own head options (``--run``) or the trainer defaults.
 Outputs in ``OUT``: ``sweep.jsonl`` (one line per variant, appended as each finishes, so a
 rerun skips variants already there), ``sweep.md`` (variants sorted by the validation
 metric), ``sweep.png`` (validation NDCG@10 against the most influential option) and
-``best/`` (the best variant retrained, deterministic, saved like ``llmsrec train``'s output
-with its one test evaluation).
+``best/`` (the best variant saved like ``llmsrec train``'s output with its one test
+evaluation: its heads as this process trained them alone, or retrained when they were trained
+stacked, in a worker or by an earlier run; training is deterministic, so both give the same heads).
+
+``stack`` (``--stack N``) trains up to N variants that differ only in how they are optimised
+together in one process (:mod:`llmsrec.heads.stacked`), sharing one read of the cache.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from tqdm.auto import tqdm
 from llmsrec.atomic import atomic_file, write_json
 from llmsrec.data import load_prepared
 from llmsrec.errors import InputError
+from llmsrec.heads.stacked import fit_stacked, stack_groups
 from llmsrec.heads.train import TrainConfig, fit_heads, load_cached_tensors, train_on_tensors
 
 __all__ = ["load_grid", "expand_grid", "sweep"]
@@ -136,17 +141,32 @@ def _data_for(cfg: TrainConfig):
     return _DATA[key]
 
 
-def _fit_one(cfg_dict: dict) -> dict:
-    cfg = TrainConfig(**cfg_dict)
-    fit = fit_heads(_data_for(cfg), cfg, progress=False)
+def _fit_record(fit, seconds: float) -> dict:
     return {"best_validation": fit.best["validation"], "best_step": fit.best["step"],
             "best_epoch": fit.best["epoch"], "steps": fit.steps, "epochs_run": fit.epochs_run,
             "stopped_early": fit.stopped_early, "valid": fit.best["metrics"],
-            "seconds": round(fit.seconds, 3)}
+            "seconds": round(seconds, 3)}
 
 
-def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1, progress: bool = True,
-          log: Callable[[str], None] = print) -> dict:
+def _fit_group(cfg_dicts: list[dict], keep: bool = False):
+    """Variants of one stack (:func:`llmsrec.heads.stacked.stack_groups`) trained together, or
+    alone in a group of one. Each record's ``seconds`` is its share of the group's.
+
+    Returns:
+        the records; with ``keep``, (records, the FitResults) (in process only: the heads
+        do not cross a process boundary).
+    """
+    cfgs = [TrainConfig(**d) for d in cfg_dicts]
+    if len(cfgs) == 1:
+        fits = [fit_heads(_data_for(cfgs[0]), cfgs[0], progress=False)]
+    else:
+        fits = fit_stacked(_data_for(cfgs[0]), cfgs)
+    recs = [_fit_record(f, f.seconds / len(fits)) for f in fits]
+    return (recs, fits) if keep else recs
+
+
+def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1, stack: int = 1,
+          progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Train every variant of a grid on the cache; write the sweep files; test the best once.
 
     Args:
@@ -155,9 +175,15 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
         out: output folder (created; ``sweep.jsonl`` in it is resumed).
         base: head options the grid starts from (``llmsrec sweep --run`` passes the run's).
         jobs: worker processes (each with ``cpus // jobs`` torch threads); 1 = in process.
+        stack: up to this many variants that differ only in how they are optimised
+            (:data:`llmsrec.heads.stacked.PER_VARIANT`: seed, lr, loss switches and weights, ...)
+            train together in one process (:func:`llmsrec.heads.stacked.fit_stacked`); their
+            records equal those of training each alone up to float rounding. 1 (default) =
+            one variant at a time.
     Returns:
         ``{"variants": n, "trained": n trained now, "best": the best line + "test",
-        "seconds": wall s, "variants_per_minute": of the variants trained now}``.
+        "seconds": wall s, "variants_per_minute": of the variants trained now}``, and
+        ``"stack"`` when ``stack`` > 1.
     Raises:
         InputError: bad grid, options or cache.
     """
@@ -166,6 +192,7 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
     variants = expand_grid(grid, fixed, base)
     if jobs < 1:
         raise InputError("--jobs must be >= 1")
+    stack_groups([], stack)  # InputError for a stack < 1, before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lines_path = out / "sweep.jsonl"
@@ -181,8 +208,10 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
                 raise InputError(f"{lines_path} line {n}: not a sweep record (delete the line or the file)") from None
     todo = [(v, c) for v, c in variants if _key(c) not in done]
     select = variants[0][1].select_metric
+    groups = [[todo[i] for i in g] for g in stack_groups([c for _, c in todo], stack)]
     log(f"sweep: {len(variants)} variants, {len(variants) - len(todo)} already in {lines_path.name}, "
-        f"{len(todo)} to train ({jobs} process{'es' if jobs > 1 else ''})")
+        f"{len(todo)} to train ({jobs} process{'es' if jobs > 1 else ''}"
+        + (f", {len(groups)} stack{'s' if len(groups) > 1 else ''} of up to {stack}" if stack > 1 else "") + ")")
     global _SOURCE, _DATA
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc="sweep", unit="variant", disable=not progress)
@@ -198,17 +227,22 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
         bar.set_postfix({select: f"{res['valid'][select]:.4f}"})
 
     _SOURCE, _DATA = (ds, cache, ("valid", "test")), {}
+    kept = None  # (config key, FitResult) of the best variant trained in this process so far
     if todo and jobs == 1:
-        for varied, cfg in todo:
-            record(varied, cfg, _fit_one(asdict(cfg)))
+        for group in groups:
+            recs, fits = _fit_group([asdict(c) for _, c in group], keep=True)
+            for (varied, cfg), res, fit in zip(group, recs, fits):
+                record(varied, cfg, res)
+                if kept is None or res["valid"][select] > kept[1].best["metrics"][select]:
+                    kept = (_key(cfg), fit)
     elif todo:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                  initargs=(str(ds.root), str(cache), threads)) as pool:
-            futs = {pool.submit(_fit_one, asdict(c)): (v, c) for v, c in todo}
+            futs = {pool.submit(_fit_group, [asdict(c) for _, c in g]): g for g in groups}
             for f in as_completed(futs):
-                v, c = futs[f]
-                record(v, c, f.result())
+                for (v, c), res in zip(futs[f], f.result()):
+                    record(v, c, res)
     bar.close()
     train_seconds = time.perf_counter() - t0
 
@@ -222,14 +256,20 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
     except (OSError, ValueError, KeyError):
         test = None
     if test is None:
-        log(f"sweep: retraining the best variant {best['options']} and testing it once")
+        # the best variant's heads when this process trained it alone (fit_heads is
+        # deterministic: training it again gives the same heads), else trained again
+        reuse = kept is not None and kept[0] == _key(best_cfg) and stack == 1
+        log(f"sweep: {'writing' if reuse else 'retraining'} the best variant {best['options']} and testing it once")
         _SOURCE = (ds, cache, ("valid", "test"))  # the best is tested once: load test too
         _DATA = {k: v for k, v in _DATA.items() if "test" in v.eval_hidden}
-        res = train_on_tensors(_data_for(best_cfg), best_dir, best_cfg, force=True, progress=False)
+        res = train_on_tensors(_data_for(best_cfg), best_dir, best_cfg, force=True, progress=False,
+                               fit=kept[1] if reuse else None)
         test = res["test"]
     summary = {"variants": len(variants), "trained": len(todo), "select_metric": select,
                "best": {**best, "test": test}, "seconds": round(train_seconds, 2),
                "variants_per_minute": round(60 * len(todo) / train_seconds, 2) if todo else None}
+    if stack > 1:
+        summary["stack"] = stack
     write_json(out / "sweep.json", summary)
     with atomic_file(out / "sweep.md") as f:
         f.write(_sweep_md(recs, grid, select, best, test, summary))
@@ -265,8 +305,9 @@ def _sweep_md(recs, grid, select, best, test, summary) -> str:
         lines += ["Spread of mean valid NDCG@10 across each option's values: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in sorted(inf.items(), key=lambda x: -x[1])) + ".", ""]
     if summary["trained"]:
+        stacked = f", up to {summary['stack']} at once" if summary.get("stack") else ""
         lines += [f"Trained {summary['trained']} variants in {summary['seconds']:.1f} s "
-                  f"({summary['variants_per_minute']:.1f} per minute).", ""]
+                  f"({summary['variants_per_minute']:.1f} per minute{stacked}).", ""]
     lines += ["| rank | " + " | ".join(keys) + " | best step | valid NDCG@10 | valid HR@10 | s |",
               "|---:|" + "---|" * len(keys) + "---:|---:|---:|---:|"]
     for i, r in enumerate(ranked, 1):

@@ -846,7 +846,8 @@ def plot_history(history: list[dict], path, title: str = "LLM-SRec heads") -> No
 
 
 def train_on_tensors(data: CachedTensors, out, config: TrainConfig | None = None, *, force: bool = False,
-                     progress: bool = True, device="cpu", step_dtype: str = "fp32") -> dict:
+                     progress: bool = True, device="cpu", step_dtype: str = "fp32",
+                     fit: FitResult | None = None) -> dict:
     """Fit on ``data``, then write the heads folder ``out`` atomically and return results.
 
     ``out`` gets ``heads.safetensors``, ``heads_config.json`` (head widths + training options
@@ -863,6 +864,9 @@ def train_on_tensors(data: CachedTensors, out, config: TrainConfig | None = None
         device: where the heads train (see :func:`fit_heads`); evaluation runs on the CPU.
         step_dtype: see :func:`fit_heads`; a value other than ``fp32`` is recorded in
             ``results.json`` and ``heads_config.json`` (``step_dtype``).
+        fit: the :func:`fit_heads` result of this ``data`` and ``config`` when the caller
+            already has it (``llmsrec sweep``'s best variant): written as it is, not trained
+            again (fit_heads is deterministic, so the files are the same but for timings).
     Raises:
         InputError: ``out`` exists and not ``force``; bad options or data.
     """
@@ -871,7 +875,8 @@ def train_on_tensors(data: CachedTensors, out, config: TrainConfig | None = None
     if out.exists() and not force:
         raise InputError(f"{out}: already exists (pass --force to overwrite)")
     group = dd.active()
-    fit = fit_heads(data, cfg, progress=progress, device=device, step_dtype=step_dtype)
+    if fit is None:
+        fit = fit_heads(data, cfg, progress=progress, device=device, step_dtype=step_dtype)
     if group is not None and group[0] != 0:
         return dd.broadcast_json(None)
     evals = evaluate_on_tensors(fit.heads, data, EVAL_VIEWS)
