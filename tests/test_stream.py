@@ -171,3 +171,30 @@ def test_should_stream(inputs):
             should_stream(True, r, ["train"], user_readout="layers")
         with pytest.raises(InputError, match="--prefixes 2"):
             should_stream(True, r, ["train"], prefixes=2)
+
+
+def test_cli_stream_options(inputs, tmp_path):
+    from click.testing import CliRunner
+
+    from llmsrec.cli import main
+
+    ds, root = inputs
+    args = ["train", "--data", str(ds.root), "--cache", str(root / "chunked.h5"), "--no-progress",
+            "--hidden", "32", "--d-out", "16", "--cf-hidden", "8", "--epochs", "1", "--batch-size", "7",
+            "--paper-settings"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a"), "--stream", "--shuffle-buffer", "16"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert res["stream"]["shuffle_buffer"] == 16 and res["stream"]["bytes_read_rank0"] > 0
+    config = (tmp_path / "a" / "config.toml").read_text()
+    assert "stream = true" in config and "shuffle-buffer = 16" in config
+    r = CliRunner().invoke(main, ["train", "--config", str(tmp_path / "a" / "config.toml"), "--out",
+                                  str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["test"] == res["test"]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "c"), "--in-memory"])
+    assert r.exit_code == 0, r.output
+    assert "stream" not in json.loads((tmp_path / "c" / "results.json").read_text())
+    # the default heads read the layers+slots readouts: streamed reads are for --paper-settings heads
+    r = CliRunner().invoke(main, [*args[:-1], "--prefixes", "1", "--out", str(tmp_path / "d"), "--stream"])
+    assert r.exit_code != 0 and "--stream: readouts layers+slots/layers+soft" in r.output

@@ -239,10 +239,10 @@ def load_cached_tensors(ds, cache, eval_views=("valid", "test"), *, user_readout
             raise InputError(f"{cache}: view(s) {', '.join(missing)} missing (run precompute with them)")
         _check_dataset_digest(cache, reader.provenance, ds)
         layers = reader.readout_layers
-        item_hidden = cached_features(reader, "items", item_readout)
         loaded = [v for v in eval_views if v in views] + ([] if eval_only else [train_view])
         stream = should_stream(stream, reader, loaded, user_readout=user_readout, item_readout=item_readout,
                                prefixes=prefixes)
+        item_hidden = cached_features(reader, "items", item_readout)
         store = RowStore(cache) if stream else None
         eval_hidden = {
             v: store.rows(f"users/{v}/hidden") if stream else cached_features(reader, v, user_readout)
