@@ -198,3 +198,23 @@ def test_cli_stream_options(inputs, tmp_path):
     # the default heads read the layers+slots readouts: streamed reads are for --paper-settings heads
     r = CliRunner().invoke(main, [*args[:-1], "--prefixes", "1", "--out", str(tmp_path / "d"), "--stream"])
     assert r.exit_code != 0 and "--stream: readouts layers+slots/layers+soft" in r.output
+
+
+def test_new_caches_chunk_their_states(tmp_path):
+    from llmsrec.cache.store import CacheWriter, state_chunks
+
+    assert state_chunks((100_000, 576), 4) == (512, 576)
+    assert state_chunks((100_000, 576), 2) == (1024, 576)
+    assert state_chunks((100_000, 3072), 4) == (128, 3072)
+    assert state_chunks((100_000, 4, 576), 4) == (128, 4, 576)
+    assert state_chunks((7, 576), 4) == (7, 576)
+    w = CacheWriter(tmp_path / "c.h5", {"x": 1}, log=lambda m: None)
+    assert w.needs(["users/test"])
+    w.require("users/test/hidden", shape=(3000, 576), dtype=np.float32)
+    w.require("users/test/cf", np.ones((3000, 4), np.float32))
+    w.require("users/test/out_layers", shape=(3000, 2, 576), dtype=np.float32)
+    assert w.f["users/test/hidden"].chunks == (512, 576)
+    assert w.f["users/test/out_layers"].chunks == (256, 2, 576)
+    assert w.f["users/test/cf"].chunks is None  # written whole: contiguous, as before
+    assert w.f["users/test/hidden"].id.get_num_chunks() == 6  # every chunk allocated at setup
+    w.close()
