@@ -185,7 +185,7 @@ def test_cli_stream_options(inputs, tmp_path):
     r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a"), "--stream", "--shuffle-buffer", "16"])
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "a" / "results.json").read_text())
-    assert res["stream"]["shuffle_buffer"] == 16 and res["stream"]["bytes_read_rank0"] > 0
+    assert res["stream"]["shuffle_buffer"] == 16 and res["stream"]["fit_bytes_read_per_rank"][0] > 0
     config = (tmp_path / "a" / "config.toml").read_text()
     assert "stream = true" in config and "shuffle-buffer = 16" in config
     r = CliRunner().invoke(main, ["train", "--config", str(tmp_path / "a" / "config.toml"), "--out",

@@ -1051,6 +1051,7 @@ def train_on_tensors(data: CachedTensors, out, config: TrainConfig | None = None
         raise InputError(f"{out}: already exists (pass --force to overwrite)")
     group = dd.active()
     fit = fit_heads(data, cfg, progress=progress, device=device, step_dtype=step_dtype)
+    fit_bytes = bytes_read_per_rank(data)  # a collective under torchrun: every rank, before rank 0 goes on
     if group is not None and group[0] != 0:
         return dd.broadcast_json(None)
     evals = evaluate_on_tensors(fit.heads, data, EVAL_VIEWS)
@@ -1064,7 +1065,7 @@ def train_on_tensors(data: CachedTensors, out, config: TrainConfig | None = None
     low = {"step_dtype": step_dtype} if step_dtype != "fp32" else {}  # recorded when not the exact default
     results.update(low)
     if data.streamed:  # recorded when not the in-memory default
-        results["stream"] = {"shuffle_buffer": data.shuffle_buffer, "bytes_read_rank0": data.store.bytes_read}
+        results["stream"] = {"shuffle_buffer": data.shuffle_buffer, "fit_bytes_read_per_rank": fit_bytes}
     if group is not None:
         import torch.distributed as dist
 
@@ -1077,6 +1078,19 @@ def train_on_tensors(data: CachedTensors, out, config: TrainConfig | None = None
     if group is not None:
         dd.broadcast_json(results)
     return results
+
+
+def bytes_read_per_rank(data: CachedTensors) -> list[int] | None:
+    """Bytes of user rows each rank has read from the cache so far (streamed ``data``; rows x
+    stored row bytes, ``llmsrec.cache.stream.RowStore.bytes_read``), gathered from every rank
+    under torchrun (a collective: all ranks call it); None for in-memory data."""
+    if not data.streamed:
+        return None
+    mine = torch.tensor([[data.store.bytes_read]], dtype=torch.int64)
+    if dd.active() is None:
+        return [int(mine[0, 0])]
+    world = dd.active()[1]
+    return [int(x) for x in dd.all_gather_rows(mine.to(dd.comm_device()), world).cpu()[:, 0]]
 
 
 def train_heads(ds, cache, out, *, force: bool = False, progress: bool = True, device: str = "cpu",
