@@ -542,18 +542,29 @@ def _rows(x, idx):
     return x.rows(idx) if isinstance(x, Prepared) else x[idx]
 
 
+#: in-memory scoring handles at most this many users at once (the (users, C, d') candidate
+#: embeddings of a block: ~3.4 GB at 101 candidates x d' 128); views up to it are scored in one
+#: piece, as before
+IN_MEMORY_SCORE_BLOCK = 65_536
+
+
 @torch.no_grad()
 def _score_rows(heads: LLMSRecHeads, user_rows, item_hidden, candidates) -> torch.Tensor:
-    """(n, C) scores on the heads' device for n users' states (n, d_llm) and candidates (n, C)."""
+    """(n, C) scores on the heads' device for n users' states (n, d_llm) and candidates (n, C),
+    in blocks of :data:`IN_MEMORY_SCORE_BLOCK` users when n is larger."""
     dev = next(heads.parameters()).device
     was_training = heads.training
     heads.eval()
     items = heads.item(_states(item_hidden, dev))
-    users = heads.user(_states(user_rows, dev))
-    cand = torch.as_tensor(candidates).to(dev)
-    scores = torch.einsum("ucd,ud->uc", items[cand], users)
+    n = len(candidates)
+    parts = []
+    for a in range(0, n, IN_MEMORY_SCORE_BLOCK) if n > IN_MEMORY_SCORE_BLOCK else [None]:
+        rows = user_rows if a is None else _rows(user_rows, slice(a, a + IN_MEMORY_SCORE_BLOCK))
+        users = heads.user(_states(rows, dev))
+        cand = torch.as_tensor(candidates if a is None else candidates[a : a + IN_MEMORY_SCORE_BLOCK]).to(dev)
+        parts.append(torch.einsum("ucd,ud->uc", items[cand], users))
     heads.train(was_training)
-    return scores
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def score_candidates(heads: LLMSRecHeads, user_hidden, item_hidden, candidates) -> np.ndarray:
