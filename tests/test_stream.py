@@ -218,3 +218,18 @@ def test_new_caches_chunk_their_states(tmp_path):
     assert w.f["users/test/cf"].chunks is None  # written whole: contiguous, as before
     assert w.f["users/test/hidden"].id.get_num_chunks() == 6  # every chunk allocated at setup
     w.close()
+
+
+def test_in_memory_scoring_in_blocks_equals_one_piece(inputs, monkeypatch):
+    from llmsrec.heads import train as T
+    from llmsrec.heads.model import HeadsConfig, LLMSRecHeads
+
+    ds, root = inputs
+    data = load_cached_tensors(ds, root / "flat.h5")
+    torch.manual_seed(0)
+    heads = LLMSRecHeads(HeadsConfig(d_llm=D_LLM, d_cf=D_CF, d_out=8, hidden=16, cf_hidden=8))
+    whole = T.score_candidates(heads, data.eval_hidden["test"], data.item_hidden, data.candidates["test"])
+    monkeypatch.setattr(T, "IN_MEMORY_SCORE_BLOCK", 7)
+    blocks = T.score_candidates(heads, data.eval_hidden["test"], data.item_hidden, data.candidates["test"])
+    np.testing.assert_allclose(blocks, whole, rtol=0, atol=1e-6)
+    assert T.evaluate_on_tensors(heads, data, ("test",))["test"] == pytest.approx(T.ranking_metrics(whole))
