@@ -328,7 +328,8 @@ def should_stream(stream: bool | None, reader, views, *, user_readout: str = "ou
         stream: True / False: as asked. None (automatic): True when the float32 states and
             O_u of ``views``, times the processes on this machine (``ranks``, default the
             torchrun world size or 1), exceed half the memory available now
-            (``llmsrec.cache.stream.available_memory``) and streaming supports the options.
+            (``llmsrec.cache.stream.available_memory``) and streaming supports the options;
+            in a process group, rank 0's answer, broadcast (all ranks must call it).
         user_readout, item_readout, prefixes: streaming supports ``out`` readouts and
             ``prefixes`` 1 (the richer readouts are ``(rows, T, d_llm)`` per user and stay
             in memory).
@@ -356,7 +357,10 @@ def should_stream(stream: bool | None, reader, views, *, user_readout: str = "ou
         env = dd.dist_env()
         ranks = env[1] if env else 1
     avail = available_memory()
-    return avail > 0 and need * ranks > avail // 2
+    decision = avail > 0 and need * ranks > avail // 2
+    if dd.active() is not None:  # rank 0's decision: every rank must take the same path (collectives)
+        decision = bool(dd.broadcast_json(decision))
+    return decision
 
 
 def _as_dataset(ds):
