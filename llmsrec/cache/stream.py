@@ -71,11 +71,14 @@ class RowStore:
         return StreamedRows(self, name, n_rows)
 
     def count(self, rows: int, nbytes: int) -> None:
+        """Add ``rows`` rows of ``nbytes`` bytes to :attr:`rows_read` / :attr:`bytes_read`
+        (thread-safe: the reader threads and the caller count into the same store)."""
         with self._lock:
             self.rows_read += rows
             self.bytes_read += nbytes
 
     def close(self) -> None:
+        """Close the file (every :class:`StreamedRows` of this store stops working)."""
         self.f.close()
 
 
