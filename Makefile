@@ -31,8 +31,10 @@ test: setup
 demo: setup
 	$(BIN)/llmsrec run --dataset ml-100k --llm smollm2-135m --views valid,test,test-shuffled --out runs/demo
 
+# `make bench BENCH=scale SCALE_USERS=100000,1000000` runs only the named sections (here the
+# optional heads-at-scale one: docs/scaling.md)
 bench: setup
-	$(BIN)/python benchmarks/bench.py
+	$(BIN)/python benchmarks/bench.py $(BENCH)
 
 # GPU vs CPU precompute (fp32, bf16) and heads on a 200-user ml-100k slice; exit 1 beyond the
 # tolerances of `python benchmarks/device_check.py --help`. Without CUDA: one line, exit 0.

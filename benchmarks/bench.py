@@ -2,8 +2,9 @@
 
 Add a section by writing a function that prints its results and appending it to
 ``BENCHES``. ``python benchmarks/bench.py NAME...`` runs only the named sections
-(``--list`` shows them). Timings are wall-clock seconds on this machine; nothing here
-asserts a time.
+(``--list`` shows them). Sections in ``OPTIONAL`` (long, or needing a lot of disk) run only
+when named: ``make bench BENCH=scale SCALE_USERS=100000,1000000``. Timings are wall-clock
+seconds on this machine; nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -187,13 +188,24 @@ def bench_llm4rec() -> None:
     b.bench()
 
 
+def bench_scale() -> None:
+    """Heads training + evaluation at SCALE_USERS users (default 100000), in memory vs streamed (optional)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import bench_scale as b
+
+    users = [int(x) for x in os.environ.get("SCALE_USERS", "100000").split(",")]
+    b.bench(users, out=os.environ.get("SCALE_OUT") or None, workdir=os.environ.get("SCALE_DIR") or None)
+
+
 BENCHES = [bench_ranking_metrics, bench_sasrec_epoch, bench_precompute, bench_prefixes, bench_heads,
            bench_heads_default, bench_rerun, bench_sweep, bench_e2e,
            bench_distributed, bench_llm4rec]
+#: run only when named
+OPTIONAL = [bench_scale]
 
 
 def main(argv: list[str] | None = None) -> int:
-    names = {b.__name__.removeprefix("bench_"): b for b in BENCHES}
+    names = {b.__name__.removeprefix("bench_"): b for b in BENCHES + OPTIONAL}
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("only", nargs="*", help=f"sections to run (default: all): {', '.join(names)}")
     p.add_argument("--list", action="store_true", help="list the sections and exit")
@@ -205,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.only if n not in names]
     if unknown:
         p.error(f"unknown section(s) {unknown}; known: {list(names)}")
-    for n in args.only or list(names):
+    for n in args.only or [b.__name__.removeprefix("bench_") for b in BENCHES]:
         names[n]()
         print(flush=True)
     return 0

@@ -139,6 +139,34 @@ def test_two_gloo_processes_equal_one_process(run_inputs, tmp_path, monkeypatch,
         os.listdir(tmp_path / "two"))
 
 
+def test_two_gloo_processes_streamed_read_half_each(run_inputs, tmp_path, monkeypatch):
+    """``train --stream`` under torchrun: each rank reads only its rows of every batch and its
+    validation users (about half the bytes of one streamed process, the two adding up to it
+    exactly), and the training equals one in-memory process."""
+    ds, cache = run_inputs
+    opts = dict(hidden=32, d_out=16, cf_hidden=8, lr=3e-3, epochs=2, evals_per_epoch=3, seed=2, batch_size=8,
+                train_negatives="all", distill="mse")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    one = train_heads(ds, cache, tmp_path / "one", progress=False, stream=False, **opts)
+    one_s = train_heads(ds, cache, tmp_path / "one-s", progress=False, stream=True, shuffle_buffer=0, **opts)
+    torchrun(2, ["train", "--data", str(ds.root), "--cache", str(cache), "--out", str(tmp_path / "two"),
+                 "--no-progress", *to_cli(opts), "--prefixes", "1", "--user-readout", "out", "--item-readout", "out",
+                 "--stream", "--shuffle-buffer", "0"])
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["distributed"]["world_size"] == 2
+    assert two["steps"] == one["steps"] == one_s["steps"] and two["best"]["step"] == one["best"]["step"]
+    for split in ("valid", "test"):
+        assert one_s[split] == one[split]
+        for k, v in one[split].items():
+            assert two[split][k] == pytest.approx(v, abs=1e-5), (split, k)
+    (b1,), b2 = one_s["stream"]["fit_bytes_read_per_rank"], two["stream"]["fit_bytes_read_per_rank"]
+    # every row of every batch and validation is read once, by exactly one rank
+    assert len(b2) == 2 and sum(b2) == b1
+    assert all(0.4 < b / b1 < 0.6 for b in b2), (b1, b2)
+
+
 def test_dist_env_and_backends(monkeypatch):
     from llmsrec.distributed import backend_for, dist_env, local_device, shard
     from llmsrec.errors import InputError

@@ -461,15 +461,25 @@ def test_damaged_unfinished_build_is_started_over(pc_inputs, tiny_llm, clean_sta
 
 
 def _zero(path, dataset, rows=None):
-    """Zero the stored bytes of ``rows`` (default all) of a contiguous dataset, behind HDF5's back."""
+    """Zero the stored bytes of ``rows`` (default all) of a dataset (contiguous, or chunked in
+    whole rows without filters), behind HDF5's back."""
     import h5py
 
     with h5py.File(path, "r") as f:
         ds = f[dataset]
-        offset, row_bytes, n = ds.id.get_offset(), ds.dtype.itemsize * int(np.prod(ds.shape[1:])), ds.shape[0]
+        row_bytes, n = ds.dtype.itemsize * int(np.prod(ds.shape[1:])), ds.shape[0]
+        if ds.chunks is None:
+            where = {r: ds.id.get_offset() + r * row_bytes for r in range(n)}
+        else:  # chunk i holds rows chunk_offset[0] .. + chunks[0] - 1, stored row after row
+            where = {}
+            for i in range(ds.id.get_num_chunks()):
+                info = ds.id.get_chunk_info(i)
+                first = info.chunk_offset[0]
+                for r in range(first, min(n, first + ds.chunks[0])):
+                    where[r] = info.byte_offset + (r - first) * row_bytes
     with open(path, "r+b") as fh:
         for r in (range(n) if rows is None else rows):
-            fh.seek(offset + r * row_bytes)
+            fh.seek(where[r])
             fh.write(b"\0" * row_bytes)
 
 

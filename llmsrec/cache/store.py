@@ -35,6 +35,21 @@ STATE_DATASETS = ("hidden", "out_layers", "slots")
 #: ``precompute --store-dtype``: how the states are stored (provenance key ``store_dtype``,
 #: absent for float32, the default and what every cache before it holds)
 STORE_DTYPES = {"float32": np.float32, "float16": np.float16}
+#: a state dataset is stored in chunks of whole rows of about this many bytes (a power of two
+#: of rows, 16 to 1024): 512 rows at d_llm 576 in float32, 1024 in float16 (measured with
+#: benchmarks/bench_chunks.py, docs/cache-schema.md)
+STATE_CHUNK_BYTES = 2 << 20
+
+
+def state_chunks(shape: tuple, itemsize: int) -> tuple:
+    """The HDF5 chunk shape of a state dataset of ``shape``: ``(rows, *shape[1:])`` with
+    ``rows`` the largest power of two (16 .. 1024) whose chunk fits :data:`STATE_CHUNK_BYTES`
+    (16 if none does), and at most ``shape[0]`` (at least 1)."""
+    row_bytes = itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    rows = 16
+    while rows < 1024 and 2 * rows * row_bytes <= STATE_CHUNK_BYTES:
+        rows *= 2
+    return (max(1, min(rows, int(shape[0]))), *shape[1:])
 
 
 def store_dtype(provenance: dict) -> np.dtype:
@@ -232,7 +247,8 @@ class CacheWriter:
         """Create dataset ``name`` with ``data`` (or zeros of ``shape``/``dtype``) unless it
         exists; its storage is allocated now, so chunk writes never change metadata. A state
         dataset (:func:`is_state`) created from a shape is stored in the cache's store dtype
-        (``provenance["store_dtype"]``, float32 by default) whatever ``dtype`` says."""
+        (``provenance["store_dtype"]``, float32 by default) whatever ``dtype`` says, in HDF5
+        chunks of whole rows (:func:`state_chunks`; every chunk is written, with zeros, here)."""
         if name in self.f:
             ds = self.f[name]
             want = data.shape if data is not None else tuple(shape)
@@ -241,9 +257,12 @@ class CacheWriter:
                                  f"expected {tuple(want)}; pass --force to rebuild")
             return
         given = data is not None
+        chunks = None
         if data is None:
             data = np.zeros(shape, dtype=self.state_dtype if is_state(name) else dtype)
-        self.f.create_dataset(name, data=data, track_times=False)
+            if is_state(name) and data.ndim >= 1 and data.shape[0] > 0 and data.size:
+                chunks = state_chunks(data.shape, data.dtype.itemsize)
+        self.f.create_dataset(name, data=data, chunks=chunks, track_times=False)
         record_written(self.f, name, given)  # its sha256, or row checksums for a hidden dataset
 
     def require_progress(self, group: str, n_chunks: int, chunk_size: int) -> np.ndarray:

@@ -107,11 +107,19 @@ def _train_baseline(model_name, data_dir, mode, cache, sasrec_dir, out, seed, no
                    "Hugging Face encoder folder [default: all-minilm-l6-v2].")
 @baseline_options
 @step_dtype_option
+@click.option("--stream/--in-memory", "stream", default=None,
+              help="cache mode: read the user views from the cache as training needs them (--stream; for a "
+                   "cache larger than memory; out readouts, --prefixes 1) or load them (--in-memory) "
+                   "[default: stream when they exceed half the free memory]. Under torchrun each process "
+                   "then reads only its rows. docs/scaling.md.")
+@click.option("--shuffle-buffer", default=None, type=click.IntRange(min=0),
+              help="--stream: rows shuffled together in memory per epoch (0: the whole view, the in-memory "
+                   "order and results) [default: 65536].")
 @click.option("--no-progress", is_flag=True, help="Hide the per-epoch progress bar.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @config_option
-def train(data_dir, mode, cache, sasrec_dir, out, seed, model_name, text_encoder, step_dtype, no_progress, force,
-          **kw) -> None:
+def train(data_dir, mode, cache, sasrec_dir, out, seed, model_name, text_encoder, step_dtype, stream, shuffle_buffer,
+          no_progress, force, **kw) -> None:
     """Train the LLM-SRec heads (Eq. 1-4), or an LLM4Rec baseline, and test the best once.
 
     \b
@@ -149,6 +157,8 @@ def train(data_dir, mode, cache, sasrec_dir, out, seed, model_name, text_encoder
         click.core.ParameterSource.DEFAULT
     if step_dtype != "fp32" and (model_name != "llmsrec" or mode != "cache"):
         raise click.UsageError("--step-dtype: for the heads in --mode cache only")
+    if (stream is not None or shuffle_buffer is not None) and (model_name != "llmsrec" or mode != "cache"):
+        raise click.UsageError("--stream/--in-memory, --shuffle-buffer: for the heads in --mode cache only")
     if model_name in LM_BASELINES:
         train_lm(model_name, data_dir, out, seed, text_encoder, no_progress, force, e2e_kw)
         write_config(click.get_current_context(), out)
@@ -168,8 +178,9 @@ def train(data_dir, mode, cache, sasrec_dir, out, seed, model_name, text_encoder
             raise click.UsageError("--mode cache needs --cache")
         resolve_device(e2e_kw["device"])  # fail on a bad --device before any work
         ds = load_prepared(data_dir)
+        more = {} if shuffle_buffer is None else {"shuffle_buffer": shuffle_buffer}
         res = train_heads(ds, cache, out, force=force, progress=not no_progress, seed=seed,
-                          device=e2e_kw["device"], step_dtype=step_dtype, **opts)
+                          device=e2e_kw["device"], step_dtype=step_dtype, stream=stream, **more, **opts)
         if (dist_env() or (0,))[0] != 0:
             return  # under torchrun only rank 0 reports
     else:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from llmsrec import distributed as dd
 from llmsrec.atomic import atomic_dir, write_json
 from llmsrec.cache import open_cache
+from llmsrec.cache.stream import SCORE_BLOCK_ROWS, BatchFeeder, RowStore, StreamedRows, available_memory, epoch_order
 from llmsrec.data import load_prepared
 from llmsrec.data.views import PREFIX_VIEW
 from llmsrec.defaults import HEADS_TRAINING
@@ -50,11 +51,14 @@ from llmsrec.heads.losses import (
     uniformity_loss,
 )
 from llmsrec.heads.model import HeadsConfig, LLMSRecHeads, Prepared, check_readouts, load_heads, save_heads
-from llmsrec.metrics import ranking_metrics
+from llmsrec.metrics import metrics_from_ranks, positive_ranks, ranking_metrics
 from llmsrec.training import Tick, eval_points, plot_curve, train_loop, write_history
 
 LOSS_TERMS = ("loss", "retrieval", "distill", "uniform")
 EVAL_VIEWS = ("valid", "test", "valid-shuffled", "test-shuffled")
+#: ``train --shuffle-buffer``'s default: rows shuffled together in memory by a streamed
+#: epoch (~170 MB of float32 states and O_u at d_llm 576; a streamed epoch holds ~3 windows)
+DEFAULT_SHUFFLE_BUFFER = 65_536
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -83,6 +87,11 @@ class CachedTensors:
         user_readout, item_readout, n_layers, n_slots: what the hidden arrays hold (see
             ``llmsrec.heads.model.HeadsConfig``); with a readout other than ``out`` the
             arrays are float32 ``(rows, T, d_llm)``.
+        shuffle_buffer: streamed data only (``train_hidden``, ``train_cf`` and the
+            ``eval_hidden`` views are ``llmsrec.cache.stream.StreamedRows``, read from the
+            file as needed; ``out`` readouts only): rows shuffled together in memory per
+            epoch (``llmsrec.cache.stream.epoch_order``; 0 = the whole view, the in-memory
+            order). Ignored for in-memory arrays.
     """
 
     n_items: int
@@ -99,6 +108,7 @@ class CachedTensors:
     item_readout: str = "out"
     n_layers: int = 0
     n_slots: int = 0
+    shuffle_buffer: int = 0
 
     def __post_init__(self) -> None:
         if self.train_users is None:
@@ -127,6 +137,20 @@ class CachedTensors:
     @property
     def d_cf(self) -> int:
         return int(self.train_cf.shape[1])
+
+    @property
+    def streamed(self) -> bool:
+        """True when the user rows are read from the cache file as needed (:class:`StreamedRows`)."""
+        return isinstance(self.train_hidden, StreamedRows) or any(
+            isinstance(h, StreamedRows) for h in self.eval_hidden.values())
+
+    @property
+    def store(self) -> RowStore | None:
+        """The open cache file of streamed data (its ``bytes_read``), else None."""
+        for h in (self.train_hidden, *self.eval_hidden.values()):
+            if isinstance(h, StreamedRows):
+                return h.store
+        return None
 
 
 def readout_features(kind: str, hidden, out_layers=None, slots=None) -> np.ndarray:
@@ -166,8 +190,9 @@ def cached_features(reader, group: str, kind: str) -> np.ndarray:
 
 
 def load_cached_tensors(ds, cache, eval_views=("valid", "test"), *, user_readout: str = "out",
-                        item_readout: str = "out", prefixes: int = 1, train_view: str | None = None) -> CachedTensors:
-    """Read the cache once into memory, checked against the prepared dataset.
+                        item_readout: str = "out", prefixes: int = 1, train_view: str | None = None,
+                        stream: bool | None = False, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> CachedTensors:
+    """Read the cache once into memory (or open it for streamed reads), checked against the prepared dataset.
 
     Args:
         ds: ``PreparedDataset`` (or its folder).
@@ -182,9 +207,17 @@ def load_cached_tensors(ds, cache, eval_views=("valid", "test"), *, user_readout
             ``train`` (default) or ``train-shuffled`` (shuffled training, paper Table 3);
             ``none`` reads no training samples (evaluation only: the train arrays hold
             just the padding row, and the cache needs no training view).
+        stream: False (default): every array in memory. True: the user views' states and
+            the training view's O_u stay in the file and are read as needed
+            (:class:`~llmsrec.cache.stream.StreamedRows`; the item table, targets,
+            candidates and histories stay in memory); ``out`` readouts and ``prefixes`` 1
+            only. None: stream when :func:`should_stream` says the views do not fit.
+        shuffle_buffer: streamed training's in-memory shuffle, in rows
+            (:attr:`CachedTensors.shuffle_buffer`).
     Raises:
         InputError: views or rows missing, a readout or prefix count the cache does not
-            have (one line naming it), or the cache was built for another dataset.
+            have (one line naming it), the cache was built for another dataset, or
+            ``stream`` True with a readout or prefix count it does not support.
     """
     ds = _as_dataset(ds)
     prefixes = int(prefixes)
@@ -206,15 +239,24 @@ def load_cached_tensors(ds, cache, eval_views=("valid", "test"), *, user_readout
             raise InputError(f"{cache}: view(s) {', '.join(missing)} missing (run precompute with them)")
         _check_dataset_digest(cache, reader.provenance, ds)
         layers = reader.readout_layers
+        loaded = [v for v in eval_views if v in views] + ([] if eval_only else [train_view])
+        stream = should_stream(stream, reader, loaded, user_readout=user_readout, item_readout=item_readout,
+                               prefixes=prefixes)
         item_hidden = cached_features(reader, "items", item_readout)
+        store = RowStore(cache) if stream else None
         eval_hidden = {
-            v: cached_features(reader, v, user_readout) for v in eval_views if v in views
+            v: store.rows(f"users/{v}/hidden") if stream else cached_features(reader, v, user_readout)
+            for v in eval_views if v in views
         }
         if eval_only:  # the padding row only, shaped like the evaluation states
             first = next(iter(eval_hidden.values()))
             train_hidden = np.zeros((1, *first.shape[1:]), dtype=np.float32)
             train_cf = np.zeros((1, reader.item_cf().shape[1]), dtype=np.float32)
             train_targets = np.zeros(1, dtype=np.int64)
+        elif stream:
+            train_hidden = store.rows(f"users/{train_view}/hidden")
+            train_cf = store.rows(f"users/{train_view}/cf")
+            train_targets = np.asarray(reader.targets(train_view), dtype=np.int64)
         else:
             train_hidden = cached_features(reader, train_view, user_readout)
             train_cf = np.asarray(reader.user_cf(train_view), dtype=np.float32)
@@ -273,8 +315,52 @@ def load_cached_tensors(ds, cache, eval_views=("valid", "test"), *, user_readout
         train_users=train_users,
         provenance={"cache": str(Path(cache).resolve()), "cache_provenance": provenance, "dataset_digest": ds.digest,
                     "users": n, "prefixes": prefixes, "train_samples": int(len(train_users))},
+        shuffle_buffer=int(shuffle_buffer) if stream else 0,
         **readout,
     )
+
+
+def should_stream(stream: bool | None, reader, views, *, user_readout: str = "out", item_readout: str = "out",
+                  prefixes: int = 1, ranks: int | None = None) -> bool:
+    """Whether :func:`load_cached_tensors` streams the user views ``views`` of an open cache.
+
+    Args:
+        stream: True / False: as asked. None (automatic): True when the float32 states and
+            O_u of ``views``, times the processes on this machine (``ranks``, default the
+            torchrun world size or 1), exceed half the memory available now
+            (``llmsrec.cache.stream.available_memory``) and streaming supports the options;
+            in a process group, rank 0's answer, broadcast (all ranks must call it).
+        user_readout, item_readout, prefixes: streaming supports ``out`` readouts and
+            ``prefixes`` 1 (the richer readouts are ``(rows, T, d_llm)`` per user and stay
+            in memory).
+    Raises:
+        InputError: ``stream`` True with options streaming does not support (one line).
+    """
+    if stream is False:
+        return False
+    why_not = None
+    if user_readout != "out" or item_readout != "out":
+        why_not = f"readouts {user_readout}/{item_readout} (streamed reads support the out readout only)"
+    elif prefixes != 1:
+        why_not = f"--prefixes {prefixes} (streamed reads support one training sample per user)"
+    if stream is True:
+        if why_not:
+            raise InputError(f"--stream: {why_not}; train in memory (--in-memory)")
+        return True
+    if why_not:
+        return False
+    need = 0
+    for v in views:
+        g = reader.f["users"][v]
+        need += 4 * int(np.prod(g["hidden"].shape)) + (4 * int(np.prod(g["cf"].shape)) if "cf" in g else 0)
+    if ranks is None:
+        env = dd.dist_env()
+        ranks = env[1] if env else 1
+    avail = available_memory()
+    decision = avail > 0 and need * ranks > avail // 2
+    if dd.active() is not None:  # rank 0's decision: every rank must take the same path (collectives)
+        decision = bool(dd.broadcast_json(decision))
+    return decision
 
 
 def _as_dataset(ds):
@@ -460,18 +546,29 @@ def _rows(x, idx):
     return x.rows(idx) if isinstance(x, Prepared) else x[idx]
 
 
+#: in-memory scoring handles at most this many users at once (the (users, C, d') candidate
+#: embeddings of a block: ~3.4 GB at 101 candidates x d' 128); views up to it are scored in one
+#: piece, as before
+IN_MEMORY_SCORE_BLOCK = 65_536
+
+
 @torch.no_grad()
 def _score_rows(heads: LLMSRecHeads, user_rows, item_hidden, candidates) -> torch.Tensor:
-    """(n, C) scores on the heads' device for n users' states (n, d_llm) and candidates (n, C)."""
+    """(n, C) scores on the heads' device for n users' states (n, d_llm) and candidates (n, C),
+    in blocks of :data:`IN_MEMORY_SCORE_BLOCK` users when n is larger."""
     dev = next(heads.parameters()).device
     was_training = heads.training
     heads.eval()
     items = heads.item(_states(item_hidden, dev))
-    users = heads.user(_states(user_rows, dev))
-    cand = torch.as_tensor(candidates).to(dev)
-    scores = torch.einsum("ucd,ud->uc", items[cand], users)
+    n = len(candidates)
+    parts = []
+    for a in range(0, n, IN_MEMORY_SCORE_BLOCK) if n > IN_MEMORY_SCORE_BLOCK else [None]:
+        rows = user_rows if a is None else _rows(user_rows, slice(a, a + IN_MEMORY_SCORE_BLOCK))
+        users = heads.user(_states(rows, dev))
+        cand = torch.as_tensor(candidates if a is None else candidates[a : a + IN_MEMORY_SCORE_BLOCK]).to(dev)
+        parts.append(torch.einsum("ucd,ud->uc", items[cand], users))
     heads.train(was_training)
-    return scores
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def score_candidates(heads: LLMSRecHeads, user_hidden, item_hidden, candidates) -> np.ndarray:
@@ -484,10 +581,88 @@ def score_candidates(heads: LLMSRecHeads, user_hidden, item_hidden, candidates) 
             (U+1, T_u, d_llm); or its ``heads.prepare_user`` (the same scores).
         item_hidden: float32 (N+1, d_llm) or (N+1, T_i, d_llm), or its ``heads.prepare_item``.
         candidates: int64 (U, C), row r for uid r+1.
+        A :class:`~llmsrec.cache.stream.StreamedRows` ``user_hidden`` is scored block by
+        block as it is read (the (U, C) result is still whole: for large U use
+        :func:`streamed_metrics`).
     Returns:
         float32 (U, C) numpy scores, column 0 the target.
     """
+    if isinstance(user_hidden, StreamedRows):
+        n = int(candidates.shape[0])
+        parts = [_score_rows(heads, torch.from_numpy(h), item_hidden, np.asarray(candidates[s - 1 : s - 1 + len(h)]))
+                 .cpu().numpy() for s, h in user_hidden.blocks(1, 1 + n)]
+        return np.concatenate(parts) if parts else np.zeros((0, candidates.shape[1]), dtype=np.float32)
     return _score_rows(heads, _rows(_states(user_hidden), slice(1, None)), item_hidden, candidates).cpu().numpy()
+
+
+@torch.no_grad()
+def streamed_metrics(heads: LLMSRecHeads, user_rows: StreamedRows, item_hidden, candidates, rank: int = 0,
+                     world: int = 1, block_rows: int = SCORE_BLOCK_ROWS) -> dict[str, float]:
+    """``ranking_metrics`` of the candidates' scores with the user states read block by block.
+
+    The same numbers as ``ranking_metrics(score_candidates(...))`` on the whole view (each
+    user's rank depends on its own row only), in memory bounded by one block: only the
+    positives' ranks (int64, U) are kept. Distributed (``world`` > 1): rank ``rank`` reads
+    and scores only its users ``llmsrec.distributed.shard(U, rank, world)`` and the ranks
+    are all-gathered, so every rank returns the same metrics.
+
+    Args:
+        user_rows: the view's ``(U+1, d_llm)`` states (row 0 unused), streamed.
+        item_hidden: float32 ``(N+1, d_llm)`` (or prepared) item states, in memory.
+        candidates: int64 ``(U, C)`` (anything sliceable by rows), row r for uid r+1.
+        block_rows: users read and scored at once.
+    Returns:
+        ``{"NDCG@10", "NDCG@20", "HR@10", "HR@20"}`` floats.
+    Raises:
+        ValueError: NaN/inf scores (``positive_ranks``).
+    """
+    n = int(candidates.shape[0])
+    lo, hi = dd.shard(n, rank, world)
+    dev = next(heads.parameters()).device
+    was_training = heads.training
+    heads.eval()
+    items = heads.item(_states(item_hidden, dev))
+    ranks = np.zeros(hi - lo, dtype=np.int64)
+    try:
+        for s, h in user_rows.blocks(1 + lo, 1 + hi, block_rows):
+            users = heads.user(torch.from_numpy(h).to(dev))
+            cand = torch.as_tensor(np.asarray(candidates[s - 1 : s - 1 + len(h)], dtype=np.int64)).to(dev)
+            scores = torch.einsum("ucd,ud->uc", items[cand], users)
+            ranks[s - 1 - lo : s - 1 - lo + len(h)] = positive_ranks(scores.cpu().numpy())
+    finally:
+        heads.train(was_training)
+    if world > 1:
+        ranks = dd.all_gather_rows(torch.from_numpy(ranks).to(dd.comm_device()), n).cpu().numpy()
+    return {k: float(v) for k, v in metrics_from_ranks(ranks).items()}
+
+
+def streamed_epoch(data: CachedTensors, users: np.ndarray, rng: np.random.Generator, batch_size: int,
+                   rank: int = 0, world: int = 1, with_cf: bool = True):
+    """One streamed epoch's user order and its reader (what :func:`fit_heads` uses for
+    streamed ``data``).
+
+    Args:
+        users: int64 training rows; rng: the trainer's generator (draws the order:
+            ``llmsrec.cache.stream.epoch_order`` with ``data.shuffle_buffer``).
+        batch_size: the global batch; rank, world: this process's slice
+            (``llmsrec.distributed.shard``) of every batch is all it reads.
+        with_cf: also read O_u (``train_cf``; not needed without L_Distill).
+    Returns:
+        ``(order, batches)``: int64 ``(len(users),)`` and a generator yielding, per batch,
+        ``(h_u,)`` or ``(h_u, O_u)`` float32 arrays of this rank's rows, read on a
+        background thread about ``shuffle_buffer / world`` rows ahead (the whole epoch's
+        rows at once when the buffer covers the view).
+    """
+    h = data.train_hidden
+    order = epoch_order(users, h.chunk_rows, data.shuffle_buffer, rng)
+    local = []
+    for b in range(math.ceil(len(order) / batch_size)):
+        batch = order[b * batch_size : (b + 1) * batch_size]
+        lo, hi = dd.shard(len(batch), rank, world)
+        local.append(batch[lo:hi])
+    buf = data.shuffle_buffer if 0 < data.shuffle_buffer < len(order) else len(order)
+    sources = [h, data.train_cf] if with_cf else [h]
+    return order, iter(BatchFeeder(sources, local, group_rows=max(1, buf // world)))
 
 
 def _score_sharded(heads: LLMSRecHeads, user_hidden, item_hidden, candidates, rank: int, world: int) -> np.ndarray:
@@ -505,12 +680,15 @@ def evaluate_on_tensors(heads: LLMSRecHeads, data: CachedTensors, views=("valid"
         if v not in data.eval_hidden:
             continue
         split = v.split("-")[0]
+        if isinstance(data.eval_hidden[v], StreamedRows):  # block by block, ranks only
+            out[v] = streamed_metrics(heads, data.eval_hidden[v], data.item_hidden, data.candidates[split])
+            continue
         s = score_candidates(heads, data.eval_hidden[v], data.item_hidden, data.candidates[split])
         out[v] = {k: float(x) for k, x in ranking_metrics(s).items()}
     return out
 
 
-def evaluate_heads(ds, cache, heads_dir, views=("valid", "test")) -> dict:
+def evaluate_heads(ds, cache, heads_dir, views=("valid", "test"), stream: bool | None = None) -> dict:
     """Evaluate saved heads on the cache: ``{"valid": {...}, "test": {...}}`` (metric -> value).
 
     Args:
@@ -518,6 +696,8 @@ def evaluate_heads(ds, cache, heads_dir, views=("valid", "test")) -> dict:
             written by :func:`train_heads`.
         views: any of ``valid test valid-shuffled test-shuffled`` (shuffled ones only if
             the cache has them).
+        stream: score the views block by block as they are read (True), in memory
+            (False), or as :func:`should_stream` decides (None).
     Raises:
         InputError: missing/mismatched checkpoint or cache.
     """
@@ -525,7 +705,7 @@ def evaluate_heads(ds, cache, heads_dir, views=("valid", "test")) -> dict:
     # no training samples: the cache may lack the training views (e.g. another dataset's cache
     # built for evaluation only, `llmsrec transfer`)
     data = load_cached_tensors(ds, cache, eval_views=tuple(views), user_readout=heads.config.user_readout,
-                               item_readout=heads.config.item_readout, train_view="none")
+                               item_readout=heads.config.item_readout, train_view="none", stream=stream)
     if heads.config.d_llm != data.d_llm or heads.config.d_cf != data.d_cf:
         raise InputError(
             f"{heads_dir}: heads expect d_llm={heads.config.d_llm}, d_cf={heads.config.d_cf}; "
@@ -745,21 +925,26 @@ def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: 
 
     # the states' parameter-free work (layer norms, slot masks) once, not at every step
     item_h = heads.prepare_item(on_dev(data.item_hidden, np.float32))
-    user_h = heads.prepare_user(on_dev(data.train_hidden, np.float32))
-    user_cf = on_dev(data.train_cf, np.float32)
+    streamed = data.streamed  # user rows read from the file per batch / per block
+    user_h = None if streamed else heads.prepare_user(on_dev(data.train_hidden, np.float32))
+    user_cf = None if streamed else on_dev(data.train_cf, np.float32)
     targets = np.asarray(data.train_targets, dtype=np.int64)
-    valid_h = heads.prepare_user(on_dev(data.eval_hidden["valid"], np.float32))
-    valid_c = on_dev(data.candidates["valid"], np.int64)
+    valid_h = data.eval_hidden["valid"] if streamed else heads.prepare_user(on_dev(data.eval_hidden["valid"], np.float32))
+    valid_c = data.candidates["valid"] if streamed else on_dev(data.candidates["valid"], np.int64)
     full = cfg.train_negatives == "all"
     use_cf = lcfg.distill != "none"
+    feed = None  # streamed: this epoch's batches of (h_u, O_u) rows, read ahead
     low = check_step_dtype(step_dtype) == "bf16"
 
     n_batches = math.ceil(len(users_all) / cfg.batch_size)
     order = users_all
 
     def begin_epoch(epoch: int) -> None:
-        nonlocal order
-        order = rng.permutation(users_all)
+        nonlocal order, feed
+        if streamed:
+            order, feed = streamed_epoch(data, users_all, rng, cfg.batch_size, rank, world, use_cf)
+        else:
+            order = rng.permutation(users_all)
 
     def step(epoch: int, bi: int) -> dict[str, float]:
         users = order[bi * cfg.batch_size : (bi + 1) * cfg.batch_size]
@@ -774,8 +959,13 @@ def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: 
         else:
             ids = np.concatenate([tg[lo:hi, None], neg[lo:hi]], axis=1)
             h_items = _rows(item_h, to_device(torch.from_numpy(ids), dev))
+        if feed is not None:
+            h_b, *cf_b = next(feed)
+            h_u, o_u = on_dev(h_b, np.float32), (on_dev(cf_b[0], np.float32) if use_cf else None)
+        else:
+            h_u, o_u = _rows(user_h, u_idx), (user_cf[u_idx] if use_cf else None)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=low):
-            u, e, cfu = forward(_rows(user_h, u_idx), h_items, user_cf[u_idx] if use_cf else None)
+            u, e, cfu = forward(h_u, h_items, o_u)
         if low:  # the losses in float32
             u, e, cfu = u.float(), e.float(), (cfu.float() if cfu is not None else None)
         tg_t = to_device(torch.from_numpy(tg[lo:hi]), dev) if full else None
@@ -794,9 +984,11 @@ def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: 
         return terms
 
     def validate(steps: int) -> dict[str, float]:
-        s = score_candidates(heads, valid_h, item_h, valid_c) if group is None else \
-            _score_sharded(heads, valid_h, item_h, valid_c, rank, world)
         try:
+            if streamed:
+                return streamed_metrics(heads, valid_h, item_h, valid_c, rank, world)
+            s = score_candidates(heads, valid_h, item_h, valid_c) if group is None else \
+                _score_sharded(heads, valid_h, item_h, valid_c, rank, world)
             return {k: float(v) for k, v in ranking_metrics(s).items()}
         except ValueError as e:  # NaN/inf scores: the heads diverged
             raise InputError(f"training diverged at step {steps}: {e}; lower --lr") from None
@@ -812,6 +1004,8 @@ def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: 
     fit = train_loop(step, validate, heads.state_dict, record, epochs=cfg.epochs, batches=n_batches, points=eval_points(n_batches, cfg.evals_per_epoch),
                      select=cfg.select_metric, patience=cfg.patience, terms=LOSS_TERMS, begin_epoch=begin_epoch,
                      after_validation=decay_lr, progress=progress and rank == 0)
+    if feed is not None:
+        feed.close()  # an epoch cut short by early stopping: stop its reader
     heads.load_state_dict(fit.state)
     heads.cpu().eval()
     return FitResult(heads, fit.history, fit.best, fit.steps, round(float(fit.epochs_run), 4), fit.stopped_early,
@@ -877,6 +1071,7 @@ def train_on_tensors(data: CachedTensors, out, config: TrainConfig | None = None
     group = dd.active()
     if fit is None:
         fit = fit_heads(data, cfg, progress=progress, device=device, step_dtype=step_dtype)
+    fit_bytes = bytes_read_per_rank(data)  # a collective under torchrun: every rank, before rank 0 goes on
     if group is not None and group[0] != 0:
         return dd.broadcast_json(None)
     evals = evaluate_on_tensors(fit.heads, data, EVAL_VIEWS)
@@ -889,6 +1084,8 @@ def train_on_tensors(data: CachedTensors, out, config: TrainConfig | None = None
     }
     low = {"step_dtype": step_dtype} if step_dtype != "fp32" else {}  # recorded when not the exact default
     results.update(low)
+    if data.streamed:  # recorded when not the in-memory default
+        results["stream"] = {"shuffle_buffer": data.shuffle_buffer, "fit_bytes_read_per_rank": fit_bytes}
     if group is not None:
         import torch.distributed as dist
 
@@ -903,8 +1100,22 @@ def train_on_tensors(data: CachedTensors, out, config: TrainConfig | None = None
     return results
 
 
+def bytes_read_per_rank(data: CachedTensors) -> list[int] | None:
+    """Bytes of user rows each rank has read from the cache so far (streamed ``data``; rows x
+    stored row bytes, ``llmsrec.cache.stream.RowStore.bytes_read``), gathered from every rank
+    under torchrun (a collective: all ranks call it); None for in-memory data."""
+    if not data.streamed:
+        return None
+    mine = torch.tensor([[data.store.bytes_read]], dtype=torch.int64)
+    if dd.active() is None:
+        return [int(mine[0, 0])]
+    world = dd.active()[1]
+    return [int(x) for x in dd.all_gather_rows(mine.to(dd.comm_device()), world).cpu()[:, 0]]
+
+
 def train_heads(ds, cache, out, *, force: bool = False, progress: bool = True, device: str = "cpu",
-                step_dtype: str = "fp32", **opts: Any) -> dict:
+                step_dtype: str = "fp32", stream: bool | None = None, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+                **opts: Any) -> dict:
     """``llmsrec train``: read the cache into memory once, train the heads, write ``out``.
 
     Under torchrun (``RANK``/``WORLD_SIZE`` set, ``llmsrec.distributed.dist_env``) every
@@ -919,6 +1130,13 @@ def train_heads(ds, cache, out, *, force: bool = False, progress: bool = True, d
         out: output folder (see :func:`train_on_tensors` for its files).
         device: where the heads train: ``cpu`` (default), ``cuda[:N]``, ``hpu``.
         step_dtype: ``fp32`` or ``bf16`` training steps (:func:`fit_heads`).
+        stream: read the user views from the cache as needed instead of loading them
+            (True, ``--stream``), load them (False, ``--in-memory``), or decide from their
+            size and the free memory (None, default; :func:`should_stream`). Under torchrun
+            a streaming rank reads only its rows of each batch and its validation users.
+        shuffle_buffer: rows a streamed epoch shuffles together in memory
+            (:func:`~llmsrec.cache.stream.epoch_order`; >= the training users: the
+            in-memory order, and the same results as in memory).
         **opts: :class:`TrainConfig` fields (``None`` = default).
     Returns:
         The ``results.json`` dict (``valid``, ``test`` metric dicts, ...), on every rank.
@@ -928,6 +1146,8 @@ def train_heads(ds, cache, out, *, force: bool = False, progress: bool = True, d
     """
     cfg = TrainConfig.from_options(**opts)
     check_step_dtype(step_dtype)
+    if int(shuffle_buffer) < 0:
+        raise InputError(f"--shuffle-buffer {shuffle_buffer}: must be >= 0 (0: the whole view)")
     if Path(out).exists() and not force:
         raise InputError(f"{out}: already exists (pass --force to overwrite)")
     started = dd.dist_env() is not None and dd.active() is None
@@ -936,7 +1156,8 @@ def train_heads(ds, cache, out, *, force: bool = False, progress: bool = True, d
     ok = False
     try:
         data = load_cached_tensors(ds, cache, eval_views=EVAL_VIEWS, user_readout=cfg.user_readout,
-                                   item_readout=cfg.item_readout, prefixes=cfg.prefixes)
+                                   item_readout=cfg.item_readout, prefixes=cfg.prefixes, stream=stream,
+                                   shuffle_buffer=shuffle_buffer)
         res = train_on_tensors(data, out, cfg, force=force, progress=progress, device=dd.local_device(device),
                                step_dtype=step_dtype)
         ok = True
