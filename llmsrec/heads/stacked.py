@@ -38,13 +38,15 @@ from torch import nn
 
 from llmsrec.errors import InputError
 from llmsrec.heads.losses import exclusion_mask, full_retrieval_loss, retrieval_loss, sample_negatives, total_loss
-from llmsrec.heads.model import HeadsConfig, LLMSRecHeads, Prepared
+from llmsrec.heads.model import LLMSRecHeads, Prepared
 from llmsrec.heads.train import (
     LOSS_TERMS,
     CachedTensors,
     FitResult,
     TrainConfig,
     check_step_dtype,
+    heads_config,
+    train_user_array,
     validation_record,
 )
 from llmsrec.metrics import ranking_metrics
@@ -227,12 +229,8 @@ def fit_stacked(data: CachedTensors, configs: list[TrainConfig], *, step_dtype: 
                          + ", ".join(sorted(PER_VARIANT)))
     low = check_step_dtype(step_dtype) == "bf16"
     c0 = cfgs[0]
-    users_all = np.asarray(data.train_users, dtype=np.int64)
-    if len(users_all) == 0:
-        raise InputError("train: no user has a training sample (train view empty)")
-    hcfg = HeadsConfig(d_llm=data.d_llm, d_cf=data.d_cf, d_out=c0.d_out, hidden=c0.hidden, cf_hidden=c0.cf_hidden,
-                       user_readout=data.user_readout, item_readout=data.item_readout, n_layers=data.n_layers,
-                       n_slots=data.n_slots)
+    users_all = train_user_array(data)
+    hcfg = heads_config(data, c0)
     inits = []
     for c in cfgs:
         with torch.random.fork_rng(devices=[]):

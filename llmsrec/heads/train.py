@@ -852,6 +852,26 @@ def sharded_loss(
     return share, terms
 
 
+def train_user_array(data: CachedTensors) -> np.ndarray:
+    """``data.train_users`` as an int64 array ``(n_train,)``.
+
+    Raises:
+        InputError: no user has a training sample.
+    """
+    users = np.asarray(data.train_users, dtype=np.int64)
+    if len(users) == 0:
+        raise InputError("train: no user has a training sample (train view empty)")
+    return users
+
+
+def heads_config(data: CachedTensors, cfg: "TrainConfig") -> HeadsConfig:
+    """The :class:`HeadsConfig` of heads trained with ``cfg`` on ``data``: widths from
+    ``cfg``, input widths and readouts from the cache's tensors."""
+    return HeadsConfig(d_llm=data.d_llm, d_cf=data.d_cf, d_out=cfg.d_out, hidden=cfg.hidden, cf_hidden=cfg.cf_hidden,
+                       user_readout=data.user_readout, item_readout=data.item_readout, n_layers=data.n_layers,
+                       n_slots=data.n_slots)
+
+
 def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: bool = True, *,
               device="cpu", step_dtype: str = "fp32") -> FitResult:
     """Train the heads on in-memory cached tensors (the core of ``llmsrec train``).
@@ -894,12 +914,8 @@ def fit_heads(data: CachedTensors, config: TrainConfig | None = None, progress: 
     rank, world = group or (0, 1)
     cfg = config or TrainConfig()
     lcfg = cfg.loss_config()
-    users_all = np.asarray(data.train_users, dtype=np.int64)
-    if len(users_all) == 0:
-        raise InputError("train: no user has a training sample (train view empty)")
-    hcfg = HeadsConfig(d_llm=data.d_llm, d_cf=data.d_cf, d_out=cfg.d_out, hidden=cfg.hidden, cf_hidden=cfg.cf_hidden,
-                       user_readout=data.user_readout, item_readout=data.item_readout, n_layers=data.n_layers,
-                       n_slots=data.n_slots)
+    users_all = train_user_array(data)
+    hcfg = heads_config(data, cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         heads = LLMSRecHeads(hcfg)
