@@ -92,19 +92,21 @@ CF_TRAIN_OPTIONS = ("epochs", "patience", "eval_every", "batch_size", "lr", "los
 REQUEST = "request.json"
 
 
-def parse_models(text: str) -> list[str]:
-    """``"sasrec,gru4rec"`` -> ``["gru4rec", "sasrec"]`` (Table 6 order, duplicates dropped).
+def parse_models(text: str, allowed: tuple[str, ...] = ALL_MODELS) -> list[str]:
+    """``"sasrec,gru4rec"`` -> ``["gru4rec", "sasrec"]``: the names of ``allowed`` that the
+    comma-separated ``text`` gives, in ``allowed``'s order (default Table 6's), duplicates
+    dropped.
 
     Raises:
-        InputError: an empty list or an unknown name.
+        InputError: an empty list or a name outside ``allowed``.
     """
     names = [m.strip().lower() for m in str(text).split(",") if m.strip()]
     if not names:
         raise InputError("--models: give at least one model")
     for m in names:
-        if m not in ALL_MODELS:
-            raise InputError(f"--models: unknown model {m!r} (expected any of {', '.join(ALL_MODELS)})")
-    return [m for m in ALL_MODELS if m in names]
+        if m not in allowed:
+            raise InputError(f"--models: unknown model {m!r} (expected any of {', '.join(allowed)})")
+    return [m for m in allowed if m in names]
 
 
 def _reusable(run_dir: Path, request: dict, required: Iterable[str]) -> bool:

@@ -61,13 +61,9 @@ def parse_transfer_models(text: str) -> list[str]:
     Raises:
         InputError: an empty list or a name outside :data:`TRANSFER_MODELS`.
     """
-    names = [m.strip().lower() for m in str(text).split(",") if m.strip()]
-    if not names:
-        raise InputError("--models: give at least one model")
-    for m in names:
-        if m not in TRANSFER_MODELS:
-            raise InputError(f"--models: unknown model {m!r} (expected any of {', '.join(TRANSFER_MODELS)})")
-    return [m for m in TRANSFER_MODELS if m in names]
+    from llmsrec.experiments.compare import parse_models  # deferred: compare imports torch and the baselines
+
+    return parse_models(text, allowed=TRANSFER_MODELS)
 
 
 def title_key(title: str) -> str:
