@@ -233,3 +233,25 @@ def test_in_memory_scoring_in_blocks_equals_one_piece(inputs, monkeypatch):
     blocks = T.score_candidates(heads, data.eval_hidden["test"], data.item_hidden, data.candidates["test"])
     np.testing.assert_allclose(blocks, whole, rtol=0, atol=1e-6)
     assert T.evaluate_on_tensors(heads, data, ("test",))["test"] == pytest.approx(T.ranking_metrics(whole))
+
+
+def test_full_ranking_reads_the_view_block_by_block_with_the_in_memory_ranks(inputs, tmp_path):
+    from llmsrec.evaluate.full_ranking import full_metrics, full_ranking_heads
+    from llmsrec.heads.model import load_heads
+
+    ds, root = inputs
+    train_heads(ds, root / "chunked.h5", tmp_path / "h", progress=False, stream=False, **dict(OPTS, epochs=1))
+    heads = load_heads(tmp_path / "h")
+    with h5py.File(root / "chunked.h5", "r") as f, torch.no_grad():
+        items = heads.item(torch.from_numpy(f["items/hidden"][()]))
+        want = {}
+        for split in ("valid", "test"):
+            inputs_, targets = ds.view(split)
+            users = heads.user(torch.from_numpy(f[f"users/{split}/hidden"][1:]))
+            want[split] = full_metrics(users, items, [np.asarray(x) for x in inputs_[1:]], targets[1:])
+    for block_rows in (7, 4096):  # 60 users: 9 blocks, or one
+        got = full_ranking_heads(ds, tmp_path / "h", cache=root / "chunked.h5", block_rows=block_rows)
+        assert got.keys() == want.keys()
+        for split in want:
+            assert got[split] == pytest.approx(want[split], abs=1e-12), (block_rows, split)
+    assert want["test"]["HR@10"] > 0.5  # the planted states are found among 50 items

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from llmsrec.cache import open_cache
+from llmsrec.cache.stream import SCORE_BLOCK_ROWS, RowStore
 from llmsrec.cfsrec import load_cfsrec, pad_left
 from llmsrec.errors import InputError
 from llmsrec.heads.model import load_heads
@@ -81,9 +82,12 @@ def full_metrics(users, items, histories, targets, *, ks=(10, 20), block: int = 
     Returns:
         ``{"NDCG@10", "NDCG@20", "HR@10", "HR@20", "MRR"}`` (default ``ks``), means over users.
     """
-    r = full_ranks(users, items, histories, targets, block=block)
-    m = metrics_from_ranks(r, ks)
-    m["MRR"] = float(np.mean(1.0 / (r + 1.0)))
+    return _metrics_with_mrr(full_ranks(users, items, histories, targets, block=block), ks)
+
+
+def _metrics_with_mrr(ranks: np.ndarray, ks=(10, 20)) -> dict[str, float]:
+    m = metrics_from_ranks(ranks, ks)
+    m["MRR"] = float(np.mean(1.0 / (ranks + 1.0)))
     return m
 
 
@@ -118,37 +122,57 @@ def full_ranking_cfsrec(ds, checkpoint, device: str = "cpu", splits=("valid", "t
 
 
 def full_ranking_heads(ds, checkpoint, device: str = "cpu", cache=None, splits=("valid", "test"),
-                       block: int = 1024) -> dict:
+                       block: int = 1024, block_rows: int = SCORE_BLOCK_ROWS) -> dict:
     """``llmsrec evaluate --full-ranking`` for LLM-SRec heads: users f_user(h_u), items f_item(h_i).
 
     Uses the cached states of the ``valid``/``test`` views (``cache`` defaults to the one
     recorded in the heads' ``heads_config.json``); users without a cached prompt
-    (``--max-users``) are left out.
+    (``--max-users``) are left out. Heads with the ``out`` user readout read the view's
+    states from the file ``block_rows`` users at a time (``llmsrec.cache.stream``, rows
+    CRC-checked), so memory does not grow with the users; other readouts load the view.
+    Each user's rank depends on its own row only, so both give the same ranks.
 
     Returns:
         ``{split: {"NDCG@10", "NDCG@20", "HR@10", "HR@20", "MRR"}}``.
     Raises:
-        InputError: no cache given or recorded, or a cache for another dataset/width.
+        InputError: no cache given or recorded, a cache for another dataset/width, or a
+            damaged row (streamed reads).
     """
     if cache is None:
         try:
             cache = json.loads((Path(checkpoint) / "heads_config.json").read_text())["provenance"]["cache"]
         except (OSError, ValueError, KeyError, TypeError):
             raise InputError(f"{checkpoint}: no cache recorded in heads_config.json; pass --cache") from None
+    if block_rows < 1:
+        raise ValueError("block_rows must be >= 1")
     heads = load_heads(checkpoint)
+    streamed = heads.config.user_readout == "out"
     with open_cache(cache) as c:
         prov = c.provenance if isinstance(c.provenance, dict) else {}
         if prov.get("dataset_sha256") not in (None, ds.digest):
             raise InputError(f"{cache}: built for another dataset (provenance field 'dataset_sha256')")
         n = ds.n_users if not isinstance(prov.get("max_users"), int) else min(ds.n_users, prov["max_users"])
         item_h = torch.from_numpy(cached_features(c, "items", heads.config.item_readout))
-        user_h = {s: torch.from_numpy(cached_features(c, s, heads.config.user_readout)[1 : n + 1]) for s in splits}
+        user_h = {} if streamed else \
+            {s: torch.from_numpy(cached_features(c, s, heads.config.user_readout)[1 : n + 1]) for s in splits}
     if item_h.shape[-1] != heads.config.d_llm:
         raise InputError(f"{checkpoint}: heads expect d_llm={heads.config.d_llm}, cache {cache} has {item_h.shape[-1]}")
     out = {}
-    with torch.no_grad():
-        items = heads.item(item_h)
-        for split in splits:
-            hist, tg = _histories(ds, split, n)
-            out[split] = full_metrics(heads.user(user_h[split]), items, hist, tg, block=block)
+    store = RowStore(cache) if streamed else None
+    try:
+        with torch.no_grad():
+            items = heads.item(item_h)
+            for split in splits:
+                hist, tg = _histories(ds, split, n)
+                if not streamed:
+                    out[split] = full_metrics(heads.user(user_h[split]), items, hist, tg, block=block)
+                    continue
+                ranks = np.zeros(n, dtype=np.int64)
+                for s, h in store.rows(f"users/{split}/hidden").blocks(1, n + 1, block_rows):
+                    sl = slice(s - 1, s - 1 + len(h))
+                    ranks[sl] = full_ranks(heads.user(torch.from_numpy(h)), items, hist[sl], tg[sl], block=block)
+                out[split] = _metrics_with_mrr(ranks)
+    finally:
+        if store is not None:
+            store.close()
     return out
