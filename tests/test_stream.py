@@ -255,3 +255,24 @@ def test_full_ranking_reads_the_view_block_by_block_with_the_in_memory_ranks(inp
         for split in want:
             assert got[split] == pytest.approx(want[split], abs=1e-12), (block_rows, split)
     assert want["test"]["HR@10"] > 0.5  # the planted states are found among 50 items
+
+
+def test_streamed_sweep_gives_the_in_memory_records(inputs, tmp_path):
+    from llmsrec.experiments.sweep import sweep
+
+    ds, root = inputs
+    grid = tmp_path / "grid.toml"
+    grid.write_text("[grid]\nlr = [3e-3, 1e-2]\nseed = [0, 1]\n[fixed]\nepochs = 2\nbatch_size = 7\nhidden = 32\n"
+                    "d_out = 16\ncf_hidden = 8\ntrain_negatives = 3\nevals_per_epoch = 2\n")
+    runs = {}
+    for name, kw in (("mem", dict(stream=False)), ("st", dict(stream=True, shuffle_buffer=0, stack=2))):
+        res = sweep(ds, root / "chunked.h5", grid, tmp_path / name, progress=False, log=lambda m: None, **kw)
+        lines = [json.loads(x) for x in (tmp_path / name / "sweep.jsonl").read_text().splitlines()]
+        runs[name] = (res, [{k: v for k, v in x.items() if k != "seconds"} for x in lines])
+    (mem, mem_lines), (st, st_lines) = runs["mem"], runs["st"]
+    assert "streamed" not in mem and st["streamed"] is True
+    assert len(st_lines) == 4 and st_lines == mem_lines  # stack 2 asked: streamed variants train alone
+    assert st["best"]["test"] == mem["best"]["test"] and st["best"]["options"] == mem["best"]["options"]
+    with pytest.raises(InputError, match="prefixes"):
+        sweep(ds, root / "chunked.h5", grid, tmp_path / "bad", base={"prefixes": 2}, stream=True, progress=False,
+              log=lambda m: None)

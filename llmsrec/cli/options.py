@@ -190,6 +190,19 @@ step_dtype_option = click.option(
          "fp32; results within about the seed spread, not identical).")
 
 
+def stream_options(f):
+    """``--stream/--in-memory`` and ``--shuffle-buffer``: how cache-mode heads read the user
+    views (``train`` and ``sweep``; ``llmsrec.heads.train.load_cached_tensors``)."""
+    f = click.option("--shuffle-buffer", default=None, type=click.IntRange(min=0),
+                     help="--stream: rows shuffled together in memory per epoch (0: the whole view, the "
+                          "in-memory order and results) [default: 65536].")(f)
+    return click.option("--stream/--in-memory", "stream", default=None,
+                        help="cache mode: read the user views from the cache as training needs them (--stream; "
+                             "for a cache larger than memory; out readouts, --prefixes 1) or load them "
+                             "(--in-memory) [default: stream when they exceed half the free memory]. Under "
+                             "torchrun each process then reads only its rows. docs/scaling.md.")(f)
+
+
 def head_kwargs(kw: dict) -> dict:
     """Pop the head options out of a command's kwargs into TrainConfig fields."""
     names = ["epochs", "batch_size", "lr", "beta1", "beta2", "weight_decay", "lr_decay", "evals_per_epoch",

@@ -18,6 +18,7 @@ from llmsrec.cli.options import (
     head_kwargs,
     head_options,
     step_dtype_option,
+    stream_options,
     train_llm_options,
 )
 from llmsrec.data import load_prepared
@@ -107,14 +108,7 @@ def _train_baseline(model_name, data_dir, mode, cache, sasrec_dir, out, seed, no
                    "Hugging Face encoder folder [default: all-minilm-l6-v2].")
 @baseline_options
 @step_dtype_option
-@click.option("--stream/--in-memory", "stream", default=None,
-              help="cache mode: read the user views from the cache as training needs them (--stream; for a "
-                   "cache larger than memory; out readouts, --prefixes 1) or load them (--in-memory) "
-                   "[default: stream when they exceed half the free memory]. Under torchrun each process "
-                   "then reads only its rows. docs/scaling.md.")
-@click.option("--shuffle-buffer", default=None, type=click.IntRange(min=0),
-              help="--stream: rows shuffled together in memory per epoch (0: the whole view, the in-memory "
-                   "order and results) [default: 65536].")
+@stream_options
 @click.option("--no-progress", is_flag=True, help="Hide the per-epoch progress bar.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @config_option

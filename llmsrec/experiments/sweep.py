@@ -24,6 +24,10 @@ metric), ``sweep.png`` (validation NDCG@10 against the most influential option) 
 evaluation: its heads as this process trained them alone, or retrained when they were trained
 stacked, in a worker or by an earlier run; training is deterministic, so both give the same heads).
 
+``stream`` (``--stream``; automatic by default, as ``llmsrec train``) reads the user views from
+the cache file as training needs them (:func:`~llmsrec.heads.train.load_cached_tensors`), for a
+cache larger than memory; streamed variants train one at a time.
+
 ``stack`` (``--stack N``) trains up to N variants that differ only in how they are optimised
 together in one process (:mod:`llmsrec.heads.stacked`), sharing one read of the cache.
 """
@@ -118,17 +122,19 @@ def _key(cfg: TrainConfig) -> str:
     return json.dumps(asdict(cfg), sort_keys=True)
 
 
-# worker state (one process, or each of a --jobs pool): where the cache is, and its tensors,
-# loaded once per (readouts, prefix samples) a variant asks for
+# worker state (one process, or each of a --jobs pool): where the cache is, how its views are
+# read (load_cached_tensors' stream and shuffle_buffer), and its tensors, loaded once per
+# (readouts, prefix samples) a variant asks for
 _SOURCE: tuple | None = None
+_READ: dict = {}
 _DATA: dict = {}
 
 
-def _init_worker(ds_root, cache: str, threads: int, eval_views=("valid",)) -> None:
-    global _SOURCE, _DATA
+def _init_worker(ds_root, cache: str, threads: int, eval_views=("valid",), read: dict | None = None) -> None:
+    global _SOURCE, _DATA, _READ
 
     torch.set_num_threads(threads)
-    _SOURCE, _DATA = (ds_root, cache, tuple(eval_views)), {}
+    _SOURCE, _DATA, _READ = (ds_root, cache, tuple(eval_views)), {}, dict(read or {})
 
 
 def _data_for(cfg: TrainConfig):
@@ -137,7 +143,7 @@ def _data_for(cfg: TrainConfig):
     if key not in _DATA:
         ds, cache, views = _SOURCE
         _DATA[key] = load_cached_tensors(ds, cache, eval_views=views, user_readout=cfg.user_readout,
-                                         item_readout=cfg.item_readout, prefixes=cfg.prefixes)
+                                         item_readout=cfg.item_readout, prefixes=cfg.prefixes, **_READ)
     return _DATA[key]
 
 
@@ -157,16 +163,19 @@ def _fit_group(cfg_dicts: list[dict], keep: bool = False):
         do not cross a process boundary).
     """
     cfgs = [TrainConfig(**d) for d in cfg_dicts]
-    if len(cfgs) == 1:
-        fits = [fit_heads(_data_for(cfgs[0]), cfgs[0], progress=False)]
+    data = _data_for(cfgs[0])
+    if len(cfgs) == 1 or data.streamed:  # the stacked trainer holds the views in memory
+        fits = [fit_heads(data, cfg, progress=False) for cfg in cfgs]
+        recs = [_fit_record(f, f.seconds) for f in fits]
     else:
-        fits = fit_stacked(_data_for(cfgs[0]), cfgs)
-    recs = [_fit_record(f, f.seconds / len(fits)) for f in fits]
+        fits = fit_stacked(data, cfgs)
+        recs = [_fit_record(f, f.seconds / len(fits)) for f in fits]
     return (recs, fits) if keep else recs
 
 
 def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1, stack: int = 1,
-          progress: bool = True, log: Callable[[str], None] = print) -> dict:
+          stream: bool | None = False, shuffle_buffer: int | None = None, progress: bool = True,
+          log: Callable[[str], None] = print) -> dict:
     """Train every variant of a grid on the cache; write the sweep files; test the best once.
 
     Args:
@@ -180,10 +189,14 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
             train together in one process (:func:`llmsrec.heads.stacked.fit_stacked`); their
             records equal those of training each alone up to float rounding. 1 (default) =
             one variant at a time.
+        stream, shuffle_buffer: how the user views are read, as
+            :func:`~llmsrec.heads.train.load_cached_tensors`'s (``False``, the default, loads
+            them; ``None`` streams when they do not fit; ``shuffle_buffer`` None = its
+            default). Streamed variants train one at a time, whatever ``stack``.
     Returns:
         ``{"variants": n, "trained": n trained now, "best": the best line + "test",
         "seconds": wall s, "variants_per_minute": of the variants trained now}``, and
-        ``"stack"`` when ``stack`` > 1.
+        ``"stack"`` when ``stack`` > 1, ``"streamed": True`` when views were streamed.
     Raises:
         InputError: bad grid, options or cache.
     """
@@ -212,7 +225,8 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
     log(f"sweep: {len(variants)} variants, {len(variants) - len(todo)} already in {lines_path.name}, "
         f"{len(todo)} to train ({jobs} process{'es' if jobs > 1 else ''}"
         + (f", {len(groups)} stack{'s' if len(groups) > 1 else ''} of up to {stack}" if stack > 1 else "") + ")")
-    global _SOURCE, _DATA
+    global _SOURCE, _DATA, _READ
+    _READ = {"stream": stream, **({} if shuffle_buffer is None else {"shuffle_buffer": int(shuffle_buffer)})}
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc="sweep", unit="variant", disable=not progress)
 
@@ -238,7 +252,7 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
     elif todo:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                 initargs=(str(ds.root), str(cache), threads)) as pool:
+                                 initargs=(str(ds.root), str(cache), threads, ("valid",), _READ)) as pool:
             futs = {pool.submit(_fit_group, [asdict(c) for _, c in g]): g for g in groups}
             for f in as_completed(futs):
                 for (v, c), res in zip(futs[f], f.result()):
@@ -270,6 +284,8 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
                "variants_per_minute": round(60 * len(todo) / train_seconds, 2) if todo else None}
     if stack > 1:
         summary["stack"] = stack
+    if any(d.streamed for d in _DATA.values()):
+        summary["streamed"] = True
     write_json(out / "sweep.json", summary)
     with atomic_file(out / "sweep.md") as f:
         f.write(_sweep_md(recs, grid, select, best, test, summary))
