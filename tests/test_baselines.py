@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_precompute import _tiny_dataset, _tiny_llama_folder, _tiny_llm, _tiny_sasrec
+from tiny import tiny_llama_folder, tiny_llm
 
 from llmsrec.baselines import (
     BASELINES,
@@ -36,26 +36,7 @@ from llmsrec.precompute.prompts import build_view, format_date, item_prompt
 W = 4
 SMALL = dict(hidden=16, d_out=8, cf_hidden=8)
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_per_test():
-    torch.set_num_threads(1)  # numba's metrics reset torch's OpenMP thread count
-
-
-@pytest.fixture(scope="module")
-def ds(tmp_path_factory):
-    return _tiny_dataset(tmp_path_factory.mktemp("data") / "ds")
-
-
-@pytest.fixture(scope="module")
-def sasrec_dir(ds, tmp_path_factory):
-    from llmsrec.cfsrec import save_sasrec
-
-    out = tmp_path_factory.mktemp("sas") / "sasrec"
-    save_sasrec(_tiny_sasrec(ds.n_items), out)
-    return out
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "one_thread_per_test")
 
 
 def _trainer(model, ds, sasrec_dir, llm, *, lr=1e-2, lora=None, stage1=None):
@@ -137,7 +118,7 @@ def test_tallrec_prompts_are_text_only(ds):
                           f"representation token: [ItemOut]")
     assert all(HISTORY_EMB not in p.text and len(p.soft_items) == 0 for p in ip)
     # tokenized: no soft-token position anywhere, no CF-SRec needed
-    data = load_baseline_data(ds, None, _tiny_llm(), "tallrec", history_window=W)
+    data = load_baseline_data(ds, None, tiny_llm(), "tallrec", history_window=W)
     assert all(len(t.soft_pos) == 0 for t in data.item_toks)
     assert all(t is None or len(t.soft_pos) == 0 for v in data.user_toks.values() for t in v)
     assert data.E.shape == (ds.n_items + 1, 1) and data.provenance["sasrec_sha256"] is None
@@ -168,7 +149,7 @@ def test_collm_prompts_carry_the_user_representation(ds, sasrec_dir):
             assert p.soft_items[0] == n + 1 + k * (u_n + 1) + u == user_rep_id(n, u_n, k, u)
             assert np.array_equal(p.soft_items[1:], ref.prompts[u].soft_items)
     # the slot carries f_U(O_u) of that view's (shuffled) CF-SRec input
-    llm = _tiny_llm()
+    llm = tiny_llm()
     tr, _ = _trainer("collm", ds, sasrec_dir, llm)
     data, inputs = tr.data, tr.inputs
     assert data.views == ("train", "valid", "test", "test-shuffled")
@@ -192,7 +173,7 @@ def test_collm_prompts_carry_the_user_representation(ds, sasrec_dir):
 
 @pytest.mark.parametrize("model", ["tallrec", "llara", "collm"])
 def test_lora_models_train_adapters_and_never_the_base_weights(model, ds, sasrec_dir):
-    llm = _tiny_llm()
+    llm = tiny_llm()
     base_before = {k: v.clone() for k, v in llm.decoder.state_dict().items()}
     tr, _ = _trainer(model, ds, sasrec_dir, llm)
     lora = {n: p for n, p in llm.decoder.named_parameters() if "lora_" in n}
@@ -223,7 +204,7 @@ def test_allmrec_two_stages_with_a_frozen_llm(ds, sasrec_dir):
     from llmsrec.baselines.allmrec import fit_stage1
     from llmsrec.precompute.fit import title_embedding_means
 
-    llm = _tiny_llm()
+    llm = tiny_llm()
     llm_before = {k: v.clone() for k, v in llm.decoder.state_dict().items()}
     # stage 1: the alignment loss falls, deterministic under the seed
     data = load_baseline_data(ds, sasrec_dir, llm, "allmrec", history_window=W)
@@ -251,7 +232,7 @@ def test_allmrec_two_stages_with_a_frozen_llm(ds, sasrec_dir):
 
 def test_gradient_caching_replays_the_lora_dropout_masks(ds, sasrec_dir):
     """Two-pass gradients (dropout on) equal one autograd pass over the same chunks and masks."""
-    llm = _tiny_llm()
+    llm = tiny_llm()
     tr, _ = _trainer("collm", ds, sasrec_dir, llm, lora=LoraOptions(r=4, dropout=0.5))
     d = tr.data
     groups = [([d.user_toks["train"][u] for u in d.train_users[:6]], USER_OUT), (d.item_toks[:10], ITEM_OUT)]
@@ -297,7 +278,7 @@ def test_save_load_round_trip_gives_identical_scores(model, ds, sasrec_dir, tmp_
     else:
         kw["lora"] = {"r": 4, "alpha": 8}
     sas = None if model == "tallrec" else shutil.copytree(sasrec_dir, tmp_path / "teacher-src")
-    bf = fit_baseline(model, ds, sas, llm=_tiny_llm(), **kw)
+    bf = fit_baseline(model, ds, sas, llm=tiny_llm(), **kw)
     fit = bf.fit
     assert fit.steps == 2 and bf.config.distill == "none" and bf.config.uniform is False
     mem = {v: view_scores(fit.trainer, v, fit.item_states) for v in ("valid", "test", "test-shuffled")}
@@ -329,32 +310,32 @@ def test_save_load_round_trip_gives_identical_scores(model, ds, sasrec_dir, tmp_
         for f in ("config.json", "model.safetensors"):
             assert (out / "teacher" / f).read_bytes() == (sas / f).read_bytes()
         sas = sas.rename(tmp_path / "moved")
-    loaded = baseline_scores(ds, out, llm=_tiny_llm(), batch_tokens=400)
+    loaded = baseline_scores(ds, out, llm=tiny_llm(), batch_tokens=400)
     for v, s in mem.items():
         np.testing.assert_array_equal(loaded[v].scores, s.scores, err_msg=v)
         np.testing.assert_array_equal(loaded[v].user, s.user, err_msg=v)
     assert loaded["test"].scores.shape == (ds.n_users, 4)
-    ev = evaluate_baseline_checkpoint(ds, out, llm=_tiny_llm(), batch_tokens=400)
+    ev = evaluate_baseline_checkpoint(ds, out, llm=tiny_llm(), batch_tokens=400)
     assert ev["test"] == fit.test and set(ev) == {"valid", "test", "test-shuffled"}
     if model == "collm":  # same seed -> same run (LoRA init, dropout masks, negatives)
-        again = fit_baseline(model, ds, sas, llm=_tiny_llm(), **kw).fit
+        again = fit_baseline(model, ds, sas, llm=tiny_llm(), **kw).fit
         for a, b in ((fit.heads, again.heads), (fit.inputs, again.inputs)):
             sa, sb = a.state_dict(), b.state_dict()
             assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     other = "allmrec" if model != "allmrec" else "collm"
     with pytest.raises(InputError, match=f"a {model} checkpoint"):
-        load_baseline_checkpoint(ds, out, llm=_tiny_llm(), expect=other)
+        load_baseline_checkpoint(ds, out, llm=tiny_llm(), expect=other)
     if model == "llara":  # a checkpoint from before teacher/ existed reads the recorded folder
         shutil.rmtree(out / "teacher")
         with pytest.raises(InputError, match="no teacher/ copy of the CF-SRec teacher and the recorded .* is gone"):
-            load_baseline_checkpoint(ds, out, llm=_tiny_llm())
+            load_baseline_checkpoint(ds, out, llm=tiny_llm())
         sas.rename(tmp_path / "teacher-src")
-        again = baseline_scores(ds, out, ("test",), llm=_tiny_llm(), batch_tokens=400)
+        again = baseline_scores(ds, out, ("test",), llm=tiny_llm(), batch_tokens=400)
         np.testing.assert_array_equal(again["test"].scores, mem["test"].scores)
 
 
 def test_bad_options(ds, sasrec_dir, tmp_path):
-    llm = _tiny_llm()
+    llm = tiny_llm()
     with pytest.raises(InputError, match="Eq. 1"):
         fit_baseline("llara", ds, sasrec_dir, llm=llm, distill="mse")
     with pytest.raises(InputError, match="no LoRA"):
@@ -376,7 +357,7 @@ def test_bad_options(ds, sasrec_dir, tmp_path):
 def test_cli_train_and_evaluate_a_baseline(ds, sasrec_dir, tmp_path):
     from llmsrec.cli import main
 
-    folder = _tiny_llama_folder(tmp_path / "tiny-llm")
+    folder = tiny_llama_folder(tmp_path / "tiny-llm")
     out = tmp_path / "collm"
     common = ["--data", str(ds.root), "--llm", str(folder), "--history-window", str(W), "--batch-size", "4",
               "--max-steps", "2", "--hidden", "16", "--d-out", "8", "--cf-hidden", "8", "--no-progress"]

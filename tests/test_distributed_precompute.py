@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_precompute import _contents, _tiny_dataset, _tiny_llama_folder, _tiny_sasrec
+from test_precompute import _contents
+from tiny import tiny_dataset, tiny_llama_folder, tiny_sasrec
 
 from llmsrec.cache import open_cache
 from llmsrec.cli import main
@@ -40,9 +41,9 @@ def inputs(tmp_path_factory):
     from llmsrec.cfsrec import save_sasrec
 
     root = tmp_path_factory.mktemp("dist")
-    ds = _tiny_dataset(root / "ds")
-    save_sasrec(_tiny_sasrec(ds.n_items), root / "sasrec")
-    _tiny_llama_folder(root / "llm")
+    ds = tiny_dataset(root / "ds")
+    save_sasrec(tiny_sasrec(ds.n_items), root / "sasrec")
+    tiny_llama_folder(root / "llm")
     ref = precompute(ds.root, root / "sasrec", root / "ref.h5", llm=str(root / "llm"),
                      views=VIEWS.split(","), history_window=W, chunk_prompts=2, batch_tokens=400,
                      progress=False, log=lambda m: None)

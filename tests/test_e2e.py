@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_precompute import _tiny_dataset, _tiny_llama_folder, _tiny_llm, _tiny_sasrec
+from tiny import tiny_llama_folder
 
 from llmsrec.cache import open_cache
 from llmsrec.errors import InputError
@@ -31,32 +31,7 @@ from llmsrec.precompute.params import read_params
 W = 4
 SMALL = dict(hidden=16, d_out=8, cf_hidden=8)
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_per_test():
-    # numba's parallel metrics (cache-mode validation) reset torch's OpenMP thread count
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def llm():
-    return _tiny_llm()
-
-
-@pytest.fixture(scope="module")
-def ds(tmp_path_factory):
-    return _tiny_dataset(tmp_path_factory.mktemp("data") / "ds")
-
-
-@pytest.fixture(scope="module")
-def sasrec_dir(ds, tmp_path_factory):
-    from llmsrec.cfsrec import save_sasrec
-
-    out = tmp_path_factory.mktemp("sas") / "sasrec"
-    save_sasrec(_tiny_sasrec(ds.n_items), out)
-    return out
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "one_thread_per_test")
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +204,7 @@ def test_mlp_f_I_trains(data, llm):
 def test_cli_train_e2e_and_evaluate(ds, sasrec_dir, tmp_path):
     from llmsrec.cli import main
 
-    folder = _tiny_llama_folder(tmp_path / "tiny-llm")
+    folder = tiny_llama_folder(tmp_path / "tiny-llm")
     out = tmp_path / "e2e"
     args = ["train", "--mode", "e2e", "--data", str(ds.root), "--sasrec", str(sasrec_dir), "--llm", str(folder),
             "--out", str(out), "--history-window", str(W), "--batch-size", "4", "--max-steps", "2",

@@ -218,31 +218,31 @@ def test_crafted_heads_config_is_refused_before_allocating(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_llm():
-    from test_precompute import _tiny_llm
+    import tiny
 
-    return _tiny_llm()  # max_position_embeddings 1024
+    return tiny.tiny_llm()  # max_position_embeddings 1024
 
 
 def _long_title_ds(out, title_chars: int):
-    from test_precompute import _tiny_dataset
+    from tiny import tiny_dataset
 
     from llmsrec.data import load_prepared
 
-    ds = _tiny_dataset(out)
+    ds = tiny_dataset(out)
     ds = load_prepared(out)
     ds.titles[3] = "Long " * (title_chars // 5)
     return ds
 
 
 def test_item_prompt_too_long_names_the_item_and_the_remedy(tmp_path, tiny_llm, one_torch_thread):
-    from test_precompute import _tiny_sasrec
+    from tiny import tiny_sasrec
 
     from llmsrec.precompute import precompute
 
     ds = _long_title_ds(tmp_path / "ds", 320_000)
     out = tmp_path / "cache.h5"
     with pytest.raises(InputError) as e:
-        precompute(ds, _tiny_sasrec(ds.n_items), out, llm=tiny_llm, views=("test",), history_window=4,
+        precompute(ds, tiny_sasrec(ds.n_items), out, llm=tiny_llm, views=("test",), history_window=4,
                    progress=False, log=lambda m: None)
     msg = str(e.value)
     assert msg.startswith("item 3 (title of 319,999 characters): its prompt has ")
@@ -396,10 +396,10 @@ def test_oserror_is_one_line_naming_the_output(tmp_path, monkeypatch, tiny_ds):
 
 @pytest.fixture(scope="module")
 def pc_inputs(tmp_path_factory):
-    from test_precompute import _tiny_dataset, _tiny_sasrec
+    from tiny import tiny_dataset, tiny_sasrec
 
-    ds = _tiny_dataset(tmp_path_factory.mktemp("pc") / "ds")
-    return ds, _tiny_sasrec(ds.n_items)
+    ds = tiny_dataset(tmp_path_factory.mktemp("pc") / "ds")
+    return ds, tiny_sasrec(ds.n_items)
 
 
 def _pc(inputs, llm, out, **kw):
@@ -634,9 +634,9 @@ def _pipeline(out, inter, item, llm_dir, **kw):
 
 @pytest.fixture(scope="module")
 def llm_dir(tmp_path_factory):
-    from test_precompute import _tiny_llama_folder
+    from tiny import tiny_llama_folder
 
-    return _tiny_llama_folder(tmp_path_factory.mktemp("llm") / "tiny")
+    return tiny_llama_folder(tmp_path_factory.mktemp("llm") / "tiny")
 
 
 def test_run_folder_of_other_data_is_refused_and_results_say_what_ran(tmp_path, llm_dir, one_torch_thread):

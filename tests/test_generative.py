@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_precompute import _tiny_dataset, _tiny_llm, _tiny_sasrec
+from tiny import tiny_llm
 
 from llmsrec.baselines import LoraOptions, Stage1Options, apply_lora, get_spec
 from llmsrec.baselines.common import initial_inputs
@@ -22,30 +22,11 @@ from llmsrec.precompute.prompts import clean_title
 W = 4
 M = 3  # the tiny dataset stores 3 negatives per user
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_per_test():
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def ds(tmp_path_factory):
-    return _tiny_dataset(tmp_path_factory.mktemp("data") / "ds")
-
-
-@pytest.fixture(scope="module")
-def sasrec_dir(ds, tmp_path_factory):
-    from llmsrec.cfsrec import save_sasrec
-
-    out = tmp_path_factory.mktemp("sas") / "sasrec"
-    save_sasrec(_tiny_sasrec(ds.n_items), out)
-    return out
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "one_thread_per_test")
 
 
 def _trainer(model, ds, sasrec_dir, *, lora=True, **opts):
-    llm = _tiny_llm()
+    llm = tiny_llm()
     spec = get_spec(model)
     if spec.lora and lora:
         apply_lora(llm, LoraOptions(), seed=0)
@@ -171,7 +152,7 @@ def test_allmrec_trains_only_projections(ds, sasrec_dir):
 def test_train_generative_writes_results(ds, sasrec_dir, tmp_path):
     opts = dict(negatives=M, history_window=W, batch_size=3, max_steps=2, evals_per_epoch=1, eval_users=4,
                 test_users=5, lr=1e-3)
-    res = train_generative("llara", ds, sasrec_dir, tmp_path / "llara", opts, llm=_tiny_llm())
+    res = train_generative("llara", ds, sasrec_dir, tmp_path / "llara", opts, llm=tiny_llm())
     assert res["approach"] == "generative" and res["steps"] == 2
     assert res["eval_users"] == {"test": 5, "test-shuffled": 5}
     for view in ("test", "test-shuffled"):
@@ -183,21 +164,21 @@ def test_train_generative_writes_results(ds, sasrec_dir, tmp_path):
     for f in ("adapter.safetensors", "inputs.safetensors", "scores.safetensors", "history.jsonl"):
         assert (tmp_path / "llara" / f).is_file()
     with pytest.raises(InputError, match="already exists"):
-        train_generative("llara", ds, sasrec_dir, tmp_path / "llara", opts, llm=_tiny_llm())
+        train_generative("llara", ds, sasrec_dir, tmp_path / "llara", opts, llm=tiny_llm())
     with pytest.raises(InputError, match="no LoRA"):
-        fit_generative("allmrec", ds, sasrec_dir, opts, llm=_tiny_llm(), lora={"r": 4})
+        fit_generative("allmrec", ds, sasrec_dir, opts, llm=tiny_llm(), lora={"r": 4})
 
 
 def test_cli_compare_generative(ds, tmp_path):
     from click.testing import CliRunner
-    from test_precompute import _tiny_llama_folder
+    from tiny import tiny_llama_folder
 
     from llmsrec.baselines.generative import GEN_NEGATIVES
     from llmsrec.cli import main
     from llmsrec.cli.baseline_options import GEN_NEGATIVES as CLI_NEGATIVES
 
     assert CLI_NEGATIVES == GEN_NEGATIVES
-    llm_dir = _tiny_llama_folder(tmp_path / "tiny")
+    llm_dir = tiny_llama_folder(tmp_path / "tiny")
     out = tmp_path / "cmp"
     args = ["compare", "--approach", "generative", "--data", str(ds.root), "--out", str(out),
             "--models", "sasrec,tallrec,collm", "--llm", str(llm_dir), "--history-window", str(W),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from test_analyze import run_dir  # noqa: F401  (module fixture: a tiny `llmsrec run` folder)
-from test_precompute import _tiny_llama_folder, _tiny_llm
+from tiny import tiny_llama_folder, tiny_llm
 
 from llmsrec.baselines import baseline_scores, evaluate_baseline_checkpoint
 from llmsrec.baselines.common import metrics_of
@@ -63,7 +63,7 @@ def ds(tmp_path_factory):
 def three_models(ds, tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp") / "out"
     kw = dict(models=["llara", "sasrec", "tallrec"], seeds=[0], cf_options=CF, model_options=SMALL_CF,
-              llm=_tiny_llm(), precompute_options={"history_window": W}, llm4rec_options={**BUDGET, "lora": {"r": 4}},
+              llm=tiny_llm(), precompute_options={"history_window": W}, llm4rec_options={**BUDGET, "lora": {"r": 4}},
               progress=False)
     logs: list[str] = []
     res = compare(ds, out, **kw, log=logs.append)
@@ -124,7 +124,7 @@ def test_compare_with_llm4rec_columns(ds, three_models):
         ch = res["models"][name]["shuffle_change"]["NDCG@10"]
         assert ch["per_seed"] == [A.change_ratio(run["test"]["NDCG@10"], run["test-shuffled"]["NDCG@10"])]
     # the checkpoints evaluate to the same numbers from scratch
-    ev = evaluate_baseline_checkpoint(ds, out / "llara-seed0", llm=_tiny_llm(), batch_tokens=600,
+    ev = evaluate_baseline_checkpoint(ds, out / "llara-seed0", llm=tiny_llm(), batch_tokens=600,
                                       views=("test", "test-shuffled"))
     assert ev["test"] == res["models"]["llara"]["runs"]["0"]["test"]
     assert ev["test-shuffled"] == res["models"]["llara"]["runs"]["0"]["test-shuffled"]
@@ -146,13 +146,13 @@ def test_compare_reuses_llm4rec_runs(ds, three_models):
     out, res, _, kw = three_models
     stamp = (out / "llara-seed0" / "heads.safetensors").stat().st_mtime_ns
     logs: list[str] = []
-    again = compare(ds, out, **{**kw, "llm": _tiny_llm()}, log=logs.append)
+    again = compare(ds, out, **{**kw, "llm": tiny_llm()}, log=logs.append)
     assert all("reused" in m for m in logs) and len(logs) == 4
     assert (out / "llara-seed0" / "heads.safetensors").stat().st_mtime_ns == stamp
     assert again["models"] == res["models"]
     # another budget retrains only the LLM4Rec runs
     logs.clear()
-    compare(ds, out, **{**kw, "models": ["tallrec"], "llm": _tiny_llm(),
+    compare(ds, out, **{**kw, "models": ["tallrec"], "llm": tiny_llm(),
                         "llm4rec_options": {**kw["llm4rec_options"], "max_steps": 1}}, log=logs.append)
     assert logs[0] == f"[tallrec seed 0] training -> {out / 'tallrec-seed0'}"
     assert json.loads((out / "tallrec-seed0" / "results.json").read_text())["steps"] == 1
@@ -168,7 +168,7 @@ def test_compare_baselines_with_a_cache_read_its_teacher(ds, three_models, tmp_p
     with h5py.File(cache, "w") as f:  # only the provenance is read
         f.attrs["provenance"] = json.dumps({"sasrec_sha256": sha256_file(out / "sasrec-seed0" / "model.safetensors")})
     logs: list[str] = []
-    given = compare(ds, out, **{**kw, "models": ["llara"], "llm": _tiny_llm(), "cache": cache}, log=logs.append)
+    given = compare(ds, out, **{**kw, "models": ["llara"], "llm": tiny_llm(), "cache": cache}, log=logs.append)
     assert logs == [f"[llara seed 0] reused {out / 'llara-seed0'}"]
     assert given["llm4rec"]["teacher"] == f"SASRec ({out / 'sasrec-seed0'}), the checkpoint that built LLM-SRec's cache"
     assert given["models"]["llara"]["runs"] == res["models"]["llara"]["runs"]
@@ -177,7 +177,7 @@ def test_compare_baselines_with_a_cache_read_its_teacher(ds, three_models, tmp_p
 
 
 def test_cli_compare_llm4rec(ds, tmp_path):
-    folder = _tiny_llama_folder(tmp_path / "tiny-llm", layers=1)
+    folder = tiny_llama_folder(tmp_path / "tiny-llm", layers=1)
     out = tmp_path / "c"
     r = CliRunner().invoke(main, ["compare", "--data", str(ds.root), "--out", str(out), "--models", "tallrec",
                                   "--llm", str(folder), "--history-window", str(W), "--batch-tokens", "600",
@@ -204,7 +204,7 @@ def test_analyze_with_an_llm4rec_model(run_dir, tmp_path):  # noqa: F811
     opts = {**BUDGET, "eval_users": 8}
     logs: list[str] = []
     only = "shuffled-inference,shuffled-training,similarity"
-    docs = analyze_run(run_dir, out, only=only, llm4rec="llara", llm4rec_options=opts, llm=_tiny_llm(),
+    docs = analyze_run(run_dir, out, only=only, llm4rec="llara", llm4rec_options=opts, llm=tiny_llm(),
                        progress=False, log=logs.append)
     si = docs["shuffled-inference"]["rows"]["LLaRA"]
     assert si["change"]["NDCG@10"]["per_seed"] == [A.change_ratio(si["original"]["NDCG@10"]["mean"],
@@ -214,7 +214,7 @@ def test_analyze_with_an_llm4rec_model(run_dir, tmp_path):  # noqa: F811
     # the original model's numbers are its checkpoint's, recomputed from scratch
     ds = load_prepared(run_dir / "data")
     ckpt = out / "models" / "llara-seed0"
-    scores = baseline_scores(ds, ckpt, ("test", "test-shuffled"), llm=_tiny_llm(), batch_tokens=600)
+    scores = baseline_scores(ds, ckpt, ("test", "test-shuffled"), llm=tiny_llm(), batch_tokens=600)
     ev = {v: metrics_of(s.scores) for v, s in scores.items()}
     assert si["original"]["NDCG@10"]["mean"] == pytest.approx(ev["test"]["NDCG@10"], abs=1e-12)
     assert si["shuffled"]["HR@10"]["mean"] == pytest.approx(ev["test-shuffled"]["HR@10"], abs=1e-12)
@@ -229,7 +229,7 @@ def test_analyze_with_an_llm4rec_model(run_dir, tmp_path):  # noqa: F811
     assert sum("training llara" in m for m in logs) == 2
     # a rerun reads the saved outputs: no training, no LLM forward
     logs.clear()
-    again = analyze_run(run_dir, out, only=only, llm4rec="llara", llm4rec_options=opts, llm=_tiny_llm(),
+    again = analyze_run(run_dir, out, only=only, llm4rec="llara", llm4rec_options=opts, llm=tiny_llm(),
                         progress=False, log=logs.append)
     assert not [m for m in logs if m.startswith("[analyze] training")]
     assert again["similarity"]["rows"] == docs["similarity"]["rows"]

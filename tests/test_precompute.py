@@ -17,6 +17,7 @@ from llmsrec.precompute.engine import forward_batch, make_batches, tokenize_prom
 from llmsrec.precompute.fit import fit_moment_matched, fit_ridge
 from llmsrec.precompute.llm import HISTORY_EMB, ITEM_OUT, USER_OUT, load_llm
 from llmsrec.data.views import ALL_VIEWS
+from tiny import tiny_sasrec
 from llmsrec.precompute.prompts import (
     TEMPLATE_VERSION, build_view, format_date, item_prompt, user_prompt,
 )
@@ -24,88 +25,9 @@ from llmsrec.precompute.prompts import (
 W = 4  # history window in these tests (users have 5..9 interactions)
 
 
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=["<s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    corpus = ["This user has made a series of watched movies in the following order",
-              "History Item List No. Time Title Based on this sequence generate user "
-              "representation token The item title and item embedding are as follows",
-              "then generate item representation token 1995 1996 1997 2024 Movie Story"] * 5
-    tok.train_from_iterator(corpus, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", pad_token="<pad>")
-
-
-def _tiny_llama(tok, layers: int = 2):
-    """A random-weight LLaMA (hidden 32) over ``tok``, seeded: the same weights every call."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=1024, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg)
-
-
-def _tiny_llama_folder(folder, layers: int = 2):
-    """Save :func:`_tiny_llama` and the tiny tokenizer as a local Hugging Face folder (for --llm)."""
-    tok = _tiny_tokenizer()
-    _tiny_llama(tok, layers).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def _tiny_llm():
-    tok = _tiny_tokenizer()
-    model = _tiny_llama(tok)
-    model.config._attn_implementation = "sdpa"
-    return load_llm("tiny-llama", model=model, tokenizer=tok)
-
-
-def _tiny_dataset(out):
-    from llmsrec.data import prepare_from_interactions
-
-    rng = np.random.default_rng(0)
-    inter = []
-    for u in range(10):
-        n = 5 + u % 5
-        items = rng.choice(16, size=n, replace=False)
-        t = 820_000_000 + u * 1000
-        for k, i in enumerate(items):
-            t += int(rng.integers(0, 3)) * 86_400  # same-day ties happen
-            inter.append((f"u{u}", f"i{i}", t))
-    titles = {f"i{i}": f"Movie Story {i} ({1990 + i})" for i in range(16)}
-    return prepare_from_interactions(inter, titles, out, kcore=1, num_negatives=3,
-                                     stats_extra={"dataset": "ml-tiny"})
-
-
-def _tiny_sasrec(n_items):
-    from llmsrec.cfsrec import SASRec, SASRecConfig
-
-    torch.manual_seed(1)
-    return SASRec(SASRecConfig(n_items=n_items, hidden=16, blocks=1, dropout=0.0, maxlen=20)).eval()
-
-
-@pytest.fixture(scope="module")
-def llm():
-    return _tiny_llm()
-
-
-@pytest.fixture(scope="module")
-def ds(tmp_path_factory):
-    return _tiny_dataset(tmp_path_factory.mktemp("data") / "ds")
-
-
 @pytest.fixture(scope="module")
 def sasrec(ds):
-    return _tiny_sasrec(ds.n_items)
+    return tiny_sasrec(ds.n_items)
 
 
 def _run(ds, sasrec, llm, out, **kw):

@@ -29,7 +29,7 @@ from llmsrec.precompute.prompts import (
 from llmsrec.precompute.readouts import (
     as_tree, build_tree, forward_readouts, tokenize_tree, tree_mask,
 )
-from test_precompute import W, _contents, ds, llm, sasrec  # noqa: F401 (ds, llm, sasrec: fixtures)
+from test_precompute import W, _contents, sasrec  # noqa: F401 (sasrec: a fixture; ds, llm: conftest.py)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_precompute import _tiny_dataset, _tiny_llm, _tiny_sasrec
+from tiny import tiny_llm
 
 from llmsrec.cache import open_cache
 from llmsrec.errors import InputError
@@ -23,34 +23,14 @@ from llmsrec.precompute.prompts import build_view, item_prompt
 W = 4
 SMALL = dict(hidden=16, d_out=8, cf_hidden=8)
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_per_test():
-    # numba's parallel metrics (cache-mode validation) reset torch's OpenMP thread count
-    torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def ds(tmp_path_factory):
-    return _tiny_dataset(tmp_path_factory.mktemp("data") / "ds")
-
-
-@pytest.fixture(scope="module")
-def sasrec_dir(ds, tmp_path_factory):
-    from llmsrec.cfsrec import save_sasrec
-
-    out = tmp_path_factory.mktemp("sas") / "sasrec"
-    save_sasrec(_tiny_sasrec(ds.n_items), out)
-    return out
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "one_thread_per_test")
 
 
 @pytest.mark.parametrize("out_token", [USER_OUT, ITEM_OUT])
 def test_single_position_gradient_equals_full_forward(ds, sasrec_dir, out_token):
     from llmsrec.cfsrec import load_sasrec
 
-    llm = _tiny_llm()
+    llm = tiny_llm()
     llm.decoder.to(torch.float64)
     llm.dtype = torch.float64
     E = load_sasrec(sasrec_dir).item_embeddings().detach().numpy()
@@ -88,7 +68,7 @@ def test_single_position_gradient_equals_full_forward(ds, sasrec_dir, out_token)
 
 @pytest.fixture(scope="module")
 def trained(ds, sasrec_dir, tmp_path_factory):
-    llm = _tiny_llm()
+    llm = tiny_llm()
     root = tmp_path_factory.mktemp("run")
     cache = precompute(ds, sasrec_dir, root / "cache.h5", llm=llm, views=("train", "valid", "test"),
                        history_window=W, batch_tokens=400, progress=False, log=lambda m: None)
@@ -162,7 +142,7 @@ def test_refine_with_f_I_and_errors(ds, sasrec_dir, trained, tmp_path):
         assert np.abs(new["f_I/weight"] - c.params()["f_I/weight"]).max() > 1e-4
     with pytest.raises(InputError, match="--steps"):
         refine_tokens(ds, cache, heads, sasrec_dir, tmp_path / "g", llm=llm, steps=0)
-    other = _tiny_llm()
+    other = tiny_llm()
     with torch.no_grad():
         other.decoder.layers[0].mlp.up_proj.weight.add_(1.0)
     other.weights_digest = "0" * 64
@@ -174,9 +154,9 @@ def test_cli_refine_tokens(ds, sasrec_dir, tmp_path):
     from click.testing import CliRunner
     from llmsrec.cli import main
     from llmsrec.precompute.llm import load_llm
-    from test_precompute import _tiny_llama_folder
+    from tiny import tiny_llama_folder
 
-    folder = _tiny_llama_folder(tmp_path / "tiny-llm")
+    folder = tiny_llama_folder(tmp_path / "tiny-llm")
     cache = precompute(ds, sasrec_dir, tmp_path / "c.h5", llm=load_llm(str(folder)), views=("train", "valid", "test"),
                        history_window=W, batch_tokens=400, progress=False, log=lambda m: None)
     train_heads(ds, cache, tmp_path / "heads", progress=False, epochs=1, batch_size=4, **SMALL)

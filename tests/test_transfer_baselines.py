@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.numpy import load_file
-from test_precompute import _tiny_llama_folder, _tiny_llm, _tiny_sasrec
+from tiny import tiny_llama_folder, tiny_llm, tiny_sasrec
 
 from llmsrec.baselines import BASELINES, evaluate_baseline_checkpoint, load_baseline_checkpoint
 from llmsrec.baselines.allmrec import Alignment, aligned_features
@@ -63,7 +63,7 @@ def source(tmp_path_factory):
     root = tmp_path_factory.mktemp("src") / "run"
     ds = prepare_from_interactions(*_interactions(), root / "data", kcore=1, num_negatives=3,
                                    stats_extra={"dataset": "tiny-a"})
-    save_sasrec(_tiny_sasrec(ds.n_items), root / "sasrec")
+    save_sasrec(tiny_sasrec(ds.n_items), root / "sasrec")
     return root, ds
 
 
@@ -80,7 +80,7 @@ def self_transfer(source, tmp_path_factory):
     root, ds = source
     out = tmp_path_factory.mktemp("xfer") / "self"
     logs: list[str] = []
-    doc = run_transfer(root, root / "data", out, match="id", models=("sasrec", *BASELINES), llm=_tiny_llm(),
+    doc = run_transfer(root, root / "data", out, match="id", models=("sasrec", *BASELINES), llm=tiny_llm(),
                        llm4rec_options=BUDGET, batch_tokens=TOKENS, progress=False, log=logs.append)
     return out, doc, logs
 
@@ -109,7 +109,7 @@ def test_self_transfer_equals_in_domain_evaluation(source, self_transfer):
     for name in BASELINES:
         run = out / f"{name}-seed0"
         assert json.loads((run / "results.json").read_text())["steps"] == 2
-        ev = evaluate_baseline_checkpoint(ds, run, llm=_tiny_llm(), batch_tokens=TOKENS)
+        ev = evaluate_baseline_checkpoint(ds, run, llm=tiny_llm(), batch_tokens=TOKENS)
         row = doc["models"][{"tallrec": "TALLRec", "llara": "LLaRA", "collm": "CoLLM", "allmrec": "A-LLMRec"}[name]]
         for view in ("valid", "test", "test-shuffled"):
             assert row[view] == ev[view], (name, view)
@@ -133,7 +133,7 @@ def test_rerun_reuses_the_source_runs(source, self_transfer):
     out, doc, _ = self_transfer
     stamp = (out / "collm-seed0" / "heads.safetensors").stat().st_mtime_ns
     logs: list[str] = []
-    again = run_transfer(root, root / "data", out, match="id", models=("collm",), llm=_tiny_llm(),
+    again = run_transfer(root, root / "data", out, match="id", models=("collm",), llm=tiny_llm(),
                          llm4rec_options=BUDGET, batch_tokens=TOKENS, progress=False, log=logs.append)
     assert f"[collm seed 0] reused {out / 'collm-seed0'}" in logs
     assert (out / "collm-seed0" / "heads.safetensors").stat().st_mtime_ns == stamp
@@ -150,8 +150,8 @@ def test_unseen_items_get_the_mapped_mean_soft_token(name, source, target, self_
     unseen = [j for j in range(1, target.n_items + 1) if mapping[j] == 0]
     assert sorted(target.raw_items[j] for j in unseen) == ["j11", "j3", "j7"]
     seen = int(np.flatnonzero(mapping)[1])
-    tr_b = load_transferred_baseline(target, ckpt, mapping, llm=_tiny_llm(), batch_tokens=TOKENS)
-    tr_a = load_baseline_checkpoint(ds_a, ckpt, llm=_tiny_llm(), batch_tokens=TOKENS)
+    tr_b = load_transferred_baseline(target, ckpt, mapping, llm=tiny_llm(), batch_tokens=TOKENS)
+    tr_a = load_baseline_checkpoint(ds_a, ckpt, llm=tiny_llm(), batch_tokens=TOKENS)
     from llmsrec.cfsrec import load_cfsrec
 
     E = load_cfsrec(ckpt / "teacher").item_embeddings().detach().numpy()
@@ -196,7 +196,7 @@ def test_transfer_to_other_data(source, target, self_transfer, tmp_path):
     """A -> B by id (3 items unseen): rows for TALLRec and LLaRA from A's runs, scored on B's candidates."""
     root, _ = source
     runs = self_transfer[0]
-    doc = run_transfer(root, target.root, tmp_path / "ab", match="id", models=("tallrec", "llara"), llm=_tiny_llm(),
+    doc = run_transfer(root, target.root, tmp_path / "ab", match="id", models=("tallrec", "llara"), llm=tiny_llm(),
                        llm4rec_options=BUDGET, llm4rec_runs=runs, batch_tokens=TOKENS, progress=False,
                        log=lambda m: None)
     assert doc["match"]["matched"] == target.n_items - 3
@@ -207,16 +207,16 @@ def test_transfer_to_other_data(source, target, self_transfer, tmp_path):
     assert doc["llm4rec"]["runs"]["llara"]["dir"] == str(runs / "llara-seed0")
     assert not (tmp_path / "ab" / "llara-seed0").exists()  # reused from --llm4rec-runs
     with pytest.raises(InputError, match="item mapping: 2 items"):
-        load_transferred_baseline(target, runs / "llara-seed0", np.zeros(3, dtype=np.int64), llm=_tiny_llm())
+        load_transferred_baseline(target, runs / "llara-seed0", np.zeros(3, dtype=np.int64), llm=tiny_llm())
     with pytest.raises(InputError, match="needs its CF-SRec re-indexed"):
-        load_baseline_checkpoint(target, runs / "llara-seed0", llm=_tiny_llm(), other_dataset=True)
+        load_baseline_checkpoint(target, runs / "llara-seed0", llm=tiny_llm(), other_dataset=True)
     with pytest.raises(InputError, match="trained on dataset"):  # in-domain loading still checks the data
-        load_baseline_checkpoint(target, runs / "tallrec-seed0", llm=_tiny_llm())
+        load_baseline_checkpoint(target, runs / "tallrec-seed0", llm=tiny_llm())
 
 
 def test_cli_transfer_with_a_baseline(source, tmp_path):
     root, _ = source
-    folder = _tiny_llama_folder(tmp_path / "tiny-llm", layers=1)
+    folder = tiny_llama_folder(tmp_path / "tiny-llm", layers=1)
     out = tmp_path / "cli"
     r = CliRunner().invoke(main, ["transfer", "--source", str(root), "--data", str(root / "data"), "--out", str(out),
                                   "--match", "id", "--models", "tallrec", "--llm", str(folder), "--batch-tokens",
@@ -243,7 +243,7 @@ def test_all_six_models_on_a_tiny_run_onto_its_own_data(tmp_path):
     (tmp_path / "x.inter").write_text("user_id:token\titem_id:token\ttimestamp:float\n"
                                       + "".join(f"{u}\t{i}\t{t}\n" for u, i, t in inter))
     (tmp_path / "x.item").write_text("item_id:token\ttitle:token_seq\n" + "".join(f"{i}\t{t}\n" for i, t in titles.items()))
-    llm_dir = _tiny_llama_folder(tmp_path / "tiny-llm", layers=1)
+    llm_dir = tiny_llama_folder(tmp_path / "tiny-llm", layers=1)
     run = tmp_path / "run"
     res = run_pipeline(run, dataset="atomic", files={"inter": str(tmp_path / "x.inter"), "item": str(tmp_path / "x.item")},
                        llm=str(llm_dir), data_opts=dict(kcore=1, num_negatives=3),
