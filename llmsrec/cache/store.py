@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from llmsrec.cache.verify import (
-    CHECKSUMS, damaged_build, progress_groups, read_checked, record_written, seal, unverified_groups, write_row_checksums,
+    CHECKSUMS, damaged_build, progress_groups, read_checked, read_checked_into, record_written, seal, unverified_groups, write_row_checksums,
 )
 from llmsrec.errors import InputError
 from llmsrec.locks import output_lock
@@ -534,13 +534,28 @@ class CacheReader:
             InputError: the cache was built without ``--readout-layers`` (the message names
                 the missing readout).
         """
+        g = self._readout_group(group)
+        return {k: self._states(g[k]) if is_state(k) else read_checked(g[k], self.path)
+                for k in ("out_layers", "slots", "n_slots")}
+
+    def _readout_group(self, group: str) -> h5py.Group:
         g = self.f["items"] if group == "items" else self._view(group)
         missing = [k for k in ("out_layers", "slots", "n_slots") if k not in g]
         if missing:
             raise InputError(f"{self.path}: readout '{missing[0]}' missing for {group} (the cache was built "
                              f"without --readout-layers; rebuild it with them, or train with --paper-settings)")
-        return {k: self._states(g[k]) if is_state(k) else read_checked(g[k], self.path)
-                for k in ("out_layers", "slots", "n_slots")}
+        return g
+
+    def readout_shape(self, group: str, key: str) -> tuple[int, ...]:
+        """Shape of readout ``key`` (``out_layers``: ``(R, nL, H)``; ``slots``: ``(R, S, nL, H)``) of a
+        group, read from the file's metadata. Raises InputError as :meth:`readouts`."""
+        return tuple(self._readout_group(group)[key].shape)
+
+    def readout_into(self, group: str, key: str, dest: np.ndarray) -> np.ndarray:
+        """Readout ``key`` of a group (checked) written into ``dest``, float32 of its shape (a view
+        into a larger array is fine): :meth:`readouts`' values without its whole-array copies.
+        Raises InputError as :meth:`readouts`, or when the data fail their checksum."""
+        return read_checked_into(self._readout_group(group)[key], self.path, dest)
 
     def prefix_uids(self) -> np.ndarray:
         """int64 ``(U*K+1,)``: the user of each prefix-sample row (0: no sample)."""

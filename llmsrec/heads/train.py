@@ -185,8 +185,18 @@ def cached_features(reader, group: str, kind: str) -> np.ndarray:
     """
     if kind == "out":
         return readout_features(kind, reader.item_hidden() if group == "items" else reader.user_hidden(group))
-    r = reader.readouts(group)
-    return readout_features(kind, None, r["out_layers"], r["slots"])
+    # readout_features' layout, each readout read straight into its place (they are most of a
+    # cache's bytes: no intermediate copies)
+    keys = (["out_layers"] if "layers" in kind else []) + (["slots"] if "slots" in kind or "soft" in kind else [])
+    shapes = [reader.readout_shape(group, k) for k in keys]
+    widths = [int(np.prod(s[1:-1])) for s in shapes]
+    out = np.empty((shapes[0][0], sum(widths), shapes[0][-1]), dtype=np.float32)
+    at = 0
+    for key, shape, width in zip(keys, shapes, widths):
+        # a view (splitting the row's vector axis needs no copy; copy=False refuses one)
+        reader.readout_into(group, key, np.reshape(out[:, at : at + width], shape, copy=False))
+        at += width
+    return out
 
 
 def load_cached_tensors(ds, cache, eval_views=("valid", "test"), *, user_readout: str = "out",
@@ -292,7 +302,8 @@ def load_cached_tensors(ds, cache, eval_views=("valid", "test"), *, user_readout
         r = np.arange(len(train_targets))
         keep = np.concatenate([[0], r[(r > 0) & ((r - 1) % k_cache < prefixes) & (train_uid <= n)
                                       & (train_targets > 0)]])
-        train_hidden, train_cf, train_targets = train_hidden[keep], train_cf[keep], train_targets[keep]
+        if len(keep) < len(r):  # (every row kept: no copy of the view, most of a cache's bytes)
+            train_hidden, train_cf, train_targets = train_hidden[keep], train_cf[keep], train_targets[keep]
         sample_uid = train_uid[keep]
         for row in range(1, len(keep)):  # sample j's target is the user's item seq[-3-j]
             u, j = int(sample_uid[row]), int((keep[row] - 1) % k_cache)
