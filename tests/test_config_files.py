@@ -68,6 +68,39 @@ def test_written_config_reruns_the_same_options(ds, cache, tmp_path):  # noqa: F
     assert res[0]["valid"] == res[1]["valid"] and res[0]["test"] == res[1]["test"]
 
 
+def test_fast_sets_its_recipe_under_flags_and_file_values(ds, cache, tmp_path):  # noqa: F811
+    """--fast: HEADS_FAST where nothing else gives a value; a flag or a --config value wins;
+    the written config.toml holds the values used, so it reruns them without --fast."""
+    from llmsrec.defaults import HEADS_FAST
+
+    out = tmp_path / "f"
+    r = _train("--data", ds.root, "--cache", cache, "--out", out, "--fast", "--hidden", "32", "--d-out", "16",
+               "--cf-hidden", "8", "--epochs", "2", "--train-negatives", "3", "--prefixes", "1",
+               "--user-readout", "out", "--item-readout", "out", "--no-progress")
+    assert r.exit_code == 0, r.output
+    train = json.loads((out / "heads_config.json").read_text())["train"]
+    assert HEADS_FAST["hidden"] != 32 and train["hidden"] == 32  # the flag wins
+    assert {k: train[k] for k in HEADS_FAST if k != "hidden"} == {k: v for k, v in HEADS_FAST.items() if k != "hidden"}
+    resolved = tomllib.loads((out / "config.toml").read_text())
+    assert resolved["batch-size"] == HEADS_FAST["batch_size"] and resolved["patience"] == HEADS_FAST["patience"]
+    again = tmp_path / "g"
+    r = _train("--config", out / "config.toml", "--out", again)
+    assert r.exit_code == 0, r.output
+    assert json.loads((again / "heads_config.json").read_text())["train"] == train
+    # in a file: fast = true with one of its options set there too
+    cfg = tmp_path / "fast.toml"
+    cfg.write_text(f'data = "{ds.root}"\ncache = "{cache}"\nfast = true\nbatch-size = 7\n' + HEADS)
+    r = _train("--config", cfg, "--out", tmp_path / "h")
+    assert r.exit_code == 0, r.output
+    train = json.loads((tmp_path / "h" / "heads_config.json").read_text())["train"]
+    assert train["batch_size"] == 7 and train["hidden"] == 32 and train["lr"] == 0.01  # the file's
+    assert train["patience"] == HEADS_FAST["patience"] and train["evals_per_epoch"] == HEADS_FAST["evals_per_epoch"]
+    r = _train("--data", ds.root, "--cache", cache, "--out", tmp_path / "p", "--fast", "--paper-settings")
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == \
+        "error: --fast and --paper-settings: choose one (each sets the heads' schedule)"
+    assert not (tmp_path / "p").exists()
+
+
 @pytest.mark.parametrize("line, message", [
     ("bogus = 1", "key 'bogus': not an option of llmsrec train"),
     ('epochs = "many"', "key 'epochs': expected an integer, got \"many\""),

@@ -36,10 +36,11 @@ CONFIG_FILE = "config.toml"
 
 
 def _options_by_key(command: click.Command) -> dict[str, click.Option]:
-    """Option name with ``_`` for ``-`` (``history_window``) -> the click option; ``--config`` left out."""
+    """Option name with ``_`` for ``-`` (``history_window``) -> the click option; ``--config`` left out
+    (``--fast``, which passes no value of its own, is in: it sets other options' defaults)."""
     out = {}
     for p in command.params:
-        if isinstance(p, click.Option) and p.name != "config" and p.expose_value:
+        if isinstance(p, click.Option) and p.name != "config" and (p.expose_value or p.name == "fast"):
             for opt in p.opts:
                 if opt.startswith("--"):
                     out[opt[2:].replace("-", "_")] = p

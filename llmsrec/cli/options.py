@@ -12,6 +12,7 @@ import click
 from llmsrec.data.views import ALL_VIEWS
 from llmsrec.defaults import (
     E2E,
+    HEADS_FAST,
     HEADS_TRAINING,
     HISTORY_WINDOW,
     LLM,
@@ -110,7 +111,23 @@ CACHE_READOUT_OPTIONS = [
 cache_readout_options = with_options(CACHE_READOUT_OPTIONS)
 
 
+def _fast(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """``--fast``: HEADS_FAST becomes the default of its options, under a --config file's values
+    (eager, like --config: the other options read their defaults afterwards)."""
+    if value:
+        ctx.default_map = {**HEADS_FAST, **(ctx.default_map or {})}
+        ctx.meta["llmsrec.fast"] = True
+
+
+def _fast_help() -> str:
+    preset = ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in HEADS_FAST.items())
+    return ("The fast heads for iterating: " + preset + " (unless given). About 30x less training than "
+            "the defaults, validation NDCG@10 within their seed spread on ml-100k (docs/results/speed.md); "
+            "add --step-dtype bf16 for faster steps still.")
+
+
 HEAD_OPTIONS = [
+    click.option("--fast", is_flag=True, is_eager=True, expose_value=False, callback=_fast, help=_fast_help()),
     click.option("--paper-settings", is_flag=True,
                  help="The paper's heads: 3 sampled negatives, 10 epochs, patience 10, one training "
                       "sample per user, last-layer [UserOut]/[ItemOut] readouts (overrides "
@@ -215,6 +232,8 @@ def head_kwargs(kw: dict) -> dict:
     out["distill"] = "none" if no_distill else distill
     out["uniform"] = not no_uniform
     if kw.pop("paper_settings"):
+        if click.get_current_context().meta.get("llmsrec.fast"):
+            raise InputError("--fast and --paper-settings: choose one (each sets the heads' schedule)")
         out.update(train_negatives=3, epochs=10, patience=10, prefixes=1, user_readout="out",
                    item_readout="out")
     return out
