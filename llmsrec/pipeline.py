@@ -373,16 +373,18 @@ def run_pipeline(
     train_opts = asdict(cfg) | ({"step_dtype": step_dtype} if step_dtype != "fp32" else {})
     st = Stage(run_dir, "train", train_opts, {"data": ds.digest, "cache": file_digest(cache)})
     heads_dir = st.dir
+    trained = None  # train_heads' results when the heads are trained now
     if not force and st.reusable(lambda: file_digest(heads_dir / "heads.safetensors")):
         stage_header("train", True, str(heads_dir))
     else:
         stage_header("train", False, f"train negatives {cfg.train_negatives}, lr {cfg.lr}, "
                                      f"up to {cfg.epochs} epochs")
-        train_heads(ds, cache, heads_dir, force=True, progress=progress, step_dtype=step_dtype, **asdict(cfg))
+        trained = train_heads(ds, cache, heads_dir, force=True, progress=progress, step_dtype=step_dtype,
+                              **asdict(cfg))
         st.done(file_digest(heads_dir / "heads.safetensors"), time.perf_counter() - t)
     timings["train"] = round(time.perf_counter() - t, 3)
 
-    # 5. evaluate (cheap: always recomputed from the saved checkpoints) ----------------------
+    # 5. evaluate (cheap: recomputed from the saved checkpoints, but for the heads just trained) --
     t = time.perf_counter()
     stage_header("evaluate", False)
     from llmsrec.evaluate.full_ranking import full_ranking_cfsrec, full_ranking_heads  # deferred: imports torch
@@ -392,7 +394,12 @@ def run_pipeline(
 
     with open_cache(cache) as c:  # the cache may hold more views than asked (added by analyze)
         shuffled = "test-shuffled" in c.views
-    ll_res = evaluate_heads(ds, cache, heads_dir, views=("valid", "test") + (("test-shuffled",) if shuffled else ()))
+    ll_views = ("valid", "test") + (("test-shuffled",) if shuffled else ())
+    if trained is not None and all(v in trained for v in ll_views):
+        # train_heads scored these very heads on this cache (the same metrics, not read again)
+        ll_res = {v: trained[v] for v in ll_views}
+    else:
+        ll_res = evaluate_heads(ds, cache, heads_dir, views=ll_views)
     if shuffled:  # shuffled inference (paper Sec. 2.3.2) for every model the run trains
         sas_res["test-shuffled"] = teacher_shuffled_metrics(ds, cache)
     sas_full = full_ranking_cfsrec(ds, sas_dir)
