@@ -79,6 +79,17 @@ def test_stacked_equals_alone_on_readouts_with_the_full_softmax_and_early_stop()
         assert_same(g, a)
 
 
+def test_variants_that_stop_at_the_same_validation_all_leave_the_stack():
+    """The last variants of a stack stopping early together (here two identical ones): each
+    record equals its training alone."""
+    data = synthetic(n_users=50, n_items=40)
+    c = TrainConfig(**SMALL, epochs=20, batch_size=10, train_negatives=3, evals_per_epoch=2, patience=1, lr=3e-2)
+    alone = fit_heads(data, c, progress=False)
+    assert alone.stopped_early and alone.epochs_run < 20
+    for g in fit_stacked(data, [c, c]):
+        assert_same(g, alone)
+
+
 def test_stack_keys_and_groups():
     a = TrainConfig(lr=1e-3, seed=0)
     assert stack_key(a) == stack_key(TrainConfig(lr=3e-4, seed=2, distill="none", uniform=False))

@@ -362,7 +362,8 @@ def fit_stacked(data: CachedTensors, configs: list[TrainConfig], *, step_dtype: 
                     keep.append(j)
             stack.decay_lr()
             if len(keep) < len(active):
-                stack.keep(keep)
+                if keep:  # (the last variants stopping together leave nothing to optimise)
+                    stack.keep(keep)
                 active = [active[j] for j in keep]
             if not active:
                 break
