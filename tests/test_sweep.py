@@ -114,3 +114,21 @@ def test_stacked_sweep_gives_the_same_records(ds, tmp_path):  # noqa: F811
     assert a["best"]["options"] == b["best"]["options"] and a["best"]["test"] == pytest.approx(b["best"]["test"])
     with pytest.raises(InputError, match="--stack 0"):
         sweep(ds, cache, g, tmp_path / "c", stack=0, progress=False, log=lambda m: None)
+
+
+@pytest.mark.parametrize("name", ["sweep.toml", "sweep-fast.toml"])
+def test_example_grids_expand_to_the_24_variants_they_describe(name):
+    """examples/: each grid is 24 valid variants; sweep-fast's [fixed] part is the --fast recipe
+    (its lr among the grid's)."""
+    from pathlib import Path
+
+    from llmsrec.defaults import HEADS_FAST
+    from llmsrec.experiments.sweep import expand_grid, load_grid
+
+    grid, fixed = load_grid(Path(__file__).resolve().parents[1] / "examples" / name)
+    variants = expand_grid(grid, fixed)
+    assert len(variants) == 24 and len({json.dumps(v, sort_keys=True) for v, _ in variants}) == 24
+    if name == "sweep-fast.toml":
+        assert fixed == {k: v for k, v in HEADS_FAST.items() if k not in grid}  # lr: one of the grid's
+        assert HEADS_FAST["lr"] in grid["lr"]
+        assert all(getattr(c, k) == v for _, c in variants for k, v in fixed.items())
