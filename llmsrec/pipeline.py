@@ -395,8 +395,9 @@ def run_pipeline(
     with open_cache(cache) as c:  # the cache may hold more views than asked (added by analyze)
         shuffled = "test-shuffled" in c.views
     ll_views = ("valid", "test") + (("test-shuffled",) if shuffled else ())
-    if trained is not None and all(v in trained for v in ll_views):
-        # train_heads scored these very heads on this cache (the same metrics, not read again)
+    if trained is not None and "stream" not in trained and all(v in trained for v in ll_views):
+        # train_heads scored these very heads on this cache in memory, as evaluate_heads does
+        # here (the same metrics; streamed scoring sums in blocks, so it is left to evaluate_heads)
         ll_res = {v: trained[v] for v in ll_views}
     else:
         ll_res = evaluate_heads(ds, cache, heads_dir, views=ll_views)

@@ -379,8 +379,8 @@ def test_float16_store_holds_the_float32_states_rounded(ds, sasrec, llm, rich_ca
     np.testing.assert_array_equal(v.eval_hidden["valid"][:, 2:].reshape(ra["slots"].shape), ra["slots"])
 
 
-@pytest.mark.parametrize("block_rows", [1, 3, 1000])
-def test_readout_read_into_place_equals_the_whole_read_and_checks_its_sha256(rich_cache, tmp_path, block_rows):
+@pytest.mark.parametrize("block_bytes", [1, 3 * 4 * 2 * 32 * 10, 10**9])
+def test_readout_read_into_place_equals_the_whole_read_and_checks_its_sha256(rich_cache, tmp_path, block_bytes):
     """read_checked_into: the values of read_checked written into a strided view, in blocks of
     any size; one changed value in any block is refused with read_checked's one line."""
     import shutil
@@ -391,8 +391,9 @@ def test_readout_read_into_place_equals_the_whole_read_and_checks_its_sha256(ric
         d = f[f"users/{PREFIX_VIEW}/slots"]
         whole = read_checked(d, rich_cache)
         big = np.full((d.shape[0], 2 + d.shape[1] * d.shape[2], d.shape[3]), -7.0, dtype=np.float32)
-        into = np.reshape(big[:, 2:], d.shape, copy=False)
-        assert read_checked_into(d, rich_cache, into, block_rows=block_rows) is into
+        into = big[:, 2:].reshape(d.shape)
+        assert np.shares_memory(into, big)
+        assert read_checked_into(d, rich_cache, into, block_bytes=block_bytes) is into
     np.testing.assert_array_equal(into, whole)
     assert (big[:, :2] == -7.0).all()  # nothing written outside the view
     bad = tmp_path / "bad.h5"
@@ -403,7 +404,7 @@ def test_readout_read_into_place_equals_the_whole_read_and_checks_its_sha256(ric
             InputError, match=rf"^{bad}: /users/{PREFIX_VIEW}/slots: its sha256 differs from the one recorded "
                               r"when it was written: the file is damaged; rebuild it \(precompute --force\) or "
                               r"check it with `llmsrec verify`$"):
-        read_checked_into(f[f"users/{PREFIX_VIEW}/slots"], bad, np.empty(whole.shape, np.float32), block_rows)
+        read_checked_into(f[f"users/{PREFIX_VIEW}/slots"], bad, np.empty(whole.shape, np.float32), block_bytes)
 
 
 def test_plain_cache_provenance_has_no_readout_keys(plain_cache):

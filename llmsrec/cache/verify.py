@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -140,36 +141,49 @@ def _damaged(ds: h5py.Dataset, path, why: str) -> InputError:
                       f"check it with `llmsrec verify`")
 
 
-def read_checked_into(ds: h5py.Dataset, path, dest: np.ndarray, block_rows: int = 256) -> np.ndarray:
+def read_checked_into(ds: h5py.Dataset, path, dest: np.ndarray, block_bytes: int = 8 << 20) -> np.ndarray:
     """:func:`read_checked` of ``ds`` written into ``dest`` (cast to its dtype), with no whole-array copy.
 
-    A dataset checked by its ``sha256`` is read ``block_rows`` rows at a time into a small
-    buffer that is hashed and copied to ``dest``: one pass over the data instead of a read, a
-    hashed copy and the caller's copy into place (the readouts of a cache are most of its
-    bytes). Row-checksummed ``hidden`` datasets take :func:`read_checked`'s path.
+    A dataset checked by its ``sha256`` is read about ``block_bytes`` at a time (whole rows)
+    into one of two small buffers, hashed by a second thread while the next block is read,
+    and copied to ``dest``: one pass over the data instead of a read, a hashed copy and the
+    caller's copy into place (the readouts of a cache are most of its bytes). Row-checksummed
+    ``hidden`` datasets take :func:`read_checked`'s path.
 
     Args:
         dest: an array (or a view, e.g. ``out[:, :4, :]``) of ``ds``'s shape.
     Returns:
         ``dest``.
     Raises:
-        InputError: as :func:`read_checked`; ``dest`` of another shape (a caller's bug).
+        InputError: as :func:`read_checked`.
+        ValueError: ``dest`` of another shape (a caller's bug).
     """
     if dest.shape != ds.shape:
-        raise InputError(f"{path}: {ds.name}: shape {ds.shape}, expected {dest.shape}")
+        raise ValueError(f"{ds.name}: shape {ds.shape}, destination {dest.shape}")
     want = ds.attrs.get("sha256")
     if crc_name(ds.name) in ds.file or not ds.shape or not ds.shape[0]:
         dest[...] = read_checked(ds, path)
         return dest
+    n = ds.shape[0]
+    rows = max(1, min(n, block_bytes // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:])))))
     digest = hashlib.sha256()
-    buf = np.empty((min(block_rows, ds.shape[0]), *ds.shape[1:]), dtype=ds.dtype)
+    # two buffers: a thread hashes block k (hashlib releases the GIL) while block k+1 is read
+    bufs = [np.empty((rows, *ds.shape[1:]), dtype=ds.dtype) for _ in range(2 if want is not None else 1)]
+    hashed: list = [None, None]  # the pending hash of each buffer's last block
     try:
-        for lo in range(0, ds.shape[0], block_rows):
-            part = buf[: min(block_rows, ds.shape[0] - lo)]
-            ds.read_direct(part, np.s_[lo : lo + len(part)])
-            if want is not None:
-                digest.update(part.reshape(-1).view(np.uint8))
-            dest[lo : lo + len(part)] = part
+        with ThreadPoolExecutor(1) as hasher:
+            for k, lo in enumerate(range(0, n, rows)):
+                b = k % len(bufs)
+                if hashed[b] is not None:
+                    hashed[b].result()  # that buffer's previous block is hashed: reuse it
+                part = bufs[b][: min(rows, n - lo)]
+                ds.read_direct(part, np.s_[lo : lo + len(part)])
+                if want is not None:  # one worker: the blocks are hashed in order
+                    hashed[b] = hasher.submit(digest.update, part.reshape(-1).view(np.uint8))
+                dest[lo : lo + len(part)] = part
+            for h in hashed:
+                if h is not None:
+                    h.result()
     except OSError as e:
         raise _damaged(ds, path, _unreadable(e)) from None
     if want is not None and digest.hexdigest() != want:

@@ -8,7 +8,9 @@ read too, so the CLI and the Python API agree (tests/test_defaults.py).
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
+from llmsrec.cli.config import CONFIG_KEYS
 from llmsrec.data.views import ALL_VIEWS
 from llmsrec.defaults import (
     E2E,
@@ -111,12 +113,30 @@ CACHE_READOUT_OPTIONS = [
 cache_readout_options = with_options(CACHE_READOUT_OPTIONS)
 
 
+FAST = "llmsrec.fast"  # ctx.meta key: --fast was given (on the command line or in a --config file)
+
+
 def _fast(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-    """``--fast``: HEADS_FAST becomes the default of its options, under a --config file's values
-    (eager, like --config: the other options read their defaults afterwards)."""
+    """``--fast``: noted here, applied by :func:`head_kwargs` once every option has its value."""
     if value:
-        ctx.default_map = {**HEADS_FAST, **(ctx.default_map or {})}
-        ctx.meta["llmsrec.fast"] = True
+        ctx.meta[FAST] = True
+
+
+def fast_requested() -> bool:
+    """True when the running command was given ``--fast`` (flag or config file)."""
+    return bool(click.get_current_context().meta.get(FAST))
+
+
+def _apply_fast(out: dict) -> None:
+    """HEADS_FAST into ``out`` (TrainConfig fields) for each of its options left at the built-in
+    default: a value on the command line or in a --config file (even one equal to the default)
+    wins. ``ctx.params`` is updated too, so the written config.toml holds the values used."""
+    ctx = click.get_current_context()
+    from_file = ctx.meta.get(CONFIG_KEYS, set())
+    for name, value in HEADS_FAST.items():
+        if ctx.get_parameter_source(name) in (None, ParameterSource.DEFAULT) and name not in from_file:
+            out[name] = value
+            ctx.params[name] = value
 
 
 def _fast_help() -> str:
@@ -231,9 +251,11 @@ def head_kwargs(kw: dict) -> dict:
     distill, no_distill, no_uniform = kw.pop("distill"), kw.pop("no_distill"), kw.pop("no_uniform")
     out["distill"] = "none" if no_distill else distill
     out["uniform"] = not no_uniform
-    if kw.pop("paper_settings"):
-        if click.get_current_context().meta.get("llmsrec.fast"):
+    if fast_requested():
+        if kw.get("paper_settings"):
             raise InputError("--fast and --paper-settings: choose one (each sets the heads' schedule)")
+        _apply_fast(out)
+    if kw.pop("paper_settings"):
         out.update(train_negatives=3, epochs=10, patience=10, prefixes=1, user_readout="out",
                    item_readout="out")
     return out

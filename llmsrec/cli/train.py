@@ -15,6 +15,7 @@ from llmsrec.cli.lm_baselines import LM_BASELINES, train_lm
 from llmsrec.cli.options import (
     CF_MODEL_NAMES,
     e2e_options,
+    fast_requested,
     head_kwargs,
     head_options,
     step_dtype_option,
@@ -151,6 +152,8 @@ def train(data_dir, mode, cache, sasrec_dir, out, seed, model_name, text_encoder
         click.core.ParameterSource.DEFAULT
     if step_dtype != "fp32" and (model_name != "llmsrec" or mode != "cache"):
         raise click.UsageError("--step-dtype: for the heads in --mode cache only")
+    if fast_requested() and (model_name != "llmsrec" or mode != "cache"):
+        raise click.UsageError("--fast: the recipe of the heads in --mode cache only (chosen for them)")
     if (stream is not None or shuffle_buffer is not None) and (model_name != "llmsrec" or mode != "cache"):
         raise click.UsageError("--stream/--in-memory, --shuffle-buffer: for the heads in --mode cache only")
     if model_name in LM_BASELINES:

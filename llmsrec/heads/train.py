@@ -193,8 +193,9 @@ def cached_features(reader, group: str, kind: str) -> np.ndarray:
     out = np.empty((shapes[0][0], sum(widths), shapes[0][-1]), dtype=np.float32)
     at = 0
     for key, shape, width in zip(keys, shapes, widths):
-        # a view (splitting the row's vector axis needs no copy; copy=False refuses one)
-        reader.readout_into(group, key, np.reshape(out[:, at : at + width], shape, copy=False))
+        dest = out[:, at : at + width].reshape(shape)  # splitting the row's vector axis: a view
+        assert np.shares_memory(dest, out)
+        reader.readout_into(group, key, dest)
         at += width
     return out
 
