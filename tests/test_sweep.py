@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from llmsrec.cli import main
@@ -114,6 +115,35 @@ def test_stacked_sweep_gives_the_same_records(ds, tmp_path):  # noqa: F811
     assert a["best"]["options"] == b["best"]["options"] and a["best"]["test"] == pytest.approx(b["best"]["test"])
     with pytest.raises(InputError, match="--stack 0"):
         sweep(ds, cache, g, tmp_path / "c", stack=0, progress=False, log=lambda m: None)
+
+
+def test_sweep_with_bf16_steps_records_them_and_equals_train(ds, tmp_path):  # noqa: F811
+    """step_dtype bf16: each line equals fit_heads with bf16 steps, and says so; a sweep folder of
+    one step dtype is not resumed with another."""
+    from llmsrec.heads.train import TrainConfig, fit_heads, load_cached_tensors
+
+    cache = write_cache(tmp_path / "c.h5", ds)
+    g = tmp_path / "g.toml"
+    g.write_text(GRID.replace("uniform = [true, false]", "uniform = [true]"))
+    out = tmp_path / "s"
+    s = sweep(ds, cache, g, out, step_dtype="bf16", progress=False, log=lambda m: None)
+    lines = [json.loads(x) for x in (out / "sweep.jsonl").read_text().splitlines()]
+    assert s["step_dtype"] == "bf16" and [r["step_dtype"] for r in lines] == ["bf16", "bf16"]
+    data = load_cached_tensors(ds, cache, eval_views=("valid",))
+    for r in lines:
+        alone = fit_heads(data, TrainConfig(**r["config"]), progress=False, step_dtype="bf16")
+        assert r["best_step"] == alone.best["step"] and r["valid"] == alone.best["metrics"]
+    assert json.loads((out / "best" / "results.json").read_text())["step_dtype"] == "bf16"
+    # the best heads are bf16 steps' weights, not fp32's
+    from llmsrec.heads.model import load_heads
+
+    best_cfg = TrainConfig(**s["best"]["config"])
+    got = load_heads(out / "best").state_dict()
+    for dtype, same in (("bf16", True), ("fp32", False)):
+        want = fit_heads(data, best_cfg, progress=False, step_dtype=dtype).heads.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want) is same, dtype
+    with pytest.raises(InputError, match=r"sweep.jsonl line 1: trained with --step-dtype bf16, not fp32"):
+        sweep(ds, cache, g, out, progress=False, log=lambda m: None)
 
 
 @pytest.mark.parametrize("name", ["sweep.toml", "sweep-fast.toml"])

@@ -12,7 +12,7 @@ from llmsrec.cli.config import config_option, write_config
 from llmsrec.cli.generative import compare_generative_cli
 from llmsrec.cli.guard import GuardedCommand
 from llmsrec.cli.baseline_options import gen_options, llm4rec_kwargs, llm4rec_options
-from llmsrec.cli.options import CF_MODEL_NAMES, llm_options, refuse_unused, stream_options
+from llmsrec.cli.options import CF_MODEL_NAMES, llm_options, refuse_unused, step_dtype_option, stream_options
 from llmsrec.defaults import LLMSREC_HEADS, SASREC_TRAINING
 from llmsrec.devices import resolve_device
 
@@ -251,9 +251,11 @@ def _run_parts(run_dir, data_dir, cache):
               help="Train up to N variants that differ only in seed, lr, loss switches or weights together "
                    "(stacked parameters, one pass over the batches); same records up to float rounding.")
 @stream_options
+@step_dtype_option
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @config_option
-def sweep(run_dir, data_dir, cache, grid_path, out, jobs, stack, stream, shuffle_buffer, no_progress) -> None:
+def sweep(run_dir, data_dir, cache, grid_path, out, jobs, stack, stream, shuffle_buffer, step_dtype,
+          no_progress) -> None:
     """Train every head variant of a TOML grid on one cache (no LLM run) and test the best once.
 
     \b
@@ -279,7 +281,8 @@ def sweep(run_dir, data_dir, cache, grid_path, out, jobs, stack, stream, shuffle
             raise click.UsageError("--out is required with --data/--cache")
         out = f"{run_dir}/sweep"
     res = run_sweep(data, cache_path, grid_path, out, base=base, jobs=jobs, stack=stack, stream=stream,
-                    shuffle_buffer=shuffle_buffer, progress=not no_progress, log=lambda m: click.echo(m, err=True))
+                    shuffle_buffer=shuffle_buffer, step_dtype=step_dtype, progress=not no_progress,
+                    log=lambda m: click.echo(m, err=True))
     b = res["best"]
     click.echo(f"best of {res['variants']}: {b['options']} valid {res['select_metric']} "
                f"{b['valid'][res['select_metric']]:.4f}; test " + ", ".join(f"{k} {v:.4f}" for k, v in b["test"].items()))

@@ -53,7 +53,7 @@ from llmsrec.atomic import atomic_file, write_json
 from llmsrec.data import load_prepared
 from llmsrec.errors import InputError
 from llmsrec.heads.stacked import fit_stacked, stack_groups
-from llmsrec.heads.train import TrainConfig, fit_heads, load_cached_tensors, train_on_tensors
+from llmsrec.heads.train import TrainConfig, check_step_dtype, fit_heads, load_cached_tensors, train_on_tensors
 
 __all__ = ["load_grid", "expand_grid", "sweep"]
 
@@ -154,9 +154,10 @@ def _fit_record(fit, seconds: float) -> dict:
             "seconds": round(seconds, 3)}
 
 
-def _fit_group(cfg_dicts: list[dict], keep: bool = False):
+def _fit_group(cfg_dicts: list[dict], keep: bool = False, step_dtype: str = "fp32"):
     """Variants of one stack (:func:`llmsrec.heads.stacked.stack_groups`) trained together, or
-    alone in a group of one. Each record's ``seconds`` is its share of the group's.
+    alone in a group of one, with training steps in ``step_dtype``. Each record's ``seconds``
+    is its share of the group's.
 
     Returns:
         the records; with ``keep``, (records, the FitResults) (in process only: the heads
@@ -165,17 +166,17 @@ def _fit_group(cfg_dicts: list[dict], keep: bool = False):
     cfgs = [TrainConfig(**d) for d in cfg_dicts]
     data = _data_for(cfgs[0])
     if len(cfgs) == 1 or data.streamed:  # the stacked trainer holds the views in memory
-        fits = [fit_heads(data, cfg, progress=False) for cfg in cfgs]
+        fits = [fit_heads(data, cfg, progress=False, step_dtype=step_dtype) for cfg in cfgs]
         recs = [_fit_record(f, f.seconds) for f in fits]
     else:
-        fits = fit_stacked(data, cfgs)
+        fits = fit_stacked(data, cfgs, step_dtype=step_dtype)
         recs = [_fit_record(f, f.seconds / len(fits)) for f in fits]
     return (recs, fits) if keep else recs
 
 
 def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1, stack: int = 1,
-          stream: bool | None = False, shuffle_buffer: int | None = None, progress: bool = True,
-          log: Callable[[str], None] = print) -> dict:
+          stream: bool | None = False, shuffle_buffer: int | None = None, step_dtype: str = "fp32",
+          progress: bool = True, log: Callable[[str], None] = print) -> dict:
     """Train every variant of a grid on the cache; write the sweep files; test the best once.
 
     Args:
@@ -193,13 +194,18 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
             :func:`~llmsrec.heads.train.load_cached_tensors`'s (``False``, the default, loads
             them; ``None`` streams when they do not fit; ``shuffle_buffer`` None = its
             default). Streamed variants train one at a time, whatever ``stack``.
+        step_dtype: the training steps' dtype, as :func:`~llmsrec.heads.train.fit_heads`'s
+            (``bf16``: faster steps, results within about the seed spread, not identical);
+            recorded in every line and in ``sweep.json`` when not ``fp32``.
     Returns:
         ``{"variants": n, "trained": n trained now, "best": the best line + "test",
         "seconds": wall s, "variants_per_minute": of the variants trained now}``, and
         ``"stack"`` when ``stack`` > 1, ``"streamed": True`` when views were streamed.
     Raises:
-        InputError: bad grid, options or cache.
+        InputError: bad grid, options or cache; ``out`` holds records of another
+            ``step_dtype``.
     """
+    check_step_dtype(step_dtype)
     ds = load_prepared(ds) if isinstance(ds, (str, os.PathLike)) else ds
     grid, fixed = load_grid(grid_path)
     variants = expand_grid(grid, fixed, base)
@@ -219,6 +225,9 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
                 done[json.dumps(rec["config"], sort_keys=True)] = rec
             except (ValueError, KeyError):
                 raise InputError(f"{lines_path} line {n}: not a sweep record (delete the line or the file)") from None
+            if rec.get("step_dtype", "fp32") != step_dtype:
+                raise InputError(f"{lines_path} line {n}: trained with --step-dtype {rec.get('step_dtype', 'fp32')}, "
+                                 f"not {step_dtype} (use another --out)")
     todo = [(v, c) for v, c in variants if _key(c) not in done]
     select = variants[0][1].select_metric
     groups = [[todo[i] for i in g] for g in stack_groups([c for _, c in todo], stack)]
@@ -230,8 +239,10 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc="sweep", unit="variant", disable=not progress)
 
+    low = {"step_dtype": step_dtype} if step_dtype != "fp32" else {}  # recorded when not the exact default
+
     def record(varied, cfg, res):
-        rec = {"options": varied, **res, "config": asdict(cfg)}
+        rec = {"options": varied, **res, **low, "config": asdict(cfg)}
         with open(lines_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
             f.flush()
@@ -244,7 +255,7 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
     kept = None  # (config key, FitResult) of the best variant trained in this process so far
     if todo and jobs == 1:
         for group in groups:
-            recs, fits = _fit_group([asdict(c) for _, c in group], keep=True)
+            recs, fits = _fit_group([asdict(c) for _, c in group], keep=True, step_dtype=step_dtype)
             for (varied, cfg), res, fit in zip(group, recs, fits):
                 record(varied, cfg, res)
                 if kept is None or res["valid"][select] > kept[1].best["metrics"][select]:
@@ -253,7 +264,7 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                  initargs=(str(ds.root), str(cache), threads, ("valid",), _READ)) as pool:
-            futs = {pool.submit(_fit_group, [asdict(c) for _, c in g]): g for g in groups}
+            futs = {pool.submit(_fit_group, [asdict(c) for _, c in g], False, step_dtype): g for g in groups}
             for f in as_completed(futs):
                 for (v, c), res in zip(futs[f], f.result()):
                     record(v, c, res)
@@ -277,13 +288,14 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
         _SOURCE = (ds, cache, ("valid", "test"))  # the best is tested once: load test too
         _DATA = {k: v for k, v in _DATA.items() if "test" in v.eval_hidden}
         res = train_on_tensors(_data_for(best_cfg), best_dir, best_cfg, force=True, progress=False,
-                               fit=kept[1] if reuse else None)
+                               step_dtype=step_dtype, fit=kept[1] if reuse else None)
         test = res["test"]
     summary = {"variants": len(variants), "trained": len(todo), "select_metric": select,
                "best": {**best, "test": test}, "seconds": round(train_seconds, 2),
                "variants_per_minute": round(60 * len(todo) / train_seconds, 2) if todo else None}
     if stack > 1:
         summary["stack"] = stack
+    summary.update(low)
     if any(d.streamed for d in _DATA.values()):
         summary["streamed"] = True
     write_json(out / "sweep.json", summary)
