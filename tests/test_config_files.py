@@ -160,7 +160,7 @@ def test_sweep_writes_and_reads_its_config(ds, cache, tmp_path):  # noqa: F811
     assert r.exit_code == 0, r.output
     resolved = tomllib.loads((tmp_path / "s" / "config.toml").read_text())
     assert resolved == {"data": str(ds.root), "cache": str(cache), "grid": str(grid), "out": str(tmp_path / "s"),
-                        "jobs": 1, "stack": 1, "no-progress": True}
+                        "jobs": 1, "stack": 1, "step-dtype": "fp32", "no-progress": True}
     r = CliRunner().invoke(main, ["sweep", "--config", str(tmp_path / "s" / "config.toml")])
     assert r.exit_code == 0, r.output  # reruns (resumes) the same sweep from its own record
 
