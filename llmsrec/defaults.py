@@ -29,8 +29,8 @@ HEADS_TRAINING = {"epochs": 30, "batch_size": 20, "lr": 1e-4, "beta1": 0.9, "bet
 #: ``--fast``: the heads' recipe for iterating (a head-only rerun in seconds instead of minutes),
 #: chosen on ml-100k validation NDCG@10 among widths 128-2048, batches 20-400, lrs 5e-4-3e-3
 #: and validation schedules (docs/results/speed.md: 0.002 below the defaults' validation
-#: NDCG@10, mean of seeds 0-2, within their seed spread, at 1/28 of their training CPU time). Options given on the
-#: command line or in a ``--config`` file override it.
+#: NDCG@10, mean of seeds 0-2, within their seed spread; 0.006 below on test; 1/28 of their
+#: training CPU time). Options given on the command line or in a ``--config`` file override it.
 HEADS_FAST = {"hidden": 128, "batch_size": 200, "lr": 1e-3, "evals_per_epoch": 1, "patience": 3}
 
 #: The LLM4Rec baselines' training budget in ``llmsrec compare`` and ``analyze --llm4rec``
