@@ -173,6 +173,25 @@ def test_should_stream(inputs):
             should_stream(True, r, ["train"], prefixes=2)
 
 
+def test_an_item_table_larger_than_memory_is_one_line_before_it_is_read(inputs, monkeypatch):
+    """The item table is always in memory: one that does not fit is refused up front, sized."""
+    import llmsrec.heads.train as ht
+    from llmsrec.cache import open_cache
+
+    ds, root = inputs
+    with open_cache(root / "flat.h5") as r:
+        n, h = r.f["items"]["hidden"].shape
+    monkeypatch.setattr(ht, "available_memory", lambda: 4 * n * h)  # exactly the table: it fits
+    load_cached_tensors(ds, root / "flat.h5")
+    monkeypatch.setattr(ht, "available_memory", lambda: 4 * n * h - 1)
+    with pytest.raises(InputError, match=rf"^{root / 'flat.h5'}: the item table \({n - 1:,} items, readout out\) "
+                                         r"needs 0\.0 GB of memory and 0\.0 GB are available; it is held in memory, "
+                                         r"not streamed"):
+        load_cached_tensors(ds, root / "flat.h5", stream=True)
+    monkeypatch.setattr(ht, "available_memory", lambda: 0)  # unknown: no check
+    load_cached_tensors(ds, root / "flat.h5")
+
+
 def test_cli_stream_options(inputs, tmp_path):
     from click.testing import CliRunner
 

@@ -253,6 +253,7 @@ def load_cached_tensors(ds, cache, eval_views=("valid", "test"), *, user_readout
         loaded = [v for v in eval_views if v in views] + ([] if eval_only else [train_view])
         stream = should_stream(stream, reader, loaded, user_readout=user_readout, item_readout=item_readout,
                                prefixes=prefixes)
+        check_item_table_fits(reader, item_readout, cache)
         item_hidden = cached_features(reader, "items", item_readout)
         store = RowStore(cache) if stream else None
         eval_hidden = {
@@ -330,6 +331,31 @@ def load_cached_tensors(ds, cache, eval_views=("valid", "test"), *, user_readout
         shuffle_buffer=int(shuffle_buffer) if stream else 0,
         **readout,
     )
+
+
+def check_item_table_fits(reader, item_readout: str, cache) -> None:
+    """Refuse, before reading it, an item table larger than the memory available now.
+
+    The item table (f_item's input: float32 ``(N+1, d_llm)``, or ``(N+1, T_i, d_llm)`` for the
+    richer readouts) is always held in memory, streamed or not (docs/scaling.md): a catalogue
+    whose table does not fit is one line here instead of an out-of-memory kill later.
+
+    Raises:
+        InputError: the table's bytes exceed ``llmsrec.cache.stream.available_memory()`` (when
+            known), naming both sizes.
+    """
+    if item_readout == "out":
+        shapes = [reader.f["items"]["hidden"].shape]
+    else:
+        shapes = [reader.readout_shape("items", k) for k in
+                  (["out_layers"] if "layers" in item_readout else [])
+                  + (["slots"] if "soft" in item_readout else [])]
+    need = sum(4 * int(np.prod(sh)) for sh in shapes)
+    avail = available_memory()
+    if avail and need > avail:
+        raise InputError(f"{cache}: the item table ({shapes[0][0] - 1:,} items, readout {item_readout}) needs "
+                         f"{need / 1e9:.1f} GB of memory and {avail / 1e9:.1f} GB are available; it is held in "
+                         f"memory, not streamed (docs/scaling.md): use a machine with more memory")
 
 
 def should_stream(stream: bool | None, reader, views, *, user_readout: str = "out", item_readout: str = "out",
