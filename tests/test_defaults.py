@@ -88,3 +88,16 @@ def test_sasrec_options_are_the_trainers_defaults():
     same(option_defaults("compare"), sasrec, budget)
     same(option_defaults("run"), sasrec, ["sasrec_epochs", "sasrec_patience", "sasrec_eval_every"],
          rename={"sasrec_epochs": "epochs", "sasrec_patience": "patience", "sasrec_eval_every": "eval_every"})
+
+
+def test_fast_recipe_names_head_options_and_differs_from_their_defaults():
+    """HEADS_FAST: TrainConfig fields that train and run take as options, each one changed."""
+    from llmsrec.heads.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for command in ("train", "run"):
+        opts = option_defaults(command)
+        assert "fast" in opts
+        for k, v in defaults.HEADS_FAST.items():
+            assert k in fields and k in opts and opts[k] != v, (command, k)
+    TrainConfig(**defaults.HEADS_FAST)  # valid values
