@@ -377,8 +377,9 @@ def run_pipeline(
     if not force and st.reusable(lambda: file_digest(heads_dir / "heads.safetensors")):
         stage_header("train", True, str(heads_dir))
     else:
-        stage_header("train", False, f"train negatives {cfg.train_negatives}, lr {cfg.lr}, "
-                                     f"up to {cfg.epochs} epochs")
+        stage_header("train", False, f"train negatives {cfg.train_negatives}, lr {cfg.lr}, batch {cfg.batch_size}, "
+                                     f"hidden {cfg.hidden}, distill {cfg.distill}, up to {cfg.epochs} epochs, "
+                                     f"patience {cfg.patience}" + (f", {step_dtype} steps" if step_dtype != "fp32" else ""))
         trained = train_heads(ds, cache, heads_dir, force=True, progress=progress, step_dtype=step_dtype,
                               **asdict(cfg))
         st.done(file_digest(heads_dir / "heads.safetensors"), time.perf_counter() - t)

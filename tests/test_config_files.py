@@ -95,7 +95,8 @@ def test_fast_sets_its_recipe_under_flags_and_file_values(ds, cache, tmp_path): 
     train = json.loads((tmp_path / "h" / "heads_config.json").read_text())["train"]
     assert train["batch_size"] == 7 and train["hidden"] == 32 and train["lr"] == 0.01  # the file's
     assert train["patience"] == HEADS_FAST["patience"] and train["evals_per_epoch"] == HEADS_FAST["evals_per_epoch"]
-    # a file value equal to the built-in default is the file's too, whatever the flags' order
+    # a file value equal to the built-in default counts as the default, as everywhere: --fast on top
+    # of a written config.toml of the default heads is the fast recipe, whatever the flags' order
     plain = tmp_path / "plain.toml"
     plain.write_text(f'data = "{ds.root}"\ncache = "{cache}"\nhidden = 2048\npatience = 20\n'
                      + HEADS.replace("hidden = 32\n", ""))
@@ -103,17 +104,22 @@ def test_fast_sets_its_recipe_under_flags_and_file_values(ds, cache, tmp_path): 
         r = _train(*args, "--out", tmp_path / f"o{n}", "--epochs", "1")
         assert r.exit_code == 0, r.output
         train = json.loads((tmp_path / f"o{n}" / "heads_config.json").read_text())["train"]
-        assert (train["hidden"], train["patience"]) == (2048, 20), args
-        assert train["batch_size"] == HEADS_FAST["batch_size"]
+        assert (train["hidden"], train["patience"]) == (HEADS_FAST["hidden"], HEADS_FAST["patience"]), args
+        assert train["lr"] == 0.01  # the file's, not the default
+        assert r.output.splitlines()[0] == "--fast: --hidden 128, --batch-size 200, --evals-per-epoch 1, " \
+                                           "--patience 3 (given: lr)"
     both = tmp_path / "both.toml"
-    both.write_text(plain.read_text() + "fast = true\n")
+    both.write_text(plain.read_text().replace("hidden = 2048", "hidden = 256") + "fast = true\n")
     r = _train("--config", both, "--out", tmp_path / "o2", "--epochs", "1")
     assert r.exit_code == 0, r.output
     train = json.loads((tmp_path / "o2" / "heads_config.json").read_text())["train"]
-    assert (train["hidden"], train["patience"], train["batch_size"]) == (2048, 20, HEADS_FAST["batch_size"])
-    # the recipe of the cache-mode heads only
-    r = _train("--data", ds.root, "--cache", cache, "--out", tmp_path / "e", "--fast", "--mode", "e2e")
-    assert r.exit_code == 2 and "--fast: the recipe of the heads in --mode cache only" in r.output
+    assert (train["hidden"], train["patience"], train["batch_size"]) == (256, HEADS_FAST["patience"],
+                                                                        HEADS_FAST["batch_size"])
+    # the recipe of the cache-mode heads only: one line
+    for extra, what in ((("--mode", "e2e"), "--mode e2e"), (("--model", "tallrec"), "--model tallrec")):
+        r = _train("--data", ds.root, "--cache", cache, "--out", tmp_path / "e", "--fast", *extra)
+        assert r.exit_code == 2 and r.output.strip().splitlines() == [
+            f"error: --fast: a recipe for the LLM-SRec heads in cache mode, not for {what}"]
     r = _train("--data", ds.root, "--cache", cache, "--out", tmp_path / "p", "--fast", "--paper-settings")
     assert r.exit_code == 2 and r.output.strip().splitlines()[-1] == \
         "error: --fast and --paper-settings: choose one (each sets the heads' schedule)"

@@ -134,6 +134,8 @@ def test_sweep_with_bf16_steps_records_them_and_equals_train(ds, tmp_path):  # n
         alone = fit_heads(data, TrainConfig(**r["config"]), progress=False, step_dtype="bf16")
         assert r["best_step"] == alone.best["step"] and r["valid"] == alone.best["metrics"]
     assert json.loads((out / "best" / "results.json").read_text())["step_dtype"] == "bf16"
+    assert "Every variant: hidden=32, d_out=16, cf_hidden=8, epochs=2, train_negatives=3, evals_per_epoch=2, " \
+           "bf16 training steps; other options as the run's heads." in (out / "sweep.md").read_text()
     # the best heads are bf16 steps' weights, not fp32's
     from llmsrec.heads.model import load_heads
 

@@ -33,8 +33,6 @@ from llmsrec.errors import InputError
 
 #: the resolved config a command writes into its output folder
 CONFIG_FILE = "config.toml"
-#: ``ctx.meta`` key: the names of the options a ``--config`` file sets
-CONFIG_KEYS = "llmsrec.config_keys"
 
 
 def _options_by_key(command: click.Command) -> dict[str, click.Option]:
@@ -80,9 +78,7 @@ def _check_value(ctx: click.Context, param: click.Option, key: str, value: Any, 
 
 def read_config(ctx: click.Context, path: str | os.PathLike) -> dict[str, Any]:
     """The values of a config file for the command of ``ctx``: option name -> value (only
-    those that differ from the option's default). The names of every option the file sets
-    (at its default too) are added to ``ctx.meta["llmsrec.config_keys"]``: ``--fast``
-    leaves those as the file has them.
+    those that differ from the option's default).
 
     Raises:
         InputError: not TOML, a table or an array, an unknown key, a value of the wrong type
@@ -103,7 +99,6 @@ def read_config(ctx: click.Context, path: str | os.PathLike) -> dict[str, Any]:
         if param.name in values:
             raise InputError(f"{where}: key {key!r}: given twice (with - and with _)")
         value = _check_value(ctx, param, key, value, where)
-        ctx.meta.setdefault(CONFIG_KEYS, set()).add(param.name)
         default = param.get_default(ctx, call=True)  # a plain value, or None / click's "no default"
         if not isinstance(default, (str, int, float)) or value != param.type_cast_value(ctx, default):
             values[param.name] = value

@@ -10,7 +10,6 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
-from llmsrec.cli.config import CONFIG_KEYS
 from llmsrec.data.views import ALL_VIEWS
 from llmsrec.defaults import (
     E2E,
@@ -129,21 +128,28 @@ def fast_requested() -> bool:
 
 def _apply_fast(out: dict) -> None:
     """HEADS_FAST into ``out`` (TrainConfig fields) for each of its options left at the built-in
-    default: a value on the command line or in a --config file (even one equal to the default)
-    wins. ``ctx.params`` is updated too, so the written config.toml holds the values used."""
+    default: a value on the command line, or one in a --config file that differs from the
+    default, wins (a file value equal to the default counts as the default, as everywhere,
+    so ``--config RUN/config.toml --fast`` is the fast recipe). ``ctx.params`` is updated too,
+    so the written config.toml holds the values used; the values applied are printed."""
     ctx = click.get_current_context()
-    from_file = ctx.meta.get(CONFIG_KEYS, set())
+    applied = {}
     for name, value in HEADS_FAST.items():
-        if ctx.get_parameter_source(name) in (None, ParameterSource.DEFAULT) and name not in from_file:
-            out[name] = value
+        if ctx.get_parameter_source(name) in (None, ParameterSource.DEFAULT):
+            out[name] = applied[name] = value
             ctx.params[name] = value
+    kept = [n for n in HEADS_FAST if n not in applied]
+    click.echo("--fast: " + (", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in applied.items()) or "nothing")
+               + (f" (given: {', '.join(kept)})" if kept else ""), err=True)
 
 
 def _fast_help() -> str:
     preset = ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in HEADS_FAST.items())
-    return ("The fast heads for iterating: " + preset + " (unless given). About 30x less training than "
-            "the defaults, validation NDCG@10 within their seed spread on ml-100k (docs/results/speed.md); "
-            "add --step-dtype bf16 for faster steps still.")
+    return ("The cache-mode heads' recipe for iterating: " + preset + ", each unless given (on the "
+            "command line, or in a --config file with a value other than the default). About 30x less "
+            "training than the defaults; on ml-100k validation NDCG@10 within their seed spread, test "
+            "0.006 lower (docs/results/speed.md). Add --step-dtype bf16 for faster steps still. Not with "
+            "--paper-settings.")
 
 
 HEAD_OPTIONS = [

@@ -26,6 +26,7 @@ from llmsrec.data import load_prepared
 from llmsrec.defaults import BASELINES
 from llmsrec.devices import resolve_device
 from llmsrec.distributed import dist_env
+from llmsrec.errors import InputError
 
 
 def _print_heads_result(res: dict, e2e: bool, shuffled_test: bool) -> None:
@@ -153,7 +154,8 @@ def train(data_dir, mode, cache, sasrec_dir, out, seed, model_name, text_encoder
     if step_dtype != "fp32" and (model_name != "llmsrec" or mode != "cache"):
         raise click.UsageError("--step-dtype: for the heads in --mode cache only")
     if fast_requested() and (model_name != "llmsrec" or mode != "cache"):
-        raise click.UsageError("--fast: the recipe of the heads in --mode cache only (chosen for them)")
+        raise InputError(f"--fast: a recipe for the LLM-SRec heads in cache mode, not for "
+                         f"{f'--model {model_name}' if model_name != 'llmsrec' else '--mode ' + mode}")
     if (stream is not None or shuffle_buffer is not None) and (model_name != "llmsrec" or mode != "cache"):
         raise click.UsageError("--stream/--in-memory, --shuffle-buffer: for the heads in --mode cache only")
     if model_name in LM_BASELINES:

@@ -300,7 +300,7 @@ def sweep(ds, cache, grid_path, out, *, base: dict | None = None, jobs: int = 1,
         summary["streamed"] = True
     write_json(out / "sweep.json", summary)
     with atomic_file(out / "sweep.md") as f:
-        f.write(_sweep_md(recs, grid, select, best, test, summary))
+        f.write(_sweep_md(recs, grid, select, best, test, summary, fixed))
     _sweep_png(recs, grid, out / "sweep.png")
     return summary
 
@@ -320,7 +320,7 @@ def influence(recs: list[dict], grid: dict, metric: str = "NDCG@10") -> dict[str
     return out
 
 
-def _sweep_md(recs, grid, select, best, test, summary) -> str:
+def _sweep_md(recs, grid, select, best, test, summary, fixed=None) -> str:
     keys = list(grid)
     ranked = sorted(recs, key=lambda r: -r["valid"][select])
     inf = influence(recs, grid, "NDCG@10")
@@ -329,6 +329,10 @@ def _sweep_md(recs, grid, select, best, test, summary) -> str:
              f"Validation split (1 target + stored negatives); selected by valid {select}; the best variant "
              f"({best_opts}) evaluated once on test: "
              + ", ".join(f"{k} {v:.4f}" for k, v in test.items()) + ".", ""]
+    if fixed or summary.get("step_dtype"):
+        steps = [f"{summary['step_dtype']} training steps"] if summary.get("step_dtype") else []
+        lines += ["Every variant: " + ", ".join([f"{k}={v}" for k, v in (fixed or {}).items()] + steps)
+                  + "; other options as the run's heads.", ""]
     if inf:
         lines += ["Spread of mean valid NDCG@10 across each option's values: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in sorted(inf.items(), key=lambda x: -x[1])) + ".", ""]
