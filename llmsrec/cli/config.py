@@ -37,7 +37,7 @@ CONFIG_FILE = "config.toml"
 
 def _options_by_key(command: click.Command) -> dict[str, click.Option]:
     """Option name with ``_`` for ``-`` (``history_window``) -> the click option; ``--config`` left out
-    (``--fast``, which passes no value of its own, is in: it sets other options' defaults)."""
+    (``--fast``, which passes no value of its own, is in: it fills other options' values)."""
     out = {}
     for p in command.params:
         if isinstance(p, click.Option) and p.name != "config" and (p.expose_value or p.name == "fast"):
