@@ -153,6 +153,12 @@ class CachedTensors:
         return None
 
 
+def readout_keys(kind: str) -> list[str]:
+    """The cache datasets a readout ``kind`` other than ``out`` reads, in the order of its
+    layout: ``out_layers`` (``layers``), then ``slots`` (``slots`` / ``soft``)."""
+    return (["out_layers"] if "layers" in kind else []) + (["slots"] if "slots" in kind or "soft" in kind else [])
+
+
 def readout_features(kind: str, hidden, out_layers=None, slots=None) -> np.ndarray:
     """The inputs of f_user / f_item for readout ``kind`` from the states of R rows.
 
@@ -168,12 +174,9 @@ def readout_features(kind: str, hidden, out_layers=None, slots=None) -> np.ndarr
     """
     if kind == "out":
         return np.asarray(hidden, dtype=np.float32)
-    parts = []
-    if "layers" in kind:
-        parts.append(np.asarray(out_layers))
-    if "slots" in kind or "soft" in kind:
-        s = np.asarray(slots)
-        parts.append(s.reshape(s.shape[0], s.shape[1] * s.shape[2], s.shape[3]))
+    given = {"out_layers": out_layers, "slots": slots}
+    parts = [np.asarray(given[k]) for k in readout_keys(kind)]
+    parts = [p.reshape(p.shape[0], int(np.prod(p.shape[1:-1])), p.shape[-1]) for p in parts]  # slots: (R, S x nL, H)
     return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
 
 
@@ -187,7 +190,7 @@ def cached_features(reader, group: str, kind: str) -> np.ndarray:
         return readout_features(kind, reader.item_hidden() if group == "items" else reader.user_hidden(group))
     # readout_features' layout, each readout read straight into its place (they are most of a
     # cache's bytes: no intermediate copies)
-    keys = (["out_layers"] if "layers" in kind else []) + (["slots"] if "slots" in kind or "soft" in kind else [])
+    keys = readout_keys(kind)
     shapes = [reader.readout_shape(group, k) for k in keys]
     widths = [int(np.prod(s[1:-1])) for s in shapes]
     out = np.empty((shapes[0][0], sum(widths), shapes[0][-1]), dtype=np.float32)
@@ -347,9 +350,7 @@ def check_item_table_fits(reader, item_readout: str, cache) -> None:
     if item_readout == "out":
         shapes = [reader.f["items"]["hidden"].shape]
     else:
-        shapes = [reader.readout_shape("items", k) for k in
-                  (["out_layers"] if "layers" in item_readout else [])
-                  + (["slots"] if "soft" in item_readout else [])]
+        shapes = [reader.readout_shape("items", k) for k in readout_keys(item_readout)]
     need = sum(4 * int(np.prod(sh)) for sh in shapes)
     avail = available_memory()
     if avail and need > avail:
